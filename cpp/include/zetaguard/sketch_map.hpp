@@ -1,0 +1,33 @@
+// The fixed random linear map of sketch mode, shared by every ISA's kernel.
+//
+// Element p of chunk c (chunk = k consecutive elements) goes to bucket (p + offset_c) mod k
+// with sign tau_p * rho_c. Signs make the estimate unbiased: E ||S v||^2 = ||v||^2 for any v,
+// because two elements that share a bucket come from different chunks and so carry independent
+// rho signs. The per-position tau and the per-chunk rotation keep structured vectors (constant,
+// or repeating with period k) from aligning in the same buckets. Chunks are contiguous, so the
+// kernel streams through memory instead of scattering element by element.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace zetaguard {
+
+inline std::uint64_t splitmix64(std::uint64_t x) noexcept {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+struct ChunkMap {
+    std::size_t offset;
+    double sign;
+};
+
+inline ChunkMap chunk_map(std::uint64_t seed, std::size_t chunk, std::size_t k) noexcept {
+    const std::uint64_t h = splitmix64(seed ^ (0xa0761d6478bd642fULL * (chunk + 1)));
+    return {static_cast<std::size_t>((h >> 1) % k), (h & 1u) ? -1.0 : 1.0};
+}
+
+}  // namespace zetaguard

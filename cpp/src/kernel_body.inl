@@ -1,0 +1,212 @@
+// Kernel bodies shared by every ISA. Included inside a per-ISA namespace of a translation unit
+// that defines `Ops` (a SIMD vector of doubles: L lanes, loads that widen each input type to
+// double, add/sub/mul, store, count_nonfinite). Nothing here may have external linkage: each
+// TU is compiled with different target flags and the linker must never mix their copies.
+//
+// Arithmetic order is fixed and identical for vector body and scalar tail, and the engine is
+// built with -ffp-contract=off, so an ISA's lanes equal the scalar emulation bit for bit.
+
+template <class Ops>
+inline void store_lanes(const typename Ops::V& v, double* out) noexcept {
+    Ops::store(out, v);
+}
+
+template <class Ops>
+inline void flush(const double* lx2, const double* lv2, const double* la2, const double* lj2,
+                  std::uint64_t nf, LaneSums& acc) noexcept {
+    acc.lanes = Ops::L;
+    for (int l = 0; l < Ops::L; ++l) {
+        acc.x2[l] += lx2[l];
+        acc.v2[l] += lv2[l];
+        acc.a2[l] += la2[l];
+        acc.j2[l] += lj2[l];
+    }
+    acc.nonfinite += nf;
+}
+
+inline bool scalar_nonfinite(double x) noexcept {
+    const double z = x * 0.0;  // 0 for finite x, NaN for NaN and +-Inf
+    return z != z;
+}
+
+template <class Ops, class T>
+void fused_body(const T* cur, const T* s1, const T* s2, const T* s3, T* out, std::size_t n,
+                LaneSums& acc) noexcept {
+    using V = typename Ops::V;
+    constexpr int L = Ops::L;
+    V x2 = Ops::zero(), v2 = Ops::zero(), a2 = Ops::zero(), j2 = Ops::zero();
+    std::uint64_t nf = 0;
+    std::size_t i = 0;
+    for (; i + L <= n; i += L) {
+        const V x0 = Ops::load(cur + i);
+        const V x1 = Ops::load(s1 + i);
+        const V y2 = Ops::load(s2 + i);
+        const V x3 = Ops::load(s3 + i);
+        __builtin_memcpy(out + i, cur + i, sizeof(T) * L);  // out may be s3: already loaded
+        const V d1 = Ops::sub(x0, x1);
+        const V d2 = Ops::sub(x1, y2);
+        const V d3 = Ops::sub(y2, x3);
+        const V a = Ops::sub(d1, d2);
+        const V j = Ops::sub(a, Ops::sub(d2, d3));
+        x2 = Ops::add(x2, Ops::mul(x0, x0));
+        v2 = Ops::add(v2, Ops::mul(d1, d1));
+        a2 = Ops::add(a2, Ops::mul(a, a));
+        j2 = Ops::add(j2, Ops::mul(j, j));
+        nf += Ops::count_nonfinite(x0);
+    }
+    double lx2[L], lv2[L], la2[L], lj2[L];
+    store_lanes<Ops>(x2, lx2);
+    store_lanes<Ops>(v2, lv2);
+    store_lanes<Ops>(a2, la2);
+    store_lanes<Ops>(j2, lj2);
+    for (; i < n; ++i) {
+        const int l = static_cast<int>(i % L);
+        const double x0 = to_double(cur[i]);
+        const double x1 = to_double(s1[i]);
+        const double y2 = to_double(s2[i]);
+        const double x3 = to_double(s3[i]);
+        out[i] = cur[i];
+        const double d1 = x0 - x1;
+        const double d2 = x1 - y2;
+        const double d3 = y2 - x3;
+        const double a = d1 - d2;
+        const double j = a - (d2 - d3);
+        lx2[l] = lx2[l] + x0 * x0;
+        lv2[l] = lv2[l] + d1 * d1;
+        la2[l] = la2[l] + a * a;
+        lj2[l] = lj2[l] + j * j;
+        nf += scalar_nonfinite(x0);
+    }
+    flush<Ops>(lx2, lv2, la2, lj2, nf, acc);
+}
+
+template <class Ops, class T>
+void norm_body(const T* x, std::size_t n, LaneSums& acc) noexcept {
+    using V = typename Ops::V;
+    constexpr int L = Ops::L;
+    V x2 = Ops::zero();
+    std::uint64_t nf = 0;
+    std::size_t i = 0;
+    for (; i + L <= n; i += L) {
+        const V x0 = Ops::load(x + i);
+        x2 = Ops::add(x2, Ops::mul(x0, x0));
+        nf += Ops::count_nonfinite(x0);
+    }
+    double lx2[L], zero[L] = {};
+    store_lanes<Ops>(x2, lx2);
+    for (; i < n; ++i) {
+        const int l = static_cast<int>(i % L);
+        const double x0 = to_double(x[i]);
+        lx2[l] = lx2[l] + x0 * x0;
+        nf += scalar_nonfinite(x0);
+    }
+    flush<Ops>(lx2, zero, zero, zero, nf, acc);
+}
+
+// buckets[p + shift] += sign * tau[p] * x[p] for p in [p0, p1); x^2 and non-finite counts go to
+// lanes relative to p0.
+template <class Ops, class T>
+void sketch_segment(const T* x, const float* tau, double sign, double* buckets,
+                    std::ptrdiff_t shift, std::size_t p0, std::size_t p1, LaneSums& acc) noexcept {
+    using V = typename Ops::V;
+    constexpr int L = Ops::L;
+    const V s = Ops::set1(sign);
+    V x2 = Ops::zero();
+    std::uint64_t nf = 0;
+    std::size_t p = p0;
+    for (; p + L <= p1; p += L) {
+        const V xv = Ops::load(x + p);
+        const V tv = Ops::load(tau + p);
+        double* dst = buckets + (static_cast<std::ptrdiff_t>(p) + shift);
+        Ops::store(dst, Ops::add(Ops::load(static_cast<const double*>(dst)),
+                                 Ops::mul(Ops::mul(tv, xv), s)));
+        x2 = Ops::add(x2, Ops::mul(xv, xv));
+        nf += Ops::count_nonfinite(xv);
+    }
+    double lx2[L], zero[L] = {};
+    store_lanes<Ops>(x2, lx2);
+    for (; p < p1; ++p) {
+        const int l = static_cast<int>((p - p0) % L);
+        const double xv = to_double(x[p]);
+        double& dst = buckets[static_cast<std::ptrdiff_t>(p) + shift];
+        dst = dst + (static_cast<double>(tau[p]) * xv) * sign;
+        lx2[l] = lx2[l] + xv * xv;
+        nf += scalar_nonfinite(xv);
+    }
+    flush<Ops>(lx2, zero, zero, zero, nf, acc);
+}
+
+template <class Ops, class T>
+void sketch_body(const T* x, std::size_t begin, std::size_t end, std::size_t k, const float* tau,
+                 std::uint64_t seed, double* buckets, LaneSums& acc) noexcept {
+    for (std::size_t start = begin; start < end; start += k) {
+        const std::size_t len = (end - start < k) ? end - start : k;
+        const ChunkMap m = chunk_map(seed, start / k, k);
+        const std::size_t wrap = k - m.offset;  // first position that wraps to bucket 0
+        const T* xs = x + start;
+        const std::size_t first_end = len < wrap ? len : wrap;
+        sketch_segment<Ops>(xs, tau, m.sign, buckets, static_cast<std::ptrdiff_t>(m.offset), 0,
+                            first_end, acc);
+        if (len > wrap) {
+            sketch_segment<Ops>(xs, tau, m.sign, buckets, -static_cast<std::ptrdiff_t>(wrap), wrap,
+                                len, acc);
+        }
+    }
+}
+
+template <class Ops>
+void fused_dispatch(DType dt, const void* cur, const void* s1, const void* s2, const void* s3,
+                    void* out, std::size_t n, LaneSums& acc) noexcept {
+    switch (dt) {
+        case DType::f32:
+            fused_body<Ops>(static_cast<const float*>(cur), static_cast<const float*>(s1),
+                            static_cast<const float*>(s2), static_cast<const float*>(s3),
+                            static_cast<float*>(out), n, acc);
+            break;
+        case DType::f64:
+            fused_body<Ops>(static_cast<const double*>(cur), static_cast<const double*>(s1),
+                            static_cast<const double*>(s2), static_cast<const double*>(s3),
+                            static_cast<double*>(out), n, acc);
+            break;
+        case DType::f16:
+            fused_body<Ops>(static_cast<const f16_t*>(cur), static_cast<const f16_t*>(s1),
+                            static_cast<const f16_t*>(s2), static_cast<const f16_t*>(s3),
+                            static_cast<f16_t*>(out), n, acc);
+            break;
+        case DType::bf16:
+            fused_body<Ops>(static_cast<const bf16_t*>(cur), static_cast<const bf16_t*>(s1),
+                            static_cast<const bf16_t*>(s2), static_cast<const bf16_t*>(s3),
+                            static_cast<bf16_t*>(out), n, acc);
+            break;
+    }
+}
+
+template <class Ops>
+void norm_dispatch(DType dt, const void* x, std::size_t n, LaneSums& acc) noexcept {
+    switch (dt) {
+        case DType::f32: norm_body<Ops>(static_cast<const float*>(x), n, acc); break;
+        case DType::f64: norm_body<Ops>(static_cast<const double*>(x), n, acc); break;
+        case DType::f16: norm_body<Ops>(static_cast<const f16_t*>(x), n, acc); break;
+        case DType::bf16: norm_body<Ops>(static_cast<const bf16_t*>(x), n, acc); break;
+    }
+}
+
+template <class Ops>
+void sketch_dispatch(DType dt, const void* x, std::size_t begin, std::size_t end, std::size_t k,
+                     const float* tau, std::uint64_t seed, double* buckets,
+                     LaneSums& acc) noexcept {
+    switch (dt) {
+        case DType::f32:
+            sketch_body<Ops>(static_cast<const float*>(x), begin, end, k, tau, seed, buckets, acc);
+            break;
+        case DType::f64:
+            sketch_body<Ops>(static_cast<const double*>(x), begin, end, k, tau, seed, buckets, acc);
+            break;
+        case DType::f16:
+            sketch_body<Ops>(static_cast<const f16_t*>(x), begin, end, k, tau, seed, buckets, acc);
+            break;
+        case DType::bf16:
+            sketch_body<Ops>(static_cast<const bf16_t*>(x), begin, end, k, tau, seed, buckets, acc);
+            break;
+    }
+}

@@ -1,0 +1,518 @@
+"""``ZetaGuard``: the public face of zetaguard."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections import Counter
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from zetaguard import _core, state
+from zetaguard.adapters import Snapshot, snapshot
+from zetaguard.detector import Calibration, Detector
+from zetaguard.recommend import recommendations
+from zetaguard.results import STATUSES, RecoveryReport, StabilityResult, Status
+
+log = logging.getLogger("zetaguard")
+
+EngineMode = Literal["auto", "exact", "sketch"]
+GroupBy = Literal["layer", "tensor", "none"]
+RecoveryMode = Literal["conservative", "balanced", "aggressive"]
+
+_LEVEL: dict[Status, int] = {s: i for i, s in enumerate(STATUSES)}
+
+
+def _default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _group_key(name: str, group_by: GroupBy) -> str:
+    if group_by == "tensor":
+        return name
+    if group_by == "none":
+        return "all"
+    head, dot, _ = name.rpartition(".")
+    return head if dot else name
+
+
+class ZetaGuard:
+    """A training watchdog.
+
+    Call :meth:`monitor` once per optimizer step with the model's parameters (an
+    ``nn.Module``, ``parameters()``, ``named_parameters()``, a dict or list of arrays, or any
+    DLPack-capable CPU tensors). It returns a :class:`StabilityResult` whose ``status`` is
+    ``"STABLE"``, ``"DRIFT"`` or ``"CRITICAL"``.
+
+    Args:
+        drift_threshold: ``zeta_value`` at or above which the status is DRIFT.
+        snap_threshold: ``zeta_value`` at or above which the status is CRITICAL.
+        alpha: smoothing factor of ``smoothed_jar`` (weight of the newest raw JAR).
+        warmup_steps: steps used to learn the healthy level of each channel.
+        auto_recover: act on CRITICAL (snapshot rollback, LR cut, ...) when a model/optimizer
+            is attached.
+        recovery_mode: the escalation ladder: ``conservative``, ``balanced`` or ``aggressive``.
+        recovery_protocol: an :class:`zetaguard.protocols.EmergencyProtocol` run on CRITICAL.
+        model, optimizer: what recovery acts on (also settable with :meth:`attach`).
+        checkpoint_dir: where emergency checkpoints go.
+        calibration: ``"auto"`` (calibrated zeta, the default) or ``"none"`` (seed-literal:
+            smoothed raw JAR against the fixed thresholds).
+        mode: engine state: ``"exact"`` rings of the last three snapshots, ``"sketch"``
+            O(sketch_buckets) state whatever the model size, ``"auto"`` exact while three
+            snapshots fit in ``exact_memory_budget`` bytes.
+        group_by: per-group results by ``"layer"`` (module path), ``"tensor"`` or ``"none"``.
+        threads: engine threads for large models (default: up to 4).
+        run_dir: write every step to a run store (SQLite) under this directory.
+    """
+
+    def __init__(
+        self,
+        drift_threshold: float = 0.707,
+        snap_threshold: float = 1.414,
+        alpha: float = 0.3,
+        warmup_steps: int = 50,
+        auto_recover: bool = True,
+        recovery_mode: RecoveryMode = "balanced",
+        recovery_protocol: Any = None,
+        model: Any = None,
+        optimizer: Any = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        *,
+        calibration: Calibration = "auto",
+        mode: EngineMode = "auto",
+        sketch_buckets: int = 16384,
+        exact_memory_budget: int = 2 << 30,
+        group_by: GroupBy = "layer",
+        threads: int | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        run_name: str | None = None,
+        seed: int = 0x5EED,
+    ) -> None:
+        if mode not in ("auto", "exact", "sketch"):
+            raise ValueError(f"mode must be 'auto', 'exact' or 'sketch', got {mode!r}")
+        if group_by not in ("layer", "tensor", "none"):
+            raise ValueError(f"group_by must be 'layer', 'tensor' or 'none', got {group_by!r}")
+        if recovery_mode not in ("conservative", "balanced", "aggressive"):
+            raise ValueError(
+                "recovery_mode must be 'conservative', 'balanced' or 'aggressive', got "
+                f"{recovery_mode!r}"
+            )
+        if sketch_buckets < 1:
+            raise ValueError(f"sketch_buckets must be >= 1, got {sketch_buckets}")
+        self.drift_threshold = float(drift_threshold)
+        self.snap_threshold = float(snap_threshold)
+        self.alpha = float(alpha)
+        self.warmup_steps = int(warmup_steps)
+        self.auto_recover = auto_recover
+        self.recovery_mode: RecoveryMode = recovery_mode
+        self.recovery_protocol = recovery_protocol
+        self.checkpoint_dir = checkpoint_dir
+        self.calibration: Calibration = calibration
+        self.mode: EngineMode = mode
+        self.sketch_buckets = int(sketch_buckets)
+        self.exact_memory_budget = int(exact_memory_budget)
+        self.group_by: GroupBy = group_by
+        self.threads = int(threads) if threads is not None else _default_threads()
+        self.seed = int(seed)
+        self.run_dir = run_dir
+        self.run_name = run_name
+        self.model: Any = model
+        self.optimizer: Any = optimizer
+        self._detector = Detector(
+            drift_threshold=self.drift_threshold,
+            snap_threshold=self.snap_threshold,
+            alpha=self.alpha,
+            warmup_steps=self.warmup_steps,
+            calibration=calibration,
+        )
+        self._lock = threading.RLock()
+        self._store: Any = None
+        self._pattern: re.Pattern[str] | None = None
+        self._recovery: Any = None
+        self._reports: list[RecoveryReport] = []
+        self._reset_tracking()
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def attach(self, model: Any = None, optimizer: Any = None) -> ZetaGuard:
+        """Say what recovery acts on. Returns the guard, so calls chain."""
+        if model is not None:
+            self.model = model
+        if optimizer is not None:
+            self.optimizer = optimizer
+        return self
+
+    def monitor_pattern(self, pattern: str | re.Pattern[str] | None) -> ZetaGuard:
+        """Monitor only parameters whose name matches ``pattern`` (``re.search``); ``None``
+        monitors everything again. Resets the trajectory, since the monitored set changes."""
+        self._pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        self._reset_tracking()
+        return self
+
+    def _reset_tracking(self) -> None:
+        self._tracker: _core.Tracker | None = None
+        self._names: tuple[str, ...] = ()
+        self._group_names: tuple[str, ...] = ()
+        self._group_index: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
+        self._keep: list[int] | None = None
+        self._names_all: tuple[str, ...] = ()
+        self._detector.reset()
+        self._step = 0
+        self._last: StabilityResult | None = None
+        self._status_counts: Counter[str] = Counter()
+        self._zeta_sum = 0.0
+        self._zeta_max = 0.0
+        self._grad_norms: list[float] = []
+        self._last_grad_norm: float | None = None
+        self._last_loss: float | None = None
+        self._history: list[tuple[int, str, float]] = []
+
+    def reset(self) -> None:
+        """Forget the trajectory and the calibration (the attached model/optimizer stay)."""
+        with self._lock:
+            self._reset_tracking()
+            self._reports.clear()
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def monitor(
+        self,
+        params: Any = None,
+        *,
+        loss: Any = None,
+        grad_norm: float | None = None,
+        step: int | None = None,
+        batch_index: int | None = None,
+    ) -> StabilityResult:
+        """Take one snapshot of ``params`` (default: the attached model) and score it.
+
+        ``loss`` (a float or 0-d tensor) and ``grad_norm`` add channels when given; torch
+        parameters with ``.grad`` set contribute the gradient norm automatically.
+        """
+        if params is None:
+            if self.model is None:
+                raise ValueError(
+                    "monitor() needs parameters: pass model.parameters() (or a model, a dict "
+                    "or list of arrays), or attach a model with guard.attach(model=...)"
+                )
+            params = self.model
+        snap = snapshot(params)
+        with self._lock:
+            return self._monitor(snap, loss, grad_norm, step, batch_index)
+
+    def _monitor(
+        self,
+        snap: Snapshot,
+        loss: Any,
+        grad_norm: float | None,
+        step: int | None,
+        batch_index: int | None,
+    ) -> StabilityResult:
+        if not snap.tensors:
+            raise ValueError(
+                "monitor() got no parameters: pass a model with trainable parameters, or a "
+                "non-empty list or dict of arrays"
+            )
+        snap = self._apply_pattern(snap)
+        tracker = self._ensure_tracker(snap)
+        if snap.names and tuple(snap.names) != self._names:
+            raise ValueError(
+                "the monitored parameters changed names between steps "
+                f"({len(self._names)} before, {len(snap.names)} now); call guard.reset() "
+                "after changing the model"
+            )
+        history = tracker.history
+        rows = tracker.update_raw(snap.tensors) if snap.raw else tracker.update(snap.tensors)
+        if grad_norm is None and snap.grads:
+            g = tracker.norms_raw(snap.grads) if snap.grads_raw else tracker.norms(snap.grads)
+            grad_norm = math.sqrt(float(g[:, 0].sum())) if g[:, 1].sum() == 0 else math.inf
+        loss_value = _as_float(loss, "loss")
+        grad_value = _as_float(grad_norm, "grad_norm")
+        group_rows = self._aggregate(rows)
+        obs = self._detector.observe(group_rows, history, loss=loss_value, grad_norm=grad_value)
+        current = self._step if step is None else int(step)
+        self._step = current + 1
+        result = StabilityResult(
+            status=obs.status,
+            zeta_value=obs.zeta_value,
+            raw_jar=obs.raw_jar,
+            smoothed_jar=obs.smoothed_jar,
+            confidence=obs.confidence,
+            timestamp=time.time(),
+            step=current,
+            channels=obs.channels,
+            nonfinite=obs.nonfinite,
+            in_warmup=obs.in_warmup,
+            _group_names=self._group_names,
+            _group_rows=group_rows,
+            _group_zeta=obs.group_zeta,
+            _thresholds=(self.drift_threshold, self.snap_threshold),
+            _history=history,
+        )
+        result.recommendations = recommendations(obs, result.worst_group)
+        result.channels.update({f"score_{k}": v for k, v in obs.scores.items()})
+        self._book(result, grad_value, loss_value)
+        if result.status != "STABLE":
+            log.log(
+                logging.WARNING if result.status == "CRITICAL" else logging.INFO,
+                "step %d: %s zeta=%.3f worst=%s%s",
+                current,
+                result.status,
+                result.zeta_value,
+                result.worst_group,
+                "" if batch_index is None else f" batch={batch_index}",
+            )
+        return result
+
+    def _apply_pattern(self, snap: Snapshot) -> Snapshot:
+        if self._pattern is None:
+            return snap
+        if self._keep is None or len(snap.names) != len(self._names_all):
+            self._names_all = tuple(snap.names)
+            self._keep = [i for i, n in enumerate(snap.names) if self._pattern.search(n)]
+            if not self._keep:
+                raise ValueError(
+                    f"monitor_pattern({self._pattern.pattern!r}) matches none of the "
+                    f"{len(snap.names)} parameter names (e.g. {snap.names[:3]})"
+                )
+        keep = self._keep
+        return Snapshot(
+            names=[snap.names[i] for i in keep],
+            tensors=[snap.tensors[i] for i in keep],
+            raw=snap.raw,
+            grads=snap.grads,
+            grads_raw=snap.grads_raw,
+            keepalive=snap.keepalive,
+            framework=snap.framework,
+        )
+
+    def _ensure_tracker(self, snap: Snapshot) -> _core.Tracker:
+        if self._tracker is not None:
+            return self._tracker
+        mode = self.mode
+        if mode == "auto":
+            mode = "exact" if 3 * _nbytes(snap) <= self.exact_memory_budget else "sketch"
+        self._tracker = _core.Tracker(
+            mode=mode, sketch_buckets=self.sketch_buckets, threads=self.threads, seed=self.seed
+        )
+        self._set_names(snap.names)
+        return self._tracker
+
+    def _set_names(self, names: list[str]) -> None:
+        self._names = tuple(names)
+        keys = [_group_key(n, self.group_by) for n in names]
+        order: dict[str, int] = {}
+        for k in keys:
+            order.setdefault(k, len(order))
+        self._group_names = tuple(order)
+        self._group_index = np.fromiter((order[k] for k in keys), dtype=np.intp, count=len(keys))
+
+    def _aggregate(self, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        groups = len(self._group_names)
+        if groups == len(rows):
+            return rows
+        out = np.empty((groups, rows.shape[1]))
+        for c in range(rows.shape[1]):  # bincount keeps a NaN inside its own group
+            out[:, c] = np.bincount(self._group_index, weights=rows[:, c], minlength=groups)
+        return out
+
+    def _book(self, result: StabilityResult, grad_norm: float | None, loss: float | None) -> None:
+        self._last = result
+        self._status_counts[result.status] += 1
+        if math.isfinite(result.zeta_value):
+            self._zeta_sum += result.zeta_value
+            self._zeta_max = max(self._zeta_max, result.zeta_value)
+        else:
+            self._zeta_max = math.inf
+        self._last_grad_norm = grad_norm
+        self._last_loss = loss
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self._grad_norms.append(grad_norm)
+            if len(self._grad_norms) > 1000:
+                del self._grad_norms[:-1000]
+        if self._store is None and self.run_dir is not None:
+            self._open_store()
+        if self._store is not None:
+            self._store.record_step(result)
+
+    def _open_store(self) -> None:
+        from zetaguard.store import RunStore
+
+        self._store = RunStore(self.run_dir, run_name=self.run_name, config=self.config())
+
+    # ---- reading back ------------------------------------------------------------------
+
+    @property
+    def last_result(self) -> StabilityResult | None:
+        return self._last
+
+    @property
+    def step(self) -> int:
+        """The step number the next monitor() call will carry."""
+        return self._step
+
+    @property
+    def recovery_triggered(self) -> bool:
+        """True once any recovery action has run."""
+        return bool(self._reports)
+
+    @property
+    def recovery_reports(self) -> list[RecoveryReport]:
+        return list(self._reports)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "drift_threshold": self.drift_threshold,
+            "snap_threshold": self.snap_threshold,
+            "alpha": self.alpha,
+            "warmup_steps": self.warmup_steps,
+            "auto_recover": self.auto_recover,
+            "recovery_mode": self.recovery_mode,
+            "calibration": self.calibration,
+            "mode": self.mode,
+            "sketch_buckets": self.sketch_buckets,
+            "exact_memory_budget": self.exact_memory_budget,
+            "group_by": self.group_by,
+            "threads": self.threads,
+            "seed": self.seed,
+        }
+
+    def get_metrics(self) -> dict[str, float]:
+        """The latest step as flat scalars (for loggers): global values, then
+        ``group/<name>/zeta``, ``group/<name>/raw_jar`` and ``group/<name>/update_ratio``."""
+        r = self._last
+        if r is None:
+            return {}
+        m: dict[str, float] = {
+            "zeta": r.zeta_value,
+            "status_level": float(_LEVEL[r.status]),
+            "confidence": r.confidence,
+            "step": float(r.step),
+        }
+        if r.raw_jar is not None:
+            m["raw_jar"] = r.raw_jar
+        if r.smoothed_jar is not None:
+            m["smoothed_jar"] = r.smoothed_jar
+        m.update({k: float(v) for k, v in r.channels.items()})
+        for name, g in r.groups.items():
+            m[f"group/{name}/zeta"] = g.zeta_value
+            if g.raw_jar is not None:
+                m[f"group/{name}/raw_jar"] = g.raw_jar
+            if g.update_ratio is not None:
+                m[f"group/{name}/update_ratio"] = g.update_ratio
+        return m
+
+    def get_statistics(self) -> dict[str, Any]:
+        """Counts and extremes over the run so far, and what the engine is doing."""
+        steps = sum(self._status_counts.values())
+        finite_steps = steps if math.isfinite(self._zeta_max) else max(steps - 1, 0)
+        t = self._tracker
+        return {
+            "steps": steps,
+            "status_counts": {s: self._status_counts.get(s, 0) for s in STATUSES},
+            "zeta_mean": self._zeta_sum / finite_steps if finite_steps else 0.0,
+            "zeta_max": self._zeta_max,
+            "in_warmup": self._detector.in_warmup,
+            "confidence": self._detector.confidence(),
+            "recoveries": len(self._reports),
+            "engine": {
+                "mode": t.mode if t else None,
+                "isa": t.isa if t else _core.best_isa(),
+                "threads": self.threads,
+                "tensors": t.tensor_count if t else 0,
+                "state_bytes": t.state_bytes if t else 0,
+            },
+            "groups": len(self._group_names),
+        }
+
+    # ---- persistence -------------------------------------------------------------------
+
+    def save_state(self, path: str | os.PathLike[str]) -> None:
+        """Write the trajectory and calibration to ``path`` atomically (an ``.npz`` archive,
+        no pickle). A guard that loads it gives the same next results as this one."""
+        with self._lock:
+            engine = (
+                self._tracker.get_state()
+                if self._tracker is not None
+                else {"history": 0, "head": -1, "tensors": []}
+            )
+            meta = {
+                "config": self.config(),
+                "engine_mode": self._tracker.mode if self._tracker else None,
+                "names": list(self._names),
+                "pattern": self._pattern.pattern if self._pattern else None,
+                "step": self._step,
+                "detector": self._detector.state_dict(),
+                "status_counts": dict(self._status_counts),
+                "zeta_sum": self._zeta_sum,
+                "zeta_max": self._zeta_max,
+                "grad_norms": self._grad_norms,
+            }
+            meta, arrays = state.pack(meta, engine)
+            state.save(path, meta, arrays)
+
+    def load_state(self, path: str | os.PathLike[str]) -> None:
+        """Restore what :meth:`save_state` wrote. Thresholds and smoothing come from the file."""
+        meta, arrays = state.load(path)
+        with self._lock:
+            cfg = meta["config"]
+            self.drift_threshold = cfg["drift_threshold"]
+            self.snap_threshold = cfg["snap_threshold"]
+            self.alpha = cfg["alpha"]
+            self.warmup_steps = cfg["warmup_steps"]
+            self.calibration = cfg["calibration"]
+            self.group_by = cfg["group_by"]
+            self.sketch_buckets = cfg["sketch_buckets"]
+            self.seed = cfg["seed"]
+            self._detector = Detector(
+                drift_threshold=self.drift_threshold,
+                snap_threshold=self.snap_threshold,
+                alpha=self.alpha,
+                warmup_steps=self.warmup_steps,
+                calibration=self.calibration,
+            )
+            self._pattern = re.compile(meta["pattern"]) if meta["pattern"] else None
+            self._reset_tracking()
+            self._detector.load_state_dict(meta["detector"])
+            engine = state.unpack(meta, arrays)
+            if meta["engine_mode"] is not None:
+                tracker = _core.Tracker(
+                    mode=meta["engine_mode"],
+                    sketch_buckets=self.sketch_buckets,
+                    threads=self.threads,
+                    seed=self.seed,
+                )
+                tracker.set_state(engine)
+                self._set_names(list(meta["names"]))
+                self._tracker = tracker
+            self._step = int(meta["step"])
+            self._status_counts = Counter(meta["status_counts"])
+            self._zeta_sum = float(meta["zeta_sum"])
+            self._zeta_max = float(meta["zeta_max"])
+            self._grad_norms = [float(g) for g in meta["grad_norms"]]
+
+
+def _nbytes(snap: Snapshot) -> int:
+    if snap.raw:
+        sizes = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+        return sum(n * sizes[d] for _, n, d in snap.tensors)
+    total = 0
+    for t in snap.tensors:
+        nbytes = getattr(t, "nbytes", None)
+        total += int(nbytes) if nbytes is not None else 0
+    return total
+
+
+def _as_float(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be a number or a 0-d tensor, got {type(value).__name__}") from e
