@@ -1,0 +1,202 @@
+"""The PyTorch recovery backend (imported only when the user's model is a torch object)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zetaguard.recovery.backend import StateSnapshot, capture_host_rng, restore_host_rng
+
+
+def _to_host(obj: Any) -> Any:
+    """A deep copy of ``obj`` with every tensor cloned to CPU memory (never aliasing)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_host(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_host(v) for v in obj)
+    return obj
+
+
+def _clone(obj: Any) -> Any:
+    """A deep copy keeping devices (what ``load_state_dict`` gets, so live state never aliases
+    the snapshot: ``Optimizer.load_state_dict`` keeps tensors already on the right device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone(v) for v in obj)
+    return obj
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _named_targets(model: Any) -> dict[str, torch.Tensor]:
+    """Every tensor a rollback writes: a module's state_dict (parameters and buffers, as live
+    references), or the given parameters."""
+    if isinstance(model, torch.nn.Module):
+        return dict(model.state_dict(keep_vars=True))
+    if isinstance(model, torch.Tensor):
+        return {"0": model}
+    if isinstance(model, Mapping):
+        return {str(k): v for k, v in model.items()}
+    items = list(model)
+    if items and all(isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) for e in items):
+        return dict(items)
+    return {f"param.{i}": t for i, t in enumerate(items)}
+
+
+class TorchBackend:
+    """Rollback, LR control and checkpoints for a torch model or parameter list.
+
+    ``model`` is an ``nn.Module`` (parameters and buffers are snapshotted) or parameters (a
+    list, a dict, ``named_parameters()`` pairs); ``optimizer`` any ``torch.optim.Optimizer``;
+    ``scheduler`` any ``torch.optim.lr_scheduler.LRScheduler`` (what Lightning and the Hugging
+    Face ``Trainer`` use).
+    """
+
+    framework = "torch"
+
+    def __init__(self, model: Any, optimizer: Any = None, scheduler: Any = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.targets = _named_targets(model)
+
+    def set_params(self, params: Any) -> None:
+        """Point at a new parameter set (used when only parameters were handed to monitor())."""
+        self.model = params
+        self.targets = _named_targets(params)
+
+    # ---- snapshots -----------------------------------------------------------------------
+
+    def capture(self, step: int, data_position: Any = None) -> StateSnapshot:
+        params = {name: _to_host(t) for name, t in self.targets.items()}
+        opt_state = _to_host(self.optimizer.state_dict()) if self.optimizer is not None else None
+        rng = capture_host_rng()
+        rng["torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return StateSnapshot(
+            step=step,
+            params=params,
+            optimizer_state=opt_state,
+            rng=rng,
+            data_position=data_position,
+            nbytes=_nbytes(params) + _nbytes(opt_state),
+            has_optimizer_state=opt_state is not None,
+        )
+
+    def restore(self, snapshot: StateSnapshot) -> None:
+        saved: dict[str, torch.Tensor] = snapshot.params
+        missing = set(self.targets) ^ set(saved)
+        if missing:
+            raise ValueError(
+                f"the snapshot does not match the model ({len(missing)} tensors differ, e.g. "
+                f"{sorted(missing)[:3]}); roll back only with the model it was taken from"
+            )
+        with torch.no_grad():
+            for name, live in self.targets.items():
+                live.copy_(saved[name])
+        if self.optimizer is not None and snapshot.optimizer_state is not None:
+            lrs = self.get_lrs()
+            self.optimizer.load_state_dict(_clone(snapshot.optimizer_state))
+            # The snapshot's param_groups carry the LR of its time; an LR cut since must stay.
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+        restore_host_rng(snapshot.rng)
+        if "torch" in snapshot.rng:
+            torch.set_rng_state(snapshot.rng["torch"])
+        if "cuda" in snapshot.rng:
+            torch.cuda.set_rng_state_all(snapshot.rng["cuda"])
+
+    # ---- learning rate -------------------------------------------------------------------
+
+    def get_lrs(self) -> list[float]:
+        if self.optimizer is None:
+            return []
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def scale_lr(self, factor: float) -> None:
+        if self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = _scaled(group["lr"], factor)
+            if "initial_lr" in group:  # what schedulers rebuilt from on resume read
+                group["initial_lr"] = _scaled(group["initial_lr"], factor)
+        sched = self.scheduler
+        if sched is not None:
+            if hasattr(sched, "base_lrs"):
+                sched.base_lrs = [_scaled(lr, factor) for lr in sched.base_lrs]
+            if hasattr(sched, "_last_lr"):
+                sched._last_lr = [_scaled(lr, factor) for lr in sched._last_lr]
+
+    # ---- gradients -----------------------------------------------------------------------
+
+    def _params(self) -> list[torch.Tensor]:
+        if self.optimizer is not None:
+            return [p for g in self.optimizer.param_groups for p in g["params"]]
+        return [t for t in self.targets.values() if t.requires_grad]
+
+    def grad_norm(self) -> float | None:
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        if not grads:
+            return None
+        total = float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+        return total if math.isfinite(total) else math.inf
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        for p in self._params():
+            p.grad = None
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the gradients in place to a global norm of ``max_norm``; returns the norm before."""
+        return float(torch.nn.utils.clip_grad_norm_(self._params(), max_norm))
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: Path, stem: str, guard_state: dict[str, Any]) -> list[str]:
+        from zetaguard.checkpoint import save_safetensors, save_torch
+
+        params = {name: t.detach() for name, t in self.targets.items()}
+        payload: dict[str, Any] = {"model": params, "guard": guard_state}
+        if self.optimizer is not None:
+            payload["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None and hasattr(self.scheduler, "state_dict"):
+            payload["scheduler"] = self.scheduler.state_dict()
+        main = directory / f"{stem}.pt"
+        save_torch(main, payload)
+        weights = directory / f"{stem}.safetensors"
+        save_safetensors(weights, params, guard_state)
+        return [str(main), str(weights)]
+
+
+def _scaled(lr: Any, factor: float) -> Any:
+    if isinstance(lr, torch.Tensor):  # tensor learning rates (capturable optimizers)
+        return lr.mul(factor)
+    return float(lr) * factor
+
+
+def make_backend(model: Any, optimizer: Any = None, scheduler: Any = None) -> TorchBackend:
+    return TorchBackend(model, optimizer, scheduler)
