@@ -50,6 +50,11 @@ def register_adapter(root_module: str, adapter_module: str) -> None:
 
 
 def _root(obj: Any) -> str:
+    # User subclasses (`class Net(keras.Model)` in `__main__`) route by their framework base.
+    for klass in type(obj).__mro__:
+        root = klass.__module__.partition(".")[0]
+        if root in _ADAPTER_MODULES:
+            return root
     return type(obj).__module__.partition(".")[0]
 
 

@@ -1,0 +1,175 @@
+"""TensorFlow and Keras 3: Keras models and layers, ``tf.Module``, ``tf.Variable`` and Keras
+variables, single or in a list/tuple/dict or as ``(name, variable)`` pairs.
+
+How each backend's weights reach the engine without a per-step copy:
+
+* TensorFlow: one ``ReadVariableOp`` per variable gives an eager tensor that shares the
+  variable's buffer; the engine takes it through DLPack and the capsule is released when the
+  engine call returns. No view outlives the step: a live view would make the next ``assign``
+  move the variable to a new buffer (copy-on-write), which is the copy we are avoiding.
+  ``Variable.numpy()`` instead copies every variable on every call.
+* ``KERAS_BACKEND=torch``: a Keras variable's ``.value`` is a ``torch.nn.Parameter``; the torch
+  adapter reads it by address (and its ``.grad`` for the gradient-norm channel).
+* ``KERAS_BACKEND=jax``: arrays go through DLPack. Inside ``model.fit`` the JAX trainer keeps
+  the live weights in ``model._jax_state`` (the model's own variables are stale until the end
+  of the epoch), so a model is read from there while that state is newer.
+
+``tf.distribute`` variables (``MirroredVariable`` and friends) are read once, from their first
+component: every replica holds the same values, so the status is the same for every replica.
+Monitoring must run eagerly (between steps, never inside a ``tf.function``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from zetaguard.adapters import Snapshot
+
+# Variable dtypes the engine reads (TensorFlow and Keras spell them the same).
+_FLOAT_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})
+
+
+def _dtype_name(v: Any) -> str:
+    dtype = getattr(v, "dtype", None)
+    name = getattr(dtype, "name", dtype)
+    return str(name)
+
+
+def _clean_name(name: str) -> str:
+    """``dense/kernel:0`` -> ``dense.kernel``: dots separate layers in every adapter, so
+    ``group_by="layer"`` groups a layer's kernel and bias together."""
+    base = name.rsplit(":", 1)[0] if name.rsplit(":", 1)[-1].isdigit() else name
+    return base.replace("/", ".")
+
+
+def _is_keras_variable(v: Any) -> bool:
+    return type(v).__module__.startswith("keras") and hasattr(v, "path") and hasattr(v, "value")
+
+
+def _variable_name(v: Any, fallback: str) -> str:
+    path = getattr(v, "path", None)  # Keras 3 variables: "sequential/dense/kernel"
+    if isinstance(path, str) and path:
+        return _clean_name(path)
+    name = getattr(v, "name", None)
+    if isinstance(name, str) and name:
+        return _clean_name(name)
+    return fallback
+
+
+def _unique(names: list[str]) -> list[str]:
+    """tf.Variables are often all called ``Variable:0``; suffix repeats so no two tensors share
+    a name (they would merge into one group)."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}_{k}")
+    return out
+
+
+def named_variables(obj: Any) -> list[tuple[str, Any]]:
+    """``(name, variable)`` pairs for whatever the user passed (trainable variables only for
+    models, layers and modules)."""
+    if isinstance(obj, Mapping):
+        return [(str(k), v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        items = list(obj)
+        if items and all(
+            isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) for e in items
+        ):
+            return [(n, v) for n, v in items]
+        names = _unique([_variable_name(v, f"var.{i}") for i, v in enumerate(items)])
+        return list(zip(names, items, strict=True))
+    weights = getattr(obj, "trainable_weights", None)  # Keras models and layers
+    if weights is None and not _is_keras_variable(obj):
+        weights = getattr(obj, "trainable_variables", None)  # any tf.Module
+    if weights is not None:
+        if not weights:
+            raise ValueError(
+                f"{type(obj).__name__} has no trainable variables yet; build the model first "
+                "(call it on a batch, or model.build(input_shape)) or pass its variables"
+            )
+        return named_variables(list(weights))
+    return [(_variable_name(obj, "var.0"), obj)]
+
+
+def _jax_fit_state(obj: Any) -> list[Any] | None:
+    """The live trainable arrays of a Keras model inside a JAX ``fit`` (None elsewhere)."""
+    state = getattr(obj, "_jax_state", None)
+    if not state or getattr(obj, "_jax_state_synced", True):
+        return None
+    arrays = state.get("trainable_variables")
+    return list(arrays) if arrays else None
+
+
+def _backing(name: str, v: Any) -> Any:
+    """What holds the data: a Keras variable's backend value, a distributed variable's first
+    component; plain tensors as they are."""
+    if _is_keras_variable(v):
+        v = v.value
+    values = getattr(v, "values", None)  # tf.distribute.DistributedValues
+    if isinstance(values, tuple) and values and type(v).__module__.startswith("tensorflow"):
+        v = values[0]
+    return v
+
+
+def _check_dtype(name: str, v: Any) -> None:
+    dtype = _dtype_name(v)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {dtype}; zetaguard monitors float32, float64, float16 and "
+            "bfloat16 variables. Leave integer and bool variables out of monitor()"
+        )
+
+
+def _read_tf(v: Any, read: Any) -> Any:
+    handle = getattr(v, "handle", None)
+    if handle is not None and hasattr(v, "assign"):
+        # A buffer-sharing read without the tape bookkeeping of `v.value()`.
+        return read(resource=handle, dtype=v.dtype)
+    return v  # an eager tensor already
+
+
+def snapshot(obj: Any) -> Snapshot:
+    named = named_variables(obj)
+    live = _jax_fit_state(obj)
+    if live is not None and len(live) == len(named):
+        named = [(n, a) for (n, _), a in zip(named, live, strict=True)]
+    backing = [(n, _backing(n, v)) for n, v in named]
+    for n, b in backing:
+        _check_dtype(n, b)
+    root = type(backing[0][1]).__module__.partition(".")[0]
+    if root == "torch":
+        from zetaguard.adapters.torch import snapshot as torch_snapshot
+
+        snap = torch_snapshot(backing)
+        snap.framework = "keras-torch"
+        return snap
+    if root == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            raise RuntimeError(
+                "monitor() was called inside a tf.function; call it eagerly between training "
+                "steps (outside the decorated step function)"
+            )
+        read = tf.raw_ops.ReadVariableOp
+        tensors = [_read_tf(b, read) for _, b in backing]
+        for (n, _), t in zip(backing, tensors, strict=True):
+            if "CPU" not in t.device.upper():
+                raise ValueError(
+                    f"{n} lives on {t.device}: the host engine reads CPU memory. Place the "
+                    "variables on the CPU, or monitor a CPU copy"
+                )
+        return Snapshot(
+            names=[n for n, _ in backing],
+            tensors=tensors,
+            keepalive=tensors,
+            framework="tensorflow",
+        )
+    tensors = [b for _, b in backing]  # JAX arrays and anything else with DLPack/buffers
+    return Snapshot(
+        names=[n for n, _ in backing], tensors=tensors, keepalive=tensors, framework=root
+    )
