@@ -250,6 +250,16 @@ py::array_t<double> sketch_buckets(const std::string& isa_name_, const py::seque
     return out;
 }
 
+// Test hook: where the consumer found an object's data, without copying it.
+py::tuple resolve_address(const py::object& obj) {
+    py::list one;
+    one.append(obj);
+    ParsedInputs in = parse_inputs(one, "array");
+    const TensorView& v = in.views.at(0);
+    return py::make_tuple(reinterpret_cast<std::uintptr_t>(v.data), v.numel,
+                          std::string(dtype_name(v.dtype)));
+}
+
 }  // namespace
 
 void register_tracker(py::module_& m) {
@@ -284,6 +294,7 @@ void register_tracker(py::module_& m) {
     m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
     m.def("_kernel_lanes", &kernel_lanes, py::arg("kernel"), py::arg("isa"), py::arg("lanes"),
           py::arg("arrays"));
+    m.def("_resolve_address", &resolve_address, py::arg("obj"));
     m.def("_sketch_buckets", &sketch_buckets, py::arg("isa"), py::arg("arrays"), py::arg("k"),
           py::arg("seed"), py::arg("tau"));
 }

@@ -1,5 +1,6 @@
 #include "tensor_input.hpp"
 
+#include <cstdint>
 #include <cstring>
 #include <sstream>
 #include <string>
@@ -71,6 +72,11 @@ std::string dl_dtype_name(const ZgDLDataType& t) {
     return s.str();
 }
 
+// More dimensions than NumPy or torch allow: a corrupt capsule, not a tensor.
+constexpr int32_t kMaxDims = 64;
+// No process addresses more than this; a larger claimed extent is a corrupt capsule.
+constexpr std::size_t kMaxBytes = std::size_t{1} << 56;
+
 TensorView view_of(const ZgDLTensor& t, const std::string& who) {
     if (t.device.device_type != kZgDLCPU && t.device.device_type != kZgDLCUDAHost &&
         t.device.device_type != kZgDLROCMHost) {
@@ -95,13 +101,30 @@ TensorView view_of(const ZgDLTensor& t, const std::string& who) {
         fail(PyExc_TypeError, who + " has dtype " + dl_dtype_name(d) +
                                   "; zetaguard monitors float32, float64, float16 and bfloat16 "
                                   "tensors. Leave integer, bool and complex tensors out, or cast "
-                                  "with .float()");
+                                  "with .float() (torch) or .astype(np.float32) (NumPy)");
     }
-    if (t.ndim < 0) fail(PyExc_ValueError, who + " reports a negative ndim");
+    // A producer that lies about shape or data cannot be caught, but one whose fields are
+    // impossible can: refuse those before any arithmetic on them can overflow.
+    if (t.ndim < 0 || t.ndim > kMaxDims)
+        fail(PyExc_ValueError, who + " reports ndim " + std::to_string(t.ndim) +
+                                   "; expected 0.." + std::to_string(kMaxDims));
+    if (t.ndim > 0 && t.shape == nullptr)
+        fail(PyExc_ValueError, who + " has no shape array; the producer's capsule is malformed");
     std::size_t numel = 1;
+    bool empty = false;
     for (int32_t i = 0; i < t.ndim; ++i) {
         if (t.shape[i] < 0) fail(PyExc_ValueError, who + " reports a negative dimension");
-        numel *= static_cast<std::size_t>(t.shape[i]);
+        if (t.shape[i] == 0) empty = true;
+    }
+    if (empty) {
+        numel = 0;
+    } else {
+        for (int32_t i = 0; i < t.ndim; ++i) {
+            const auto d = static_cast<std::size_t>(t.shape[i]);
+            if (numel > kMaxBytes / d)
+                fail(PyExc_ValueError, who + " reports a shape whose size overflows memory");
+            numel *= d;
+        }
     }
     if (t.strides != nullptr && numel > 1) {
         int64_t expected = 1;
@@ -115,7 +138,15 @@ TensorView view_of(const ZgDLTensor& t, const std::string& who) {
         }
     }
     if (numel > 0 && t.data == nullptr) fail(PyExc_ValueError, who + " has a null data pointer");
-    v.data = static_cast<const char*>(t.data) + t.byte_offset;
+    const std::size_t nbytes = numel * dtype_size(v.dtype);
+    if (numel > kMaxBytes / dtype_size(v.dtype))
+        fail(PyExc_ValueError, who + " reports a shape whose size overflows memory");
+    // Integer arithmetic: a wrapping pointer sum would be undefined behaviour.
+    const auto base = reinterpret_cast<std::uintptr_t>(t.data);
+    if (t.byte_offset > kMaxBytes || base > UINTPTR_MAX - t.byte_offset ||
+        base + t.byte_offset > UINTPTR_MAX - nbytes)
+        fail(PyExc_ValueError, who + " reports a byte_offset past the end of memory");
+    v.data = numel > 0 ? reinterpret_cast<const void*>(base + t.byte_offset) : nullptr;
     v.numel = numel;
     if (numel > 0 && reinterpret_cast<std::uintptr_t>(v.data) % dtype_size(v.dtype) != 0) {
         fail(PyExc_ValueError, who + " is not aligned to its element size; pass a copy");
@@ -134,7 +165,7 @@ py::object capsule_of(const py::handle& obj, const std::string& who) {
         }
     } catch (py::error_already_set& e) {
         std::string hint;
-        const std::string msg = e.what();
+        const std::string msg = py::str(e.value());  // the message alone, no traceback
         if (msg.find("require") != std::string::npos && msg.find("grad") != std::string::npos)
             hint = "; pass p.detach() (ZetaGuard.monitor() does this for torch parameters)";
         fail(PyExc_ValueError, who + " could not be exported through DLPack: " + msg + hint);
@@ -162,6 +193,11 @@ bool take_dlpack(const py::handle& obj, const std::string& who, ParsedInputs& ou
         out.owners.push_back(std::make_unique<DLPackOwner>(t));
         out.views.push_back(view_of(t->dl_tensor, who));
         return true;
+    }
+    if (!PyCapsule_CheckExact(c)) {
+        fail(PyExc_TypeError, who + "'s __dlpack__() returned a " +
+                                  std::string(Py_TYPE(c)->tp_name) +
+                                  ", not a DLPack capsule; the producer is broken");
     }
     const char* name = PyCapsule_GetName(c);
     PyErr_Clear();

@@ -1,0 +1,192 @@
+"""The public API of ZetaGuard on NumPy inputs and torch CPU tensors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from reference import raw_jar
+
+from zetaguard import StabilityResult, ZetaGuard
+
+
+def _walk(rng: np.random.Generator, shapes: dict[str, tuple[int, ...]], steps: int, lr: float = 0.01):
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    for _ in range(steps):
+        params = {k: (v - lr * rng.standard_normal(v.shape)).astype(np.float32) for k, v in params.items()}
+        yield params
+
+
+SHAPES = {"fc1.weight": (32, 16), "fc1.bias": (32,), "fc2.weight": (4, 32)}
+
+
+def test_result_carries_every_field_of_the_seed() -> None:
+    guard = ZetaGuard(warmup_steps=5)
+    r = None
+    for p in _walk(np.random.default_rng(0), SHAPES, 8):
+        r = guard.monitor(p)
+    assert isinstance(r, StabilityResult)
+    assert r.status in ("STABLE", "DRIFT", "CRITICAL")
+    for name in ("zeta_value", "raw_jar", "smoothed_jar", "confidence", "recommendations", "timestamp"):
+        assert hasattr(r, name)
+    assert 0.0 <= r.confidence <= 1.0
+    assert set(r.groups) == {"fc1", "fc2"}  # grouped by layer by default
+
+
+def test_raw_jar_is_the_seed_formula_to_the_letter() -> None:
+    guard = ZetaGuard()
+    history: list[np.ndarray] = []
+    for i, p in enumerate(_walk(np.random.default_rng(1), SHAPES, 9)):
+        flat = np.concatenate([v.ravel() for v in p.values()]).astype(np.float64)
+        history.append(flat)
+        r = guard.monitor(p)
+        want = raw_jar(history)
+        if i < 3:
+            assert r.raw_jar is None and want is None  # undefined, never a number
+        else:
+            assert r.raw_jar == pytest.approx(want, rel=1e-9)
+
+
+def test_smoothed_jar_is_the_exponential_average() -> None:
+    guard = ZetaGuard(alpha=0.3)
+    smoothed = None
+    for p in _walk(np.random.default_rng(2), SHAPES, 10):
+        r = guard.monitor(p)
+        if r.raw_jar is not None:
+            smoothed = r.raw_jar if smoothed is None else 0.3 * r.raw_jar + 0.7 * smoothed
+            assert r.smoothed_jar == pytest.approx(smoothed, rel=1e-12)
+
+
+def test_nonfinite_parameters_are_critical_not_a_crash() -> None:
+    guard = ZetaGuard(warmup_steps=3)
+    for p in _walk(np.random.default_rng(3), SHAPES, 6):
+        guard.monitor(p)
+    p["fc2.weight"][0, 0] = np.nan
+    r = guard.monitor(p)
+    assert r.status == "CRITICAL"
+    assert math.isinf(r.zeta_value)
+    assert r.worst_group == "fc2"
+    assert r.nonfinite == 1
+    assert r.recommendations
+
+
+def test_nan_loss_is_critical() -> None:
+    guard = ZetaGuard()
+    p = next(_walk(np.random.default_rng(4), SHAPES, 1))
+    assert guard.monitor(p, loss=float("nan")).status == "CRITICAL"
+
+
+def test_parameter_blowup_from_the_first_step_is_critical() -> None:
+    """A run unstable from step one: warm-up would learn it as normal, the parameter norm
+    against its first value does not."""
+    guard = ZetaGuard()
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(1000).astype(np.float32)
+    statuses = []
+    for _ in range(6):
+        w = (w * 3.0).astype(np.float32)
+        statuses.append(guard.monitor([w]).status)
+    assert "CRITICAL" in statuses
+
+
+def test_accepts_lists_dicts_single_arrays_and_named_pairs() -> None:
+    a, b = np.ones(3, np.float32), np.ones(5, np.float64)
+    assert set(ZetaGuard(group_by="tensor").monitor({"a": a, "b": b}).groups) == {"a", "b"}
+    assert set(ZetaGuard(group_by="tensor").monitor([a, b]).groups) == {"0", "1"}
+    assert set(ZetaGuard(group_by="tensor").monitor(a).groups) == {"0"}
+    assert set(ZetaGuard(group_by="tensor").monitor([("x", a)]).groups) == {"x"}
+
+
+def test_torch_module_parameters_and_named_parameters() -> None:
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    for arg in (model, model.parameters, model.named_parameters):
+        guard = ZetaGuard()
+        source = arg() if callable(arg) and not isinstance(arg, torch.nn.Module) else arg
+        r = guard.monitor(source)
+        assert r.status == "STABLE"
+    assert set(ZetaGuard().monitor(model).groups) == {"0", "2"}
+
+
+def test_torch_parameters_match_numpy_copies() -> None:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g_torch, g_numpy = ZetaGuard(), ZetaGuard()
+    for _ in range(6):
+        opt.zero_grad()
+        model(torch.randn(4, 16)).pow(2).mean().backward()
+        opt.step()
+        rt = g_torch.monitor(model.named_parameters())
+        rn = g_numpy.monitor({n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+        assert rt.raw_jar == rn.raw_jar
+    assert "grad_norm" in rt.channels  # read from .grad automatically
+
+
+def test_empty_parameter_list_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no parameters"):
+        ZetaGuard().monitor([])
+    with pytest.raises(ValueError, match=r"attach a model"):
+        ZetaGuard().monitor()
+
+
+def test_monitor_pattern_restricts_by_name() -> None:
+    guard = ZetaGuard(group_by="tensor").monitor_pattern(r"weight$")
+    r = guard.monitor(next(_walk(np.random.default_rng(6), SHAPES, 1)))
+    assert set(r.groups) == {"fc1.weight", "fc2.weight"}
+    with pytest.raises(ValueError, match="matches none"):
+        ZetaGuard().monitor_pattern("nothing").monitor({"a": np.ones(2, np.float32)})
+
+
+def test_get_metrics_and_statistics() -> None:
+    guard = ZetaGuard(warmup_steps=4)
+    assert guard.get_metrics() == {}
+    for p in _walk(np.random.default_rng(7), SHAPES, 8):
+        guard.monitor(p, loss=1.0)
+    m = guard.get_metrics()
+    assert {"zeta", "raw_jar", "smoothed_jar", "confidence", "status_level"} <= set(m)
+    assert all(isinstance(v, float) for v in m.values())
+    assert "group/fc1/zeta" in m
+    s = guard.get_statistics()
+    assert s["steps"] == 8 and sum(s["status_counts"].values()) == 8
+    assert s["engine"]["mode"] == "exact" and s["engine"]["tensors"] == 3
+
+
+def test_confidence_rises_through_warmup() -> None:
+    guard = ZetaGuard(warmup_steps=10)
+    conf = [guard.monitor(p).confidence for p in _walk(np.random.default_rng(8), SHAPES, 30)]
+    assert conf[0] < 0.2
+    assert all(b >= a for a, b in zip(conf, conf[1:], strict=False))
+    assert conf[-1] > 0.8
+
+
+def test_reset_forgets_the_trajectory() -> None:
+    guard = ZetaGuard()
+    for p in _walk(np.random.default_rng(9), SHAPES, 5):
+        guard.monitor(p)
+    guard.reset()
+    r = guard.monitor({"other": np.ones(7, np.float32)})
+    assert r.raw_jar is None and r.step == 0
+
+
+def test_bad_constructor_arguments() -> None:
+    with pytest.raises(ValueError, match="drift_threshold <= snap_threshold"):
+        ZetaGuard(drift_threshold=2.0, snap_threshold=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        ZetaGuard(alpha=0.0)
+    with pytest.raises(ValueError, match="mode"):
+        ZetaGuard(mode="fast")  # type: ignore[arg-type]
+
+
+def test_import_zetaguard_imports_no_framework() -> None:
+    code = (
+        "import sys, zetaguard; zetaguard.ZetaGuard().monitor([__import__('numpy').ones(3, 'f4')]);"
+        "bad = [m for m in ('torch', 'tensorflow', 'keras', 'jax', 'lightning', 'transformers') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
