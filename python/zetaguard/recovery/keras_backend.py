@@ -1,0 +1,170 @@
+"""The Keras 3 recovery backend (any Keras backend: TensorFlow, torch, JAX).
+
+Imported only for Keras models. Snapshots hold host copies of every model weight (trainable and
+not, so BatchNorm statistics and dropout seed states come back too) and every optimizer
+variable except the learning rate, keyed by variable path. Restore assigns in place
+(``Variable.assign``), so the model, the optimizer and compiled train functions keep their
+variables.
+
+Inside a JAX ``fit`` the live values sit in ``model._jax_state``; every method first asks the
+model to write them back (``model.jax_state_sync()``), and the trainer re-reads the variables on
+its next step, so a rollback or an LR cut made from a callback takes effect immediately.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from zetaguard.recovery.backend import StateSnapshot, capture_host_rng, restore_host_rng
+
+
+@keras.saving.register_keras_serializable(package="zetaguard")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
+    """``schedule(step) * factor``: how an LR cut persists when the learning rate is a schedule."""
+
+    def __init__(self, schedule: Any, factor: float) -> None:
+        self.schedule = schedule
+        self.factor = float(factor)
+
+    def __call__(self, step: Any) -> Any:
+        return keras.ops.multiply(self.schedule(step), self.factor)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "schedule": keras.optimizers.schedules.serialize(self.schedule),
+            "factor": self.factor,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ScaledSchedule:
+        schedule = keras.optimizers.schedules.deserialize(config["schedule"])
+        return cls(schedule, config["factor"])
+
+
+def _host_copy(v: Any) -> np.ndarray[Any, Any]:
+    return np.array(keras.ops.convert_to_numpy(v.value), copy=True)
+
+
+class KerasBackend:
+    """Rollback, LR control and checkpoints for a Keras model and its optimizer."""
+
+    framework = "keras"
+
+    def __init__(self, model: Any, optimizer: Any = None, scheduler: Any = None) -> None:
+        if not hasattr(model, "weights"):
+            raise TypeError(
+                f"the Keras recovery backend needs a Keras model or layer, got "
+                f"{type(model).__name__}"
+            )
+        self.model = model
+        self.optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
+        self.scheduler = scheduler  # Keras keeps schedules inside the optimizer; kept for symmetry
+
+    def _sync(self) -> None:
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
+
+    def _lr_variable(self) -> Any:
+        lr = getattr(self.optimizer, "_learning_rate", None)
+        return lr if isinstance(lr, keras.Variable) else None
+
+    def _optimizer_variables(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {}
+        lr = self._lr_variable()
+        return {v.path: v for v in self.optimizer.variables if v is not lr}
+
+    # ---- snapshots -----------------------------------------------------------------------
+
+    def capture(self, step: int, data_position: Any = None) -> StateSnapshot:
+        self._sync()
+        params = {v.path: _host_copy(v) for v in self.model.weights}
+        opt = {path: _host_copy(v) for path, v in self._optimizer_variables().items()}
+        return StateSnapshot(
+            step=step,
+            params=params,
+            optimizer_state=opt if self.optimizer is not None else None,
+            rng=capture_host_rng(),
+            data_position=data_position,
+            nbytes=sum(a.nbytes for a in params.values()) + sum(a.nbytes for a in opt.values()),
+            has_optimizer_state=self.optimizer is not None,
+        )
+
+    def restore(self, snapshot: StateSnapshot) -> None:
+        self._sync()
+        saved: dict[str, np.ndarray[Any, Any]] = snapshot.params
+        live = {v.path: v for v in self.model.weights}
+        differ = set(live) ^ set(saved)
+        if differ:
+            raise ValueError(
+                f"the snapshot does not match the model ({len(differ)} variables differ, e.g. "
+                f"{sorted(differ)[:3]}); roll back only with the model it was taken from"
+            )
+        for path, v in live.items():
+            v.assign(saved[path])
+        if snapshot.optimizer_state:
+            # Slot variables the optimizer built after the snapshot have no saved value; zeroing
+            # them is what a freshly built optimizer holds.
+            for path, v in self._optimizer_variables().items():
+                old = snapshot.optimizer_state.get(path)
+                v.assign(old if old is not None else np.zeros(v.shape, dtype=v.dtype))
+        restore_host_rng(snapshot.rng)
+
+    # ---- learning rate -------------------------------------------------------------------
+
+    def get_lrs(self) -> list[float]:
+        if self.optimizer is None:
+            return []
+        self._sync()
+        return [float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))]
+
+    def scale_lr(self, factor: float) -> None:
+        if self.optimizer is None:
+            return
+        self._sync()
+        lr = self._lr_variable()
+        if lr is not None:
+            lr.assign(keras.ops.convert_to_numpy(lr.value) * factor)
+            return
+        schedule = self.optimizer._learning_rate
+        if isinstance(schedule, ScaledSchedule):
+            schedule.factor *= factor
+        else:
+            self.optimizer._learning_rate = ScaledSchedule(schedule, factor)
+        # The schedule is traced into the compiled step; rebuild it so the cut applies.
+        make = getattr(self.model, "make_train_function", None)
+        if make is not None and getattr(self.model, "train_function", None) is not None:
+            make(force=True)
+
+    # ---- gradients (model.fit keeps them inside the compiled step) -----------------------
+
+    def grad_norm(self) -> float | None:
+        return None
+
+    def zero_grad(self) -> None:
+        return None
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: Path, stem: str, guard_state: dict[str, Any]) -> list[str]:
+        from zetaguard.checkpoint import save_safetensors
+
+        self._sync()
+        weights = directory / f"{stem}.safetensors"
+        save_safetensors(weights, {v.path: _host_copy(v) for v in self.model.weights}, guard_state)
+        paths = [str(weights)]
+        if self.optimizer is not None:
+            opt_path = directory / f"{stem}.optimizer.safetensors"
+            opt = {v.path: _host_copy(v) for v in self.optimizer.variables}
+            save_safetensors(opt_path, opt, guard_state)
+            paths.append(str(opt_path))
+        return paths
+
+
+def make_backend(model: Any, optimizer: Any = None, scheduler: Any = None) -> KerasBackend:
+    return KerasBackend(model, optimizer, scheduler)

@@ -1,0 +1,423 @@
+"""The recovery core: snapshots, the ladder, the pre-step veto, incidents. Framework-neutral.
+
+One :class:`RecoveryManager` belongs to one :class:`zetaguard.ZetaGuard` (``guard.recovery``);
+the guard calls :meth:`RecoveryManager.after_step` at the end of every ``monitor()`` and
+delegates ``emergency_protocol()``, ``should_skip_step()``, ``guarded_step()`` and the clip
+advice here. Everything framework-specific goes through a
+:class:`zetaguard.recovery.backend.RecoveryBackend`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from zetaguard.checkpoint import checkpoint_stem
+from zetaguard.detector import CRITICAL_RATIO
+from zetaguard.recovery import clip
+from zetaguard.recovery.backend import RecoveryBackend, make_backend
+from zetaguard.recovery.ladder import (
+    CHECKPOINT,
+    LADDERS,
+    LR_CUT,
+    MAX_TOTAL_RECOVERIES,
+    ROLLBACK,
+    ROLLBACK_IF_NEEDED,
+    Ladder,
+)
+from zetaguard.recovery.snapshots import SnapshotKeeper
+from zetaguard.results import RecoveryReport, StabilityResult
+
+if TYPE_CHECKING:
+    from zetaguard.guard import ZetaGuard
+
+log = logging.getLogger("zetaguard")
+
+# Channels whose critical level means the weights themselves took damage (so rolling back is
+# needed), as opposed to a gradient spike or an oscillation an LR cut alone can calm.
+DAMAGE_SCORES = ("score_param", "score_update", "score_accel", "score_loss", "score_loss_start")
+# The deepest single LR cut (see lr_factor).
+MIN_LR_FACTOR = 1e-3
+# Consecutive vetoed steps after which the veto is not enough and the ladder takes over.
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+class RecoveryManager:
+    """Acts for one guard. Settings (also attributes, changeable at any time):
+
+    Args:
+        snapshot_interval: STABLE steps between snapshot captures (see
+            :mod:`zetaguard.recovery.snapshots` for how a snapshot becomes verified).
+        snapshot_memory_budget: bytes all held snapshots may take together.
+        keep_snapshots: verified snapshots kept (older ones are rollback targets on escalation).
+        keep_checkpoints: emergency checkpoints kept in ``checkpoint_dir`` (older ones deleted).
+        restore_rng: restore the RNG states of the snapshot on rollback (a deterministic replay
+            from the stable state; the LR cut makes the trajectory differ anyway).
+    """
+
+    def __init__(
+        self,
+        guard: ZetaGuard,
+        *,
+        snapshot_interval: int = 25,
+        snapshot_memory_budget: int = 1 << 30,
+        keep_snapshots: int = 2,
+        keep_checkpoints: int = 3,
+        restore_rng: bool = True,
+    ) -> None:
+        self.guard = guard
+        self.keeper = SnapshotKeeper(snapshot_interval, keep_snapshots, snapshot_memory_budget)
+        self.keep_checkpoints = keep_checkpoints
+        self.restore_rng = restore_rng
+        self.scheduler: Any = None
+        self._backend: RecoveryBackend | None = None
+        self._params: Any = None
+        self._in_protocol = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget counters and snapshots (the bound model, optimizer and scheduler stay)."""
+        self.keeper.reset()
+        self.episode = 0  # recoveries in the current episode (the rung to climb next)
+        self.total = 0  # recoveries in the whole run
+        self.since_action = math.inf
+        self.calm = 0
+        self.stopped = False
+        self.skips = 0
+        self.consecutive_skips = 0
+        self.losses: deque[float] = deque(maxlen=clip.CLIP_WINDOW)
+        self.last_report: RecoveryReport | None = None
+
+    @property
+    def ladder(self) -> Ladder:
+        return LADDERS[self.guard.recovery_mode]
+
+    # ---- what recovery acts on -----------------------------------------------------------
+
+    def bind(self, model: Any = None, optimizer: Any = None, scheduler: Any = None) -> None:
+        """Called by ``guard.attach``: rebuild the backend and keep the state as it is now as
+        the last-resort snapshot."""
+        if scheduler is not None:
+            self.scheduler = scheduler
+        self._backend = None
+        backend = self.backend
+        if backend is not None and model is not None:
+            self.keeper.reset()
+            self.keeper.capture_initial(backend, self.guard.step - 1)
+
+    def bind_params(self, params: Any) -> Any:
+        """Remember the parameters handed to ``monitor()`` when no model is attached, so a
+        rollback can write them back in place. Returns them (a generator made a list)."""
+        if isinstance(params, Iterator):
+            params = list(params)
+        self._params = params
+        backend = self._backend
+        if backend is not None and self.guard.model is None:
+            set_params = getattr(backend, "set_params", None)
+            if set_params is not None:
+                set_params(params)
+        return params
+
+    @property
+    def backend(self) -> RecoveryBackend | None:
+        if self._backend is None:
+            target = self.guard.model if self.guard.model is not None else self._params
+            if target is None:
+                return None
+            self._backend = make_backend(target, self.guard.optimizer, self.scheduler)
+        return self._backend
+
+    # ---- after every monitored step ------------------------------------------------------
+
+    def after_step(self, result: StabilityResult, batch_index: int | None = None) -> RecoveryReport | None:
+        if self.stopped:
+            return None
+        loss = result.channels.get("loss")
+        if loss is not None and math.isfinite(loss):
+            self.losses.append(loss)
+        self.since_action += 1
+        backend = self.backend
+        if backend is not None:
+            if self.keeper.captures == 0 and result.status != "CRITICAL":
+                self.keeper.capture_initial(backend, result.step)
+            self.keeper.observe(result.status, result.step, backend, batch_index)
+        if result.status == "STABLE":
+            self.calm += 1
+            if self.calm >= self.ladder.calm_steps:
+                self.episode = 0
+        if result.status != "CRITICAL":
+            return None
+        self.calm = 0
+        if not self.guard.auto_recover:
+            self._incident(result, batch_index, "none (auto_recover=False)")
+            return None
+        broken = result.nonfinite > 0 or not math.isfinite(result.zeta_value)
+        if self.since_action <= self.ladder.cooldown and not broken:
+            self._incident(result, batch_index, "cooldown")
+            return None
+        return self.respond(result, batch_index)
+
+    def respond(
+        self, result: StabilityResult | None, batch_index: int | None = None
+    ) -> RecoveryReport:
+        """Climb one rung now (or stop, past the cap) and record what was done."""
+        if self.stopped:
+            return self._report(result, stopped=True, actions=["none (already stopped)"])
+        if self.episode >= self.ladder.max_recoveries or self.total >= MAX_TOTAL_RECOVERIES:
+            return self._stop(result, batch_index)
+        protocol = self.guard.recovery_protocol
+        if protocol is not None and not self._in_protocol:
+            self._in_protocol = True
+            try:
+                out = protocol.execute(self.guard.model, self.guard.optimizer, self.guard)
+            finally:
+                self._in_protocol = False
+            report = out if isinstance(out, RecoveryReport) else self._report(
+                result, actions=[f"protocol {type(protocol).__name__}"]
+            )
+        else:
+            report = self.run_ladder(result)
+        self.episode += 1
+        self.total += 1
+        self.since_action = 0
+        self._finish(report, result, batch_index)
+        return report
+
+    def run_ladder(self, result: StabilityResult | None = None) -> RecoveryReport:
+        """Take the actions of the current rung and return what was done (not yet recorded:
+        :meth:`respond` does that). Custom protocols call this to get the built-in behaviour."""
+        result = result if result is not None else self.guard.last_result
+        rung = self.ladder.rung(self.episode)
+        report = self._report(result)
+        backend = self.backend
+        lrs = backend.get_lrs() if backend is not None else []
+        report.lr_before = lrs[0] if lrs else None
+        if ROLLBACK in rung.actions or (ROLLBACK_IF_NEEDED in rung.actions and _damaged(result)):
+            self._rollback(rung.depth, report)
+        if LR_CUT in rung.actions:
+            if backend is not None and lrs:
+                factor = lr_factor(rung.lr_factor, result)
+                backend.scale_lr(factor)
+                report.actions.append(f"lr x{factor:.3g}")
+            else:
+                report.actions.append("lr cut unavailable (no optimizer attached)")
+        if CHECKPOINT in rung.actions and self.guard.checkpoint_dir is not None:
+            self._checkpoint(report)
+        after = backend.get_lrs() if backend is not None else []
+        report.lr_after = after[0] if after else None
+        report.message = (
+            f"{self.ladder.name} rung {min(self.episode, self.ladder.max_recoveries - 1) + 1}"
+            f"/{self.ladder.max_recoveries}"
+        )
+        return report
+
+    # ---- actions -------------------------------------------------------------------------
+
+    def rollback(self, depth: int = 0) -> int | None:
+        """Restore the verified snapshot ``depth`` back; returns its step, None if none held."""
+        report = self._report(None)
+        self._rollback(depth, report)
+        return report.restored_step
+
+    def _rollback(self, depth: int, report: RecoveryReport) -> None:
+        backend = self.backend
+        snap = self.keeper.pick(depth)
+        if backend is None or snap is None:
+            report.actions.append("rollback unavailable (no stable snapshot yet)")
+            return
+        rng = snap.rng
+        if not self.restore_rng:
+            snap.rng = {}
+        try:
+            backend.restore(snap)
+        except (TypeError, ValueError) as e:
+            log.error("zetaguard: rollback failed: %s", e)
+            report.actions.append(f"rollback failed: {e}")
+            return
+        finally:
+            snap.rng = rng
+        self.keeper.after_rollback(snap)
+        self.guard._reset_trajectory()
+        report.restored_step = snap.step
+        report.actions.append(f"rollback to step {snap.step}")
+
+    def _checkpoint(self, report: RecoveryReport) -> None:
+        backend = self.backend
+        if backend is None or self.guard.checkpoint_dir is None:
+            return
+        directory = Path(self.guard.checkpoint_dir)
+        stem = checkpoint_stem(report.step)
+        guard_state = {
+            "step": report.step,
+            "status": report.status,
+            "zeta_value": report.zeta_value,
+            "actions": list(report.actions),
+            "restored_step": report.restored_step,
+            "lrs": backend.get_lrs(),
+            "recovery_mode": self.guard.recovery_mode,
+            "config": self.guard.config(),
+        }
+        try:
+            paths = backend.save_checkpoint(directory, stem, guard_state)
+            self.guard.save_state(directory / f"{stem}.zetaguard.npz")
+        except OSError as e:  # a full disk must not kill the run the guard is saving
+            log.error("zetaguard: emergency checkpoint failed: %s", e)
+            report.actions.append(f"checkpoint failed: {e}")
+            return
+        report.checkpoint_path = paths[0]
+        report.actions.append("checkpoint")
+        self._prune_checkpoints(directory, keep_stem=stem)
+
+    def _prune_checkpoints(self, directory: Path, keep_stem: str) -> None:
+        stems = sorted({p.name.split(".")[0] for p in directory.glob("emergency-step*")})
+        for old in stems[: max(0, len(stems) - self.keep_checkpoints)]:
+            if old == keep_stem:
+                continue
+            for p in directory.glob(f"{old}.*"):
+                p.unlink(missing_ok=True)
+
+    def _stop(self, result: StabilityResult | None, batch_index: int | None) -> RecoveryReport:
+        report = self._report(result, stopped=True)
+        self._rollback(0, report)  # leave the model in its last stable state
+        if self.guard.checkpoint_dir is not None:
+            self._checkpoint(report)
+        report.actions.append("stop")
+        report.message = (
+            f"stopped: trouble returned after {self.episode} recoveries "
+            f"({self.ladder.name} allows {self.ladder.max_recoveries} per episode, "
+            f"{MAX_TOTAL_RECOVERIES} per run)"
+        )
+        self.stopped = True
+        self._finish(report, result, batch_index)
+        return report
+
+    # ---- the pre-step veto and clip advice -----------------------------------------------
+
+    def skip_reason(self, loss: float | None, grad_norm: float | None) -> str | None:
+        if grad_norm is None and self.backend is not None:
+            grad_norm = self.backend.grad_norm()
+        return clip.skip_reason(
+            loss,
+            grad_norm,
+            self.losses,
+            self.guard._grad_norms,
+            loss_ratio=self.ladder.skip_loss_ratio,
+            grad_ratio=self.ladder.skip_grad_ratio,
+        )
+
+    def record_skip(self, reason: str, batch_index: int | None = None) -> None:
+        self.skips += 1
+        self.consecutive_skips += 1
+        step = self.guard.step
+        log.warning("zetaguard: step %d skipped: %s", step, reason)
+        self._store_incident(step, "CRITICAL", {}, None, batch_index, f"skip: {reason}")
+        if self.consecutive_skips > MAX_CONSECUTIVE_SKIPS and self.guard.auto_recover:
+            self.consecutive_skips = 0
+            self.respond(self.guard.last_result, batch_index)
+
+    def record_step_taken(self) -> None:
+        self.consecutive_skips = 0
+
+    def clip_value(self) -> float | None:
+        return clip.recommended_clip_value(self.guard._grad_norms)
+
+    # ---- records -------------------------------------------------------------------------
+
+    def _report(
+        self,
+        result: StabilityResult | None,
+        *,
+        stopped: bool = False,
+        actions: list[str] | None = None,
+    ) -> RecoveryReport:
+        return RecoveryReport(
+            step=result.step if result is not None else max(self.guard.step - 1, 0),
+            status=result.status if result is not None else "CRITICAL",
+            actions=list(actions or []),
+            worst_group=result.worst_group if result is not None else None,
+            zeta_value=result.zeta_value if result is not None else 0.0,
+            stopped=stopped,
+        )
+
+    def _finish(
+        self, report: RecoveryReport, result: StabilityResult | None, batch_index: int | None
+    ) -> None:
+        self.last_report = report
+        self.guard._reports.append(report)
+        action = ", ".join(report.actions) or "none"
+        channels = dict(result.channels) if result is not None else {}
+        self._store_incident(
+            report.step, report.status, channels, report.worst_group, batch_index, action
+        )
+        log.warning(
+            "zetaguard: step %d %s zeta=%.3f worst=%s%s -> %s (lr %s -> %s)%s",
+            report.step,
+            report.status,
+            report.zeta_value,
+            report.worst_group,
+            "" if batch_index is None else f" batch={batch_index}",
+            action,
+            report.lr_before,
+            report.lr_after,
+            f"; {report.message}" if report.message else "",
+        )
+        store = self.guard._store
+        if store is not None and hasattr(store, "record_recovery"):
+            store.record_recovery(report)
+
+    def _incident(self, result: StabilityResult, batch_index: int | None, action: str) -> None:
+        log.info(
+            "zetaguard: step %d CRITICAL zeta=%.3f worst=%s%s -> %s",
+            result.step,
+            result.zeta_value,
+            result.worst_group,
+            "" if batch_index is None else f" batch={batch_index}",
+            action,
+        )
+        self._store_incident(
+            result.step, result.status, dict(result.channels), result.worst_group, batch_index, action
+        )
+
+    def _store_incident(
+        self,
+        step: int,
+        status: str,
+        channels: Mapping[str, float],
+        worst_group: str | None,
+        batch_index: int | None,
+        action: str,
+    ) -> None:
+        store = self.guard._store
+        if store is not None and hasattr(store, "record_incident"):
+            store.record_incident(
+                step=step,
+                status=status,
+                channels=dict(channels),
+                worst_group=worst_group,
+                batch_index=batch_index,
+                action=action,
+            )
+
+
+def lr_factor(rung_factor: float, result: StabilityResult | None) -> float:
+    """The rung's LR factor, or a deeper cut when the update norm overshot its healthy level by
+    more than 1/factor: an LR jumped 300x makes updates ~300x larger, and a x0.1 cut would leave
+    it at 30x. Never below ``MIN_LR_FACTOR``."""
+    if result is None:
+        return rung_factor
+    score = result.channels.get("score_update")
+    if score is None or not math.isfinite(score) or score <= 0.0:
+        return rung_factor
+    overshoot = CRITICAL_RATIO["update"] ** score
+    return max(MIN_LR_FACTOR, min(rung_factor, 1.0 / overshoot))
+
+
+def _damaged(result: StabilityResult | None) -> bool:
+    """Whether the weights themselves took damage (so an LR cut alone cannot undo it)."""
+    if result is None or result.nonfinite > 0 or not math.isfinite(result.zeta_value):
+        return True
+    return any(result.channels.get(k, 0.0) >= 1.0 for k in DAMAGE_SCORES)
