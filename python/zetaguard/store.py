@@ -45,6 +45,7 @@ from zetaguard.results import JAR_EPS, RecoveryReport, StabilityResult
 DEFAULT_RUN_DIR = "zetaguard_runs"
 DB_NAME = "run.sqlite"
 
+_NUMBER = re.compile(r"[-+]?\d[\d.]*(?:e[-+]?\d+)?")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # Each entry upgrades the schema by one version; a database records what it has applied in
@@ -104,8 +105,18 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 _STEP_COLUMNS = (
-    "id", "step", "ts", "status", "zeta", "raw_jar", "smoothed_jar", "confidence", "loss",
-    "grad_norm", "nonfinite", "in_warmup",
+    "id",
+    "step",
+    "ts",
+    "status",
+    "zeta",
+    "raw_jar",
+    "smoothed_jar",
+    "confidence",
+    "loss",
+    "grad_norm",
+    "nonfinite",
+    "in_warmup",
 )
 
 
@@ -294,13 +305,15 @@ class RunStore:
             blob,
         )
         recs = tuple(result.recommendations)
+        # Advice repeats from step to step with only its numbers changed; keep it once per
+        # change of wording.
+        key = tuple(_NUMBER.sub("#", t) for t in recs) if recs else ()
         with self._lock:
             self._check_open()
             self._pending.append(row)
-            if recs and recs != self._last_recommendation:
-                # Consecutive steps usually repeat the same advice; keep it once per change.
+            if recs and key != self._last_recommendation:
                 self._pending_recs.append((result.step, result.timestamp, result.status, recs))
-            self._last_recommendation = recs
+            self._last_recommendation = key
             if len(self._pending) >= self.flush_rows or (
                 time.monotonic() - self._last_flush >= self.flush_interval
             ):
@@ -516,7 +529,10 @@ class RunReader:
         self.path = p
         self.name = p.parent.name
         try:
-            self._conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
+            # check_same_thread=False: the dashboard reads from a worker thread per poll.
+            self._conn = sqlite3.connect(
+                f"{p.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
+            )
             self._conn.row_factory = sqlite3.Row
             row = self._conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
         except sqlite3.DatabaseError as e:
@@ -551,6 +567,16 @@ class RunReader:
             return self._conn.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot read run store {str(self.path)!r}: {e}") from e
+
+    @contextlib.contextmanager
+    def consistent(self) -> Iterator[RunReader]:
+        """Every read inside sees the same committed state (one read transaction), however
+        much the writer commits meanwhile."""
+        self._conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self._conn.execute("COMMIT")
 
     def meta(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -593,7 +619,7 @@ class RunReader:
             if row["channel_set"] is not None:
                 names = self._names(int(row["channel_set"]))
                 values = struct.unpack(f"<{len(names)}d", row["channel_values"])
-                d["channels"] = {n: _finite_or_none(v) for n, v in zip(names, values)}
+                d["channels"] = {n: _finite_or_none(v) for n, v in zip(names, values, strict=True)}
             d["worst_group"] = None
             decoded = self._decode(row)
             if decoded is not None:
@@ -632,7 +658,10 @@ class RunReader:
             col: list[tuple[int, float]] = []
             if decoded is not None:
                 set_names, (zeta, _, _) = decoded
-                col = [(names.setdefault(n, len(names)), float(zeta[i])) for i, n in enumerate(set_names)]
+                col = [
+                    (names.setdefault(n, len(names)), float(zeta[i]))
+                    for i, n in enumerate(set_names)
+                ]
             cols.append(col)
         m = np.full((len(names), len(steps)), np.nan)
         for j, col in enumerate(cols):
@@ -667,23 +696,47 @@ class RunReader:
     def incidents(self, since_id: int = 0) -> list[dict[str, Any]]:
         out = []
         for row in self._query("SELECT * FROM incidents WHERE id > ? ORDER BY id", (since_id,)):
-            d = dict(zip(row.keys(), tuple(row)))
+            d = dict(zip(row.keys(), tuple(row), strict=False))
             d["channels"] = _clean(json.loads(d["channels"]))
             out.append(d)
         return out
 
     def recommendations(self, since_id: int = 0) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM recommendations WHERE id > ? ORDER BY id", (since_id,))
-        return [dict(zip(r.keys(), tuple(r))) for r in rows]
+        return [dict(zip(r.keys(), tuple(r), strict=False)) for r in rows]
 
     def recoveries(self, since_id: int = 0) -> list[dict[str, Any]]:
         out = []
         for row in self._query("SELECT * FROM recoveries WHERE id > ? ORDER BY id", (since_id,)):
-            d = dict(zip(row.keys(), tuple(row)))
+            d = dict(zip(row.keys(), tuple(row), strict=False))
             d["actions"] = json.loads(d["actions"])
             d["report"] = json.loads(d["report"])
             out.append(d)
         return out
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Alert episodes: runs of consecutive non-STABLE steps, each with its first and last
+        step, the worst status and the peak zeta (None when it was not finite)."""
+        episodes: list[dict[str, Any]] = []
+        current: dict[str, Any] | None = None
+        rank = {"STABLE": 0, "DRIFT": 1, "CRITICAL": 2}
+        rows = self._query("SELECT id, step, status, zeta FROM steps ORDER BY id")
+        for row in rows:
+            if row["status"] == "STABLE":
+                current = None
+                continue
+            zeta = row["zeta"] if row["zeta"] is not None else math.inf
+            if current is None:
+                current = {"start": row["step"], "status": row["status"], "peak": zeta, "steps": 0}
+                episodes.append(current)
+            current["end"] = row["step"]
+            current["steps"] += 1
+            if rank[row["status"]] > rank[current["status"]]:
+                current["status"] = row["status"]
+            current["peak"] = max(current["peak"], zeta)
+        for e in episodes:
+            e["peak"] = _finite_or_none(e["peak"])
+        return episodes
 
     def integrity_ok(self) -> bool:
         rows = self._query("PRAGMA integrity_check")

@@ -1,0 +1,176 @@
+// The dashboard page: picks a run, draws its history, then follows it live over SSE.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const RANK = {STABLE: 0, DRIFT: 1, CRITICAL: 2};
+const state = {run: null, source: null, alerts: [], lastStatus: "STABLE", thresholds: [0.707, 1.414]};
+
+const charts = {
+  zeta: new LineChart($("chart-zeta"), {
+    title: "zeta (calibrated score; markers: DRIFT / CRITICAL steps)",
+    series: [{key: "zeta", label: "zeta"}],
+    statusKey: "status",
+    thresholds: [],
+  }),
+  loss: new LineChart($("chart-loss"), {title: "loss (log scale)", series: [{key: "loss", label: "loss"}], log: true}),
+  norms: new LineChart($("chart-norms"), {
+    title: "norms (log scale)",
+    series: [{key: "update_norm", label: "update"}, {key: "grad_norm", label: "gradient"}, {key: "raw_jar", label: "raw JAR"}],
+    log: true,
+  }),
+};
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;  // textContent: run data never becomes markup
+  if (cls) e.className = cls;
+  return e;
+}
+
+async function getJSON(url) {
+  const r = await fetch(url, {credentials: "same-origin"});
+  if (!r.ok) throw new Error((await r.text()) || r.statusText);
+  return r.json();
+}
+
+async function loadRuns() {
+  const {runs} = await getJSON("/api/runs");
+  const select = $("run-select");
+  const have = new Set([...select.options].map((o) => o.value));
+  for (const run of runs.slice().reverse()) {
+    if (have.has(run.name)) continue;
+    const opt = el("option", run.name);
+    opt.value = run.name;
+    select.insertBefore(opt, select.firstChild);
+  }
+  if (!state.run && runs.length) {
+    const wanted = new URLSearchParams(location.search).get("run");
+    const pick = runs.find((r) => r.name === wanted) ? wanted : runs[0].name;
+    select.value = pick;
+    openRun(pick);
+  }
+  if (!runs.length) $("live").textContent = "no runs yet: waiting for training to write one";
+}
+
+function renderAlerts() {
+  const body = $("alerts").querySelector("tbody");
+  body.replaceChildren();
+  for (const a of state.alerts.slice().reverse().slice(0, 50)) {
+    const tr = el("tr", undefined, a.status);
+    tr.append(el("td", a.start === a.end ? `${a.start}` : `${a.start}–${a.end}`), el("td", a.status), el("td", a.peak === Infinity ? "non-finite" : formatNumber(a.peak)));
+    body.append(tr);
+  }
+  if (!state.alerts.length) body.append(el("tr")).append(el("td", "none yet", "empty"));
+}
+
+function trackAlerts(steps) {
+  for (const s of steps) {
+    if (s.status === "STABLE") { state.lastStatus = "STABLE"; continue; }
+    const zeta = s.zeta === null ? Infinity : s.zeta;
+    let cur = state.alerts[state.alerts.length - 1];
+    if (state.lastStatus === "STABLE" || !cur) {
+      cur = {start: s.step, end: s.step, status: s.status, peak: zeta, steps: 0};
+      state.alerts.push(cur);
+    }
+    cur.end = s.step;
+    cur.steps += 1;
+    if (RANK[s.status] > RANK[cur.status]) cur.status = s.status;
+    cur.peak = Math.max(cur.peak ?? -Infinity, zeta);
+    state.lastStatus = s.status;
+  }
+}
+
+function renderGroups(groups) {
+  const box = $("groups");
+  const entries = Object.entries(groups || {}).sort((a, b) => (b[1].zeta ?? Infinity) - (a[1].zeta ?? Infinity));
+  if (!entries.length) return;
+  box.replaceChildren();
+  const [drift, snap] = state.thresholds;
+  for (const [name, g] of entries.slice(0, 30)) {
+    const z = g.zeta === null ? Infinity : g.zeta;
+    const status = z >= snap ? "CRITICAL" : z >= drift ? "DRIFT" : "STABLE";
+    const row = el("div", undefined, "group");
+    const bar = el("div", undefined, `bar ${status}`);
+    bar.style.width = `${Math.min(100, (z / (snap * 1.5)) * 100)}%`;
+    const track = el("div");
+    track.append(bar);
+    row.append(el("span", name, "name"), track, el("span", formatNumber(g.zeta)));
+    row.title = `${name}: zeta ${formatNumber(g.zeta)}, raw JAR ${formatNumber(g.raw_jar)}, update/weight ${formatNumber(g.update_ratio)}`;
+    box.append(row);
+  }
+}
+
+function addRecommendations(recs) {
+  const list = $("recommendations");
+  for (const r of recs) list.prepend(el("li", `step ${r.step} (${r.status}): ${r.text}`));
+  while (list.children.length > 40) list.lastChild.remove();
+}
+
+function addIncidents(incidents, recoveries) {
+  const list = $("incidents");
+  for (const i of incidents) {
+    const what = [i.status, i.worst_group && `worst ${i.worst_group}`, i.batch_index !== null && `batch ${i.batch_index}`, i.action && `action: ${i.action}`];
+    list.prepend(el("li", `step ${i.step}: ${what.filter(Boolean).join(", ")}`));
+  }
+  for (const r of recoveries) list.prepend(el("li", `step ${r.step}: recovery ${r.actions.join(" → ")}${r.report.message ? ` (${r.report.message})` : ""}`));
+  while (list.children.length > 40) list.lastChild.remove();
+}
+
+function showLatest(steps) {
+  if (!steps.length) return;
+  const last = steps[steps.length - 1];
+  const badge = $("status-badge");
+  badge.textContent = last.status;
+  badge.className = `badge ${last.status}`;
+  $("summary").textContent = `step ${last.step} · zeta ${last.zeta === null ? "non-finite" : formatNumber(last.zeta)} · loss ${formatNumber(last.loss)}${last.worst_group ? ` · worst ${last.worst_group}` : ""}${last.in_warmup ? " · warming up" : ""}`;
+}
+
+function apply(update) {
+  for (const c of Object.values(charts)) c.push(update.steps);
+  trackAlerts(update.steps);
+  renderAlerts();
+  renderGroups(update.groups);
+  addRecommendations(update.recommendations);
+  addIncidents(update.incidents, update.recoveries);
+  showLatest(update.steps);
+}
+
+async function openRun(name) {
+  if (state.source) state.source.close();
+  state.run = name;
+  state.alerts = [];
+  state.lastStatus = "STABLE";
+  for (const c of Object.values(charts)) c.clear();
+  $("recommendations").replaceChildren();
+  $("incidents").replaceChildren();
+  $("groups").replaceChildren(el("span", "waiting for data…", "empty"));
+  const snap = await getJSON(`/api/runs/${encodeURIComponent(name)}`);
+  if (state.run !== name) return;
+  state.thresholds = snap.thresholds;
+  charts.zeta.setThresholds([
+    {value: snap.thresholds[0], label: "drift", color: "#d97706"},
+    {value: snap.thresholds[1], label: "snap", color: "#dc2626"},
+  ]);
+  for (const c of Object.values(charts)) c.push(snap.steps);
+  state.alerts = snap.alerts.map((a) => ({...a, peak: a.peak === null ? Infinity : a.peak}));
+  if (snap.steps.length) state.lastStatus = snap.steps[snap.steps.length - 1].status;
+  renderAlerts();
+  renderGroups(snap.groups);
+  addRecommendations(snap.recommendations);
+  addIncidents(snap.incidents, snap.recoveries);
+  showLatest(snap.steps);
+  const q = new URLSearchParams(snap.cursor).toString();
+  const source = new EventSource(`/api/runs/${encodeURIComponent(name)}/stream?${q}`);
+  state.source = source;
+  source.addEventListener("open", () => { $("live").textContent = "live"; });
+  source.addEventListener("error", () => { $("live").textContent = "reconnecting…"; });
+  source.addEventListener("update", (ev) => apply(JSON.parse(ev.data)));
+  source.addEventListener("failure", (ev) => {
+    $("live").textContent = `error: ${JSON.parse(ev.data).error}`;
+    source.close();
+  });
+}
+
+$("run-select").addEventListener("change", (ev) => openRun(ev.target.value));
+loadRuns().catch((e) => { $("live").textContent = `error: ${e.message}`; });
+setInterval(() => loadRuns().catch(() => {}), 5000);

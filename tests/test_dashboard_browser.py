@@ -1,0 +1,83 @@
+"""End to end: a real torch training process writes a run store, the dashboard serves it, and
+headless Chromium (Debian's ``chromium``, driven by Playwright) sees the chart grow and an alert
+appear. Install the browser with ``scripts/system-deps.sh``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests._dashboard_helpers import dashboard, wait_for
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+TRAINER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from zetaguard import ZetaGuard
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    guard = ZetaGuard(run_dir=sys.argv[1], run_name="live", warmup_steps=20, auto_recover=False)
+    x = torch.randn(256, 8)
+    y = x.sum(dim=1, keepdim=True)
+    for step in range(400):
+        if step == 160:  # a learning-rate blow-up, as from a bad schedule
+            for g in opt.param_groups:
+                g["lr"] = 5.0
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guard.monitor(model, loss=loss)
+        time.sleep(0.04)
+    guard._store.close()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: run scripts/system-deps.sh")
+def test_dashboard_in_a_real_browser(tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(runs)], env=os.environ.copy())
+    try:
+        wait_for(lambda: (runs / "live" / "run.sqlite").is_file(), 60, "the run store")
+        with dashboard(runs) as url, sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            points = "() => Number(document.getElementById('chart-zeta').dataset.points || 0)"
+            page.wait_for_function(f"({points})() > 0", timeout=60_000)
+            first = page.evaluate(points)
+            page.wait_for_function(f"({points})() > {first} + 20", timeout=60_000)
+            assert page.locator("#live").inner_text() == "live"
+            page.wait_for_selector(
+                "#alerts tbody tr.CRITICAL, #alerts tbody tr.DRIFT", timeout=90_000
+            )
+            page.wait_for_selector("#status-badge.CRITICAL, #status-badge.DRIFT", timeout=30_000)
+            page.wait_for_selector("#recommendations li", timeout=30_000)
+            assert page.locator("#groups .group").count() >= 2  # both Linear layers
+            page.wait_for_timeout(1500)  # let the chart take a few more steps before the picture
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert shot.stat().st_size > 10_000
+        assert not errors, errors
+        print(f"screenshot: {shot}")
+    finally:
+        trainer.kill()
+        trainer.wait()
