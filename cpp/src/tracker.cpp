@@ -100,6 +100,7 @@ std::size_t Tracker::buckets_for(std::size_t numel, std::size_t total,
     const long double share =
         static_cast<long double>(config.sketch_buckets) * numel / static_cast<long double>(total);
     std::size_t k = std::max<std::size_t>(config.min_buckets, static_cast<std::size_t>(share));
+    k = (k + kRotationGranule - 1) / kRotationGranule * kRotationGranule;  // whole SIMD vectors
     return k >= numel ? 0 : k;  // a tensor no bigger than its share is cheaper to keep exactly
 }
 

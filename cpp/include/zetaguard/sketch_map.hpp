@@ -25,9 +25,14 @@ struct ChunkMap {
     double sign;
 };
 
+// Rotations are whole multiples of 8 elements when k allows, so both segments of a chunk are
+// whole SIMD vectors and no element takes the scalar tail (the engine rounds k up to 8s).
+constexpr std::size_t kRotationGranule = 8;
+
 inline ChunkMap chunk_map(std::uint64_t seed, std::size_t chunk, std::size_t k) noexcept {
     const std::uint64_t h = splitmix64(seed ^ (0xa0761d6478bd642fULL * (chunk + 1)));
-    return {static_cast<std::size_t>((h >> 1) % k), (h & 1u) ? -1.0 : 1.0};
+    const std::size_t granule = k % kRotationGranule == 0 ? kRotationGranule : 1;
+    return {granule * static_cast<std::size_t>((h >> 1) % (k / granule)), (h & 1u) ? -1.0 : 1.0};
 }
 
 }  // namespace zetaguard
