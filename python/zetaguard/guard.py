@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -430,6 +431,15 @@ class ZetaGuard:
             },
             "groups": len(self._group_names),
         }
+
+    def generate_report(
+        self, path: str | os.PathLike[str] | None = None, run_dir: str | os.PathLike[str] | None = None
+    ) -> Path:
+        """Write an HTML report with PNG plots of the run (loss, zeta, per-layer heat map,
+        incidents and actions) from its run store; see :func:`zetaguard.report.generate_report`."""
+        from zetaguard.report import generate_report
+
+        return generate_report(self, path=path, run_dir=run_dir)
 
     # ---- persistence -------------------------------------------------------------------
 
