@@ -294,7 +294,9 @@ class ZetaGuard:
         )
 
     def _ensure_tracker(self, snap: Snapshot) -> _core.Tracker:
-        if self._tracker is not None:
+        # A tracker holding no tensors saw only refused steps: start afresh, so fixing the
+        # input does not read as the parameter set having changed.
+        if self._tracker is not None and self._tracker.tensor_count > 0:
             return self._tracker
         mode = self.mode
         if mode == "auto":
@@ -468,45 +470,73 @@ class ZetaGuard:
             state.save(path, meta, arrays)
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
-        """Restore what :meth:`save_state` wrote. Thresholds and smoothing come from the file."""
+        """Restore what :meth:`save_state` wrote. Thresholds and smoothing come from the file.
+
+        All or nothing: the file is parsed and checked completely before the guard changes, so
+        a refused file (:class:`zetaguard.state.StateFileError`) leaves the guard as it was."""
         meta, arrays = state.load(path)
-        with self._lock:
+        where = os.fspath(path)
+        try:
             cfg = meta["config"]
-            self.drift_threshold = cfg["drift_threshold"]
-            self.snap_threshold = cfg["snap_threshold"]
-            self.alpha = cfg["alpha"]
-            self.warmup_steps = cfg["warmup_steps"]
-            self.calibration = cfg["calibration"]
-            self.group_by = cfg["group_by"]
-            self.sketch_buckets = cfg["sketch_buckets"]
-            self.seed = cfg["seed"]
-            self._detector = Detector(
-                drift_threshold=self.drift_threshold,
-                snap_threshold=self.snap_threshold,
-                alpha=self.alpha,
-                warmup_steps=self.warmup_steps,
-                calibration=self.calibration,
+            detector = Detector(
+                drift_threshold=float(cfg["drift_threshold"]),
+                snap_threshold=float(cfg["snap_threshold"]),
+                alpha=float(cfg["alpha"]),
+                warmup_steps=int(cfg["warmup_steps"]),
+                calibration=cfg["calibration"],
             )
-            self._pattern = re.compile(meta["pattern"]) if meta["pattern"] else None
-            self._reset_tracking()
-            self._detector.load_state_dict(meta["detector"])
-            engine = state.unpack(meta, arrays)
+            detector.load_state_dict(meta["detector"])
+            pattern = re.compile(meta["pattern"]) if meta["pattern"] else None
+            tracker: _core.Tracker | None = None
             if meta["engine_mode"] is not None:
                 tracker = _core.Tracker(
                     mode=meta["engine_mode"],
-                    sketch_buckets=self.sketch_buckets,
+                    sketch_buckets=int(cfg["sketch_buckets"]),
                     threads=self.threads,
-                    seed=self.seed,
+                    seed=int(cfg["seed"]),
                 )
-                tracker.set_state(engine)
-                self._set_names(list(meta["names"]))
-                self._tracker = tracker
-            self._step = int(meta["step"])
-            self._status_counts = Counter(meta["status_counts"])
-            self._zeta_sum = float(meta["zeta_sum"])
-            self._zeta_max = float(meta["zeta_max"])
-            self._grad_norms = [float(g) for g in meta["grad_norms"]]
-
+                tracker.set_state(state.unpack(meta, arrays))
+            names = [str(n) for n in meta["names"]]
+            if tracker is not None and tracker.tensor_count not in (0, len(names)):
+                raise ValueError(
+                    f"{tracker.tensor_count} tensors in the engine state but {len(names)} names"
+                )
+            counters = (
+                int(meta["step"]),
+                Counter({str(k): int(v) for k, v in meta["status_counts"].items()}),
+                float(meta["zeta_sum"]),
+                float(meta["zeta_max"]),
+                [float(g) for g in meta["grad_norms"]],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError,
+                re.error) as e:
+            # RuntimeError: pybind11's cast errors for a field of the wrong type.
+            raise state.StateFileError(
+                f"{where!r} holds an inconsistent guard state ({type(e).__name__}: {e}); "
+                "restore an earlier copy or start a fresh guard"
+            ) from e
+        with self._lock:
+            self.drift_threshold = detector.drift_threshold
+            self.snap_threshold = detector.snap_threshold
+            self.alpha = detector.alpha
+            self.warmup_steps = detector.warmup_steps
+            self.calibration = cfg["calibration"]
+            self.group_by = cfg["group_by"]
+            self.sketch_buckets = int(cfg["sketch_buckets"])
+            self.seed = int(cfg["seed"])
+            self._reset_tracking()  # before the swap: it clears the detector it finds
+            self._detector = detector
+            self._pattern = pattern
+            self._tracker = tracker
+            if tracker is not None:
+                self._set_names(names)
+            (
+                self._step,
+                self._status_counts,
+                self._zeta_sum,
+                self._zeta_max,
+                self._grad_norms,
+            ) = counters
 
 def _nbytes(snap: Snapshot) -> int:
     if snap.raw:
