@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from zetaguard import _core, state
+from zetaguard import _core, distributed, state
 from zetaguard.adapters import Snapshot, snapshot
 from zetaguard.detector import Calibration, Detector
 from zetaguard.recommend import recommendations
@@ -137,6 +137,8 @@ class ZetaGuard:
         self._pattern: re.Pattern[str] | None = None
         self._recovery: Any = None
         self._reports: list[RecoveryReport] = []
+        # Set each step while torch.distributed spans more than one rank (distributed.py).
+        self._dist: distributed.DistributedContext | None = None
         self._reset_tracking()
 
     # ---- setup -------------------------------------------------------------------------
@@ -203,7 +205,8 @@ class ZetaGuard:
                     "or list of arrays), or attach a model with guard.attach(model=...)"
                 )
             params = self.model
-        snap = snapshot(params)
+        self._dist = distributed.current(self)
+        snap = self._dist.snapshot(params) if self._dist is not None else snapshot(params)
         with self._lock:
             return self._monitor(snap, loss, grad_norm, step, batch_index)
 
@@ -235,7 +238,12 @@ class ZetaGuard:
             grad_norm = math.sqrt(float(g[:, 0].sum())) if g[:, 1].sum() == 0 else math.inf
         loss_value = _as_float(loss, "loss")
         grad_value = _as_float(grad_norm, "grad_norm")
-        group_rows = self._aggregate(rows)
+        if self._dist is None:
+            group_rows = self._aggregate(rows)
+        else:  # one all-reduce: every rank's detector then sees the same global numbers
+            group_rows, loss_value, grad_value = self._dist.reduce(
+                self, tracker, rows, loss_value, grad_value
+            )
         obs = self._detector.observe(group_rows, history, loss=loss_value, grad_norm=grad_value)
         current = self._step if step is None else int(step)
         self._step = current + 1
@@ -258,6 +266,8 @@ class ZetaGuard:
         )
         result.recommendations = recommendations(obs, result.worst_group)
         result.channels.update({f"score_{k}": v for k, v in obs.scores.items()})
+        if self._dist is not None:
+            result.channels.update(self._dist.channels)
         self._book(result, grad_value, loss_value)
         if result.status != "STABLE":
             log.log(
@@ -339,7 +349,10 @@ class ZetaGuard:
             self._grad_norms.append(grad_norm)
             if len(self._grad_norms) > 1000:
                 del self._grad_norms[:-1000]
-        if self._store is None and self.run_dir is not None:
+        # Under torch.distributed rank 0 writes the run store for every rank.
+        if self._store is None and self.run_dir is not None and (
+            self._dist is None or self._dist.rank == 0
+        ):
             self._open_store()
         if self._store is not None:
             self._store.record_step(result)
