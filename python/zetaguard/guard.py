@@ -19,6 +19,7 @@ from zetaguard import _core, distributed, state
 from zetaguard.adapters import Snapshot, snapshot
 from zetaguard.detector import Calibration, Detector
 from zetaguard.recommend import recommendations
+from zetaguard.recovery.manager import RecoveryManager
 from zetaguard.results import STATUSES, RecoveryReport, StabilityResult, Status
 
 log = logging.getLogger("zetaguard")
@@ -70,6 +71,8 @@ class ZetaGuard:
         group_by: per-group results by ``"layer"`` (module path), ``"tensor"`` or ``"none"``.
         threads: engine threads for large models (default: up to 4).
         run_dir: write every step to a run store (SQLite) under this directory.
+        snapshot_interval: STABLE steps between recovery snapshots (docs/recovery.md).
+        snapshot_memory_budget: bytes the recovery snapshots may hold in host memory.
     """
 
     def __init__(
@@ -94,6 +97,8 @@ class ZetaGuard:
         run_dir: str | os.PathLike[str] | None = None,
         run_name: str | None = None,
         seed: int = 0x5EED,
+        snapshot_interval: int = 25,
+        snapshot_memory_budget: int = 1 << 30,
     ) -> None:
         if mode not in ("auto", "exact", "sketch"):
             raise ValueError(f"mode must be 'auto', 'exact' or 'sketch', got {mode!r}")
@@ -135,7 +140,12 @@ class ZetaGuard:
         self._lock = threading.RLock()
         self._store: Any = None
         self._pattern: re.Pattern[str] | None = None
-        self._recovery: Any = None
+        # Recovery (zetaguard.recovery): snapshots, the ladder, the pre-step veto.
+        self._recovery = RecoveryManager(
+            self,
+            snapshot_interval=snapshot_interval,
+            snapshot_memory_budget=snapshot_memory_budget,
+        )
         self._reports: list[RecoveryReport] = []
         # Set each step while torch.distributed spans more than one rank (distributed.py).
         self._dist: distributed.DistributedContext | None = None
@@ -143,12 +153,17 @@ class ZetaGuard:
 
     # ---- setup -------------------------------------------------------------------------
 
-    def attach(self, model: Any = None, optimizer: Any = None) -> ZetaGuard:
-        """Say what recovery acts on. Returns the guard, so calls chain."""
+    def attach(self, model: Any = None, optimizer: Any = None, scheduler: Any = None) -> ZetaGuard:
+        """Say what recovery acts on: the model (or its parameters), the optimizer, and the
+        learning-rate scheduler if one rewrites the LR each step (LR cuts then scale its base
+        LRs too, so they last). The state at this moment becomes the last-resort rollback
+        target. Returns the guard, so calls chain."""
         if model is not None:
             self.model = model
         if optimizer is not None:
             self.optimizer = optimizer
+        if model is not None or optimizer is not None or scheduler is not None:
+            self._recovery.bind(model, optimizer, scheduler)
         return self
 
     def monitor_pattern(self, pattern: str | re.Pattern[str] | None) -> ZetaGuard:
@@ -181,6 +196,7 @@ class ZetaGuard:
         with self._lock:
             self._reset_tracking()
             self._reports.clear()
+            self._recovery.reset()
 
     # ---- the step ----------------------------------------------------------------------
 
@@ -205,6 +221,8 @@ class ZetaGuard:
                     "or list of arrays), or attach a model with guard.attach(model=...)"
                 )
             params = self.model
+        elif self.model is None:  # parameters alone: recovery rolls these back in place
+            params = self._recovery.bind_params(params)
         self._dist = distributed.current(self)
         snap = self._dist.snapshot(params) if self._dist is not None else snapshot(params)
         with self._lock:
@@ -279,6 +297,7 @@ class ZetaGuard:
                 result.worst_group,
                 "" if batch_index is None else f" batch={batch_index}",
             )
+        self._recovery.after_step(result, batch_index)
         return result
 
     def _apply_pattern(self, snap: Snapshot) -> Snapshot:
@@ -361,6 +380,92 @@ class ZetaGuard:
         from zetaguard.store import RunStore
 
         self._store = RunStore(self.run_dir, run_name=self.run_name, config=self.config())
+
+    # ---- recovery (the logic lives in zetaguard.recovery; docs/recovery.md) --------------
+
+    @property
+    def recovery(self) -> RecoveryManager:
+        """The recovery manager: snapshots, ladder state and settings."""
+        return self._recovery
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the ladder ran out of retries: stop training (the model holds its last
+        stable state; ``recovery_reports[-1]`` says what happened)."""
+        return self._recovery.stopped
+
+    def emergency_protocol(self) -> RecoveryReport:
+        """Climb one rung of the recovery ladder now, whatever the status and cooldown (or run
+        ``recovery_protocol`` if one is set) and return what was done."""
+        with self._lock:
+            return self._recovery.respond(self._last, force=True)
+
+    def should_skip_step(self, loss: Any = None, grad_norm: float | None = None) -> bool:
+        """Call after ``backward()``, before ``optimizer.step()``: True when this update should
+        not land (non-finite loss or gradients, or a spike far above the recent median; see
+        docs/recovery.md). The gradient norm is read from the attached torch model when not
+        given. Each veto is logged as an incident."""
+        with self._lock:
+            loss_value = _as_float(loss, "loss")
+            reason = self._recovery.skip_reason(loss_value, _as_float(grad_norm, "grad_norm"))
+            if reason is None:
+                self._recovery.record_step_taken()
+                return False
+            self._recovery.record_skip(reason)
+            return True
+
+    def guarded_step(
+        self,
+        optimizer: Any = None,
+        *,
+        loss: Any = None,
+        grad_norm: float | None = None,
+        clip: bool = True,
+    ) -> bool:
+        """``optimizer.step()`` unless :meth:`should_skip_step` vetoes it (the gradients are then
+        dropped), with the gradients clipped to :meth:`recommended_clip_value` first when
+        ``clip`` and :meth:`should_clip_gradients` say so (torch). Returns whether the step
+        landed. Does nothing once :attr:`should_stop` is set."""
+        opt = optimizer if optimizer is not None else self.optimizer
+        if opt is None:
+            raise ValueError(
+                "guarded_step() needs an optimizer: pass it, or guard.attach(optimizer=...)"
+            )
+        if self.should_stop:
+            return False
+        backend = self._recovery.backend
+        if grad_norm is None and backend is not None:
+            grad_norm = backend.grad_norm()
+        if self.should_skip_step(loss=loss, grad_norm=grad_norm):
+            opt.zero_grad()
+            return False
+        limit = self.recommended_clip_value()
+        clip_grad = getattr(backend, "clip_grad_norm", None)
+        if clip and limit is not None and grad_norm is not None and grad_norm > limit and clip_grad:
+            clip_grad(limit)
+        opt.step()
+        return True
+
+    def should_clip_gradients(self, grad_norm: float | None = None) -> bool:
+        """True when ``grad_norm`` (default: the latest monitored one) is above
+        :meth:`recommended_clip_value`."""
+        limit = self.recommended_clip_value()
+        g = self._last_grad_norm if grad_norm is None else float(grad_norm)
+        if g is None or limit is None:
+            return False
+        return not math.isfinite(g) or g > limit
+
+    def recommended_clip_value(self) -> float | None:
+        """A max-norm for gradient clipping from the recent gradient norms (median and MAD on the
+        log scale; docs/recovery.md), or None until 20 norms have been seen."""
+        return self._recovery.clip_value()
+
+    def _reset_trajectory(self) -> None:
+        """After a rollback: forget the finite-difference history (the engine ring must not mix
+        states from before and after it) but keep the calibration."""
+        if self._tracker is not None:
+            self._tracker.reset()
+        self._detector.smoothed_jar = None
 
     # ---- reading back ------------------------------------------------------------------
 

@@ -202,6 +202,8 @@ def _is_named_pair(p: Any) -> bool:
 # Root module of the model's (or first parameter's) type -> module with `make_backend(...)`.
 _BACKEND_MODULES: dict[str, str] = {
     "torch": "zetaguard.recovery.torch_backend",
+    "keras": "zetaguard.recovery.keras_backend",
+    "tensorflow": "zetaguard.recovery.keras_backend",
 }
 
 
@@ -212,6 +214,11 @@ def register_backend(root_module: str, backend_module: str) -> None:
 
 
 def _root(obj: Any) -> str:
+    # User subclasses (`class Net(keras.Model)` in `__main__`) route by their framework base.
+    for klass in type(obj).__mro__:
+        root = klass.__module__.partition(".")[0]
+        if root in _BACKEND_MODULES:
+            return root
     return type(obj).__module__.partition(".")[0]
 
 

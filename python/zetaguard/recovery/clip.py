@@ -27,7 +27,7 @@ SKIP_MIN_SAMPLES = 10
 
 
 def _recent_logs(values: Sequence[float], window: int) -> np.ndarray[tuple[int], np.dtype[np.float64]]:
-    arr = np.asarray(values[-window:], dtype=np.float64)
+    arr = np.asarray(values, dtype=np.float64)[-window:]
     arr = arr[np.isfinite(arr) & (arr > 0)]
     return np.log(arr)
 

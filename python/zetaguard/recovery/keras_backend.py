@@ -46,23 +46,48 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: 
 
 
 def _host_copy(v: Any) -> np.ndarray[Any, Any]:
-    return np.array(keras.ops.convert_to_numpy(v.value), copy=True)
+    value = v.value if isinstance(v, keras.Variable) else v  # tf.Variables read as they are
+    return np.array(keras.ops.convert_to_numpy(value), copy=True)
+
+
+def _targets(model: Any) -> dict[str, Any]:
+    """Every variable a rollback writes, by name: all of a Keras model's weights (BatchNorm
+    statistics and seed states too), all of a ``tf.Module``'s variables, or the variables
+    given (a list, dict or ``(name, variable)`` pairs)."""
+    weights = getattr(model, "weights", None)
+    if weights is not None and hasattr(model, "trainable_weights"):
+        return {v.path: v for v in weights}
+    variables = getattr(model, "variables", None)
+    if variables is not None and not isinstance(model, (list, tuple, dict)):
+        model = list(variables)
+    from zetaguard.adapters.tensorflow import named_variables
+
+    named = named_variables(model)
+    for name, v in named:
+        if not hasattr(v, "assign"):
+            raise TypeError(
+                f"{name} is a {type(v).__name__}, which cannot be written in place; roll back "
+                "Keras or TensorFlow variables (or pass the model)"
+            )
+    return dict(named)
 
 
 class KerasBackend:
-    """Rollback, LR control and checkpoints for a Keras model and its optimizer."""
+    """Rollback, LR control and checkpoints for a Keras model (or a ``tf.Module``, or a list
+    of Keras / TensorFlow variables) and its Keras optimizer."""
 
     framework = "keras"
 
     def __init__(self, model: Any, optimizer: Any = None, scheduler: Any = None) -> None:
-        if not hasattr(model, "weights"):
-            raise TypeError(
-                f"the Keras recovery backend needs a Keras model or layer, got "
-                f"{type(model).__name__}"
-            )
         self.model = model
+        self.targets = _targets(model)
         self.optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
         self.scheduler = scheduler  # Keras keeps schedules inside the optimizer; kept for symmetry
+
+    def set_params(self, params: Any) -> None:
+        """Point at a new variable set (used when only variables were handed to monitor())."""
+        self.model = params
+        self.targets = _targets(params)
 
     def _sync(self) -> None:
         sync = getattr(self.model, "jax_state_sync", None)
@@ -83,7 +108,7 @@ class KerasBackend:
 
     def capture(self, step: int, data_position: Any = None) -> StateSnapshot:
         self._sync()
-        params = {v.path: _host_copy(v) for v in self.model.weights}
+        params = {name: _host_copy(v) for name, v in self.targets.items()}
         opt = {path: _host_copy(v) for path, v in self._optimizer_variables().items()}
         return StateSnapshot(
             step=step,
@@ -98,7 +123,7 @@ class KerasBackend:
     def restore(self, snapshot: StateSnapshot) -> None:
         self._sync()
         saved: dict[str, np.ndarray[Any, Any]] = snapshot.params
-        live = {v.path: v for v in self.model.weights}
+        live = self.targets
         differ = set(live) ^ set(saved)
         if differ:
             raise ValueError(
@@ -156,7 +181,8 @@ class KerasBackend:
 
         self._sync()
         weights = directory / f"{stem}.safetensors"
-        save_safetensors(weights, {v.path: _host_copy(v) for v in self.model.weights}, guard_state)
+        params = {name: _host_copy(v) for name, v in self.targets.items()}
+        save_safetensors(weights, params, guard_state)
         paths = [str(weights)]
         if self.optimizer is not None:
             opt_path = directory / f"{stem}.optimizer.safetensors"

@@ -162,9 +162,11 @@ class RecoveryManager:
         return self.respond(result, batch_index)
 
     def respond(
-        self, result: StabilityResult | None, batch_index: int | None = None
+        self, result: StabilityResult | None, batch_index: int | None = None, *, force: bool = False
     ) -> RecoveryReport:
-        """Climb one rung now (or stop, past the cap) and record what was done."""
+        """Climb one rung now (or stop, past the cap) and record what was done. ``force`` (a
+        manual ``emergency_protocol()``) treats the state as damaged, so "roll back if needed"
+        rolls back."""
         if self.stopped:
             return self._report(result, stopped=True, actions=["none (already stopped)"])
         if self.episode >= self.ladder.max_recoveries or self.total >= MAX_TOTAL_RECOVERIES:
@@ -180,14 +182,16 @@ class RecoveryManager:
                 result, actions=[f"protocol {type(protocol).__name__}"]
             )
         else:
-            report = self.run_ladder(result)
+            report = self.run_ladder(result, force=force)
         self.episode += 1
         self.total += 1
         self.since_action = 0
         self._finish(report, result, batch_index)
         return report
 
-    def run_ladder(self, result: StabilityResult | None = None) -> RecoveryReport:
+    def run_ladder(
+        self, result: StabilityResult | None = None, *, force: bool = False
+    ) -> RecoveryReport:
         """Take the actions of the current rung and return what was done (not yet recorded:
         :meth:`respond` does that). Custom protocols call this to get the built-in behaviour."""
         result = result if result is not None else self.guard.last_result
@@ -196,7 +200,9 @@ class RecoveryManager:
         backend = self.backend
         lrs = backend.get_lrs() if backend is not None else []
         report.lr_before = lrs[0] if lrs else None
-        if ROLLBACK in rung.actions or (ROLLBACK_IF_NEEDED in rung.actions and _damaged(result)):
+        if ROLLBACK in rung.actions or (
+            ROLLBACK_IF_NEEDED in rung.actions and (force or _damaged(result))
+        ):
             self._rollback(rung.depth, report)
         if LR_CUT in rung.actions:
             if backend is not None and lrs:
@@ -412,7 +418,7 @@ def lr_factor(rung_factor: float, result: StabilityResult | None) -> float:
     score = result.channels.get("score_update")
     if score is None or not math.isfinite(score) or score <= 0.0:
         return rung_factor
-    overshoot = CRITICAL_RATIO["update"] ** score
+    overshoot = float(CRITICAL_RATIO["update"] ** score)
     return max(MIN_LR_FACTOR, min(rung_factor, 1.0 / overshoot))
 
 

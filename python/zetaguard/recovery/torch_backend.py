@@ -139,15 +139,11 @@ class TorchBackend:
         if self.optimizer is None:
             return
         for group in self.optimizer.param_groups:
-            group["lr"] = _scaled(group["lr"], factor)
-            if "initial_lr" in group:  # what schedulers rebuilt from on resume read
-                group["initial_lr"] = _scaled(group["initial_lr"], factor)
-        sched = self.scheduler
-        if sched is not None:
-            if hasattr(sched, "base_lrs"):
-                sched.base_lrs = [_scaled(lr, factor) for lr in sched.base_lrs]
-            if hasattr(sched, "_last_lr"):
-                sched._last_lr = [_scaled(lr, factor) for lr in sched._last_lr]
+            for key in _GROUP_LR_KEYS:  # what schedulers recompute the LR from
+                if key in group:
+                    group[key] = _scaled(group[key], factor)
+        if self.scheduler is not None:
+            _scale_scheduler(self.scheduler, factor)
 
     # ---- gradients -----------------------------------------------------------------------
 
@@ -190,6 +186,26 @@ class TorchBackend:
         weights = directory / f"{stem}.safetensors"
         save_safetensors(weights, params, guard_state)
         return [str(main), str(weights)]
+
+
+# param_group entries holding learning rates: "lr" itself, "initial_lr" (LRScheduler's base on
+# resume), "max_lr"/"min_lr" (OneCycleLR computes the LR from these each step).
+_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+# Scheduler attributes holding learning rates (base_lrs: LambdaLR, StepLR, CosineAnnealingLR,
+# and the Hugging Face / Lightning schedules built on them; max_lrs: CyclicLR; min_lrs:
+# ReduceLROnPlateau, CosineAnnealing eta_min is a single float and is scaled too).
+_SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
+
+
+def _scale_scheduler(sched: Any, factor: float) -> None:
+    for attr in _SCHEDULER_LR_ATTRS:
+        values = getattr(sched, attr, None)
+        if isinstance(values, list):
+            setattr(sched, attr, [_scaled(v, factor) for v in values])
+    if isinstance(getattr(sched, "eta_min", None), float):
+        sched.eta_min *= factor
+    for inner in getattr(sched, "_schedulers", []):  # SequentialLR, ChainedScheduler
+        _scale_scheduler(inner, factor)
 
 
 def _scaled(lr: Any, factor: float) -> Any:

@@ -1,0 +1,561 @@
+"""Auto-recovery: snapshots, rollback, LR control, the ladder, the pre-step veto."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zetaguard import RecoveryReport, StabilityResult, ZetaGuard
+from zetaguard.recovery import NumpyBackend, make_backend
+from zetaguard.recovery.clip import recommended_clip_value
+from zetaguard.recovery.ladder import LADDERS, MAX_TOTAL_RECOVERIES
+from zetaguard.recovery.manager import MIN_LR_FACTOR, lr_factor
+from zetaguard.recovery.snapshots import SnapshotKeeper
+from zetaguard.recovery.torch_backend import TorchBackend
+from zetaguard.store import RunReader, find_runs
+
+
+def _model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+    )
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    for _ in range(steps):
+        x = torch.randn(32, 8)
+        # dropout-like randomness drawn from the global RNG, so RNG restore matters
+        mask = (torch.rand(32, 3) > 0.1).float()
+        loss = (model(x) * mask).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _assert_same_state(a: dict, b: dict) -> None:  # type: ignore[type-arg]
+    assert a.keys() == b.keys()
+    for k in a:
+        va, vb = a[k], b[k]
+        if isinstance(va, dict):
+            _assert_same_state(va, vb)
+        elif isinstance(va, torch.Tensor):
+            assert torch.equal(va, vb), k
+        elif isinstance(va, list):
+            assert len(va) == len(vb)
+            for x, y in zip(va, vb, strict=True):
+                if isinstance(x, dict):
+                    _assert_same_state(x, y)
+                else:
+                    assert x == y
+        else:
+            assert va == vb, k
+
+
+# ---- the backend -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.Adam(p, lr=1e-2),
+    lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+])
+def test_rollback_restores_parameters_and_optimizer_state_bit_for_bit(make_opt) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = _model()
+    opt = make_opt(model.parameters())
+    _train(model, opt, 5)
+    backend = make_backend(model, opt)
+    snap = backend.capture(step=5)
+    # An independent reference: deep copies taken at the same moment.
+    ref_model = copy.deepcopy(model.state_dict())
+    ref_opt = copy.deepcopy(opt.state_dict())
+    ref_rng = torch.get_rng_state()
+    params_before = [id(p) for p in model.parameters()]
+
+    _train(model, opt, 7)
+    assert not torch.equal(model[0].weight, ref_model["0.weight"])
+    backend.restore(snap)
+
+    _assert_same_state(model.state_dict(), ref_model)
+    _assert_same_state(opt.state_dict(), ref_opt)
+    assert torch.equal(torch.get_rng_state(), ref_rng)
+    assert [id(p) for p in model.parameters()] == params_before  # in place
+
+    # Continuing from the restored state equals continuing from the reference copies.
+    twin = _model()
+    twin.load_state_dict(ref_model)
+    twin_opt = make_opt(twin.parameters())
+    twin_opt.load_state_dict(ref_opt)
+    torch.set_rng_state(ref_rng)
+    _train(twin, twin_opt, 3)
+    backend.restore(snap)  # a snapshot can be restored twice: live state never aliases it
+    _train(model, opt, 3)
+    _assert_same_state(model.state_dict(), twin.state_dict())
+
+
+def test_restore_keeps_the_current_learning_rate() -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, opt, 2)
+    backend = make_backend(model, opt)
+    snap = backend.capture(step=2)
+    backend.scale_lr(0.1)
+    backend.restore(snap)
+    assert backend.get_lrs() == [pytest.approx(1e-3)]
+
+
+def test_numpy_parameters_roll_back_in_place() -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.normal(size=(4, 5)), "b": rng.normal(size=5).astype(np.float32)}
+    backend = make_backend(arrays)
+    assert isinstance(backend, NumpyBackend)
+    expected = {k: v.copy() for k, v in arrays.items()}
+    snap = backend.capture(step=0)
+    w_id = id(arrays["w"])
+    arrays["w"] += 1.0
+    arrays["b"][:] = np.nan
+    backend.restore(snap)
+    assert id(arrays["w"]) == w_id
+    for k in arrays:
+        np.testing.assert_array_equal(arrays[k], expected[k])
+
+
+def test_read_only_arrays_cannot_roll_back_and_say_why() -> None:
+    a = np.ones(3)
+    backend = NumpyBackend([a])
+    snap = backend.capture(step=0)
+    a.flags.writeable = False
+    with pytest.raises(TypeError, match="cannot be written in place"):
+        backend.restore(snap)
+
+
+def test_generator_is_refused_with_the_fix() -> None:
+    with pytest.raises(TypeError, match="not a one-shot generator"):
+        make_backend(_model().parameters())
+
+
+@pytest.mark.parametrize("kind", ["lambda", "step", "onecycle", "cosine", "cyclic", "sequential"])
+def test_lr_cut_persists_under_a_scheduler(kind: str) -> None:
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 2)
+        o = torch.optim.SGD(m.parameters(), lr=0.1)
+        s: torch.optim.lr_scheduler.LRScheduler
+        if kind == "lambda":  # what transformers' get_linear_schedule_with_warmup returns
+            s = torch.optim.lr_scheduler.LambdaLR(o, lambda t: min(1.0, (t + 1) / 10))
+        elif kind == "step":
+            s = torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)
+        elif kind == "onecycle":
+            s = torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=50)
+        elif kind == "cosine":
+            s = torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=8, eta_min=0.01)
+        elif kind == "cyclic":
+            s = torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3)
+        else:
+            warm = torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=3)
+            cos = torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20)
+            s = torch.optim.lr_scheduler.SequentialLR(o, [warm, cos], milestones=[3])
+        return m, o, s
+
+    m, o, s = build()
+    ref_m, ref_o, ref_s = build()
+    for _ in range(4):
+        o.step()
+        s.step()
+        ref_o.step()
+        ref_s.step()
+    backend = TorchBackend(m, o, s)
+    backend.scale_lr(0.1)
+    for _ in range(10):
+        o.step()
+        s.step()
+        ref_o.step()
+        ref_s.step()
+        assert o.param_groups[0]["lr"] == pytest.approx(0.1 * ref_o.param_groups[0]["lr"])
+
+
+# ---- snapshots -------------------------------------------------------------------------------
+
+
+def test_snapshot_is_verified_only_after_interval_stable_steps() -> None:
+    arr = np.zeros(3)
+    backend = NumpyBackend([arr])
+    keeper = SnapshotKeeper(interval=3, keep=2)
+    keeper.capture_initial(backend, -1)
+    for step in range(3):
+        arr[:] = step
+        keeper.observe("STABLE", step, backend)
+    assert keeper.pending is not None and keeper.pending.step == 2
+    assert not keeper.verified
+    arr[:] = 99
+    keeper.observe("CRITICAL", 3, backend)  # trouble before verification: pending discarded
+    assert keeper.pending is None
+    assert keeper.pick(0) is keeper.initial
+    for step in range(4, 10):
+        arr[:] = step
+        keeper.observe("STABLE", step, backend)
+    assert [s.step for s in keeper.verified] == [6]
+    assert keeper.pending is not None and keeper.pending.step == 9
+
+
+def test_snapshot_memory_budget_bounds_what_is_held() -> None:
+    arr = np.zeros(1000)  # 8000 bytes per snapshot
+    backend = NumpyBackend([arr])
+    keeper = SnapshotKeeper(interval=1, keep=5, memory_budget=20_000)
+    keeper.capture_initial(backend, -1)
+    for step in range(20):
+        keeper.observe("STABLE", step, backend)
+        assert keeper.nbytes <= 20_000
+    tiny = SnapshotKeeper(interval=1, memory_budget=100)
+    tiny.observe("STABLE", 0, backend)
+    assert tiny.disabled and tiny.nbytes == 0
+
+
+def test_keep_bounds_the_verified_snapshots() -> None:
+    backend = NumpyBackend([np.zeros(2)])
+    keeper = SnapshotKeeper(interval=1, keep=2)
+    for step in range(10):
+        keeper.observe("STABLE", step, backend)
+    assert len(keeper.verified) == 2
+    assert keeper.pick(5) is keeper.verified[0]
+
+
+# ---- the ladder ------------------------------------------------------------------------------
+
+
+def _result(step: int, status: str, zeta: float) -> StabilityResult:
+    return StabilityResult(
+        status=status,  # type: ignore[arg-type]
+        zeta_value=zeta,
+        raw_jar=None,
+        smoothed_jar=None,
+        confidence=1.0,
+        step=step,
+        nonfinite=0 if math.isfinite(zeta) else 1,
+    )
+
+
+_STATUS = st.sampled_from([("STABLE", 0.1), ("DRIFT", 0.9), ("CRITICAL", 2.0), ("CRITICAL", math.inf)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mode=st.sampled_from(sorted(LADDERS)),
+    statuses=st.lists(_STATUS, min_size=1, max_size=400),
+)
+def test_ladder_never_exceeds_its_cap(mode: str, statuses: list[tuple[str, float]]) -> None:
+    arr = np.zeros(4)
+    guard = ZetaGuard(recovery_mode=mode)  # type: ignore[arg-type]
+    manager = guard.recovery
+    manager.bind_params([arr])
+    ladder = LADDERS[mode]
+    episode = 0
+    since = math.inf
+    for step, (status, zeta) in enumerate(statuses):
+        before = len(guard.recovery_reports)
+        report = manager.after_step(_result(step, status, zeta))
+        since += 1
+        assert len(guard.recovery_reports) - before == (report is not None)
+        if report is None:
+            continue
+        if status != "CRITICAL":
+            pytest.fail("a recovery ran on a non-CRITICAL step")
+        assert since > ladder.cooldown or not math.isfinite(zeta)
+        since = 0
+        if report.stopped:
+            break
+        episode = manager.episode
+        assert episode <= ladder.max_recoveries
+    reports = guard.recovery_reports
+    assert sum(not r.stopped for r in reports) <= MAX_TOTAL_RECOVERIES
+    assert sum(r.stopped for r in reports) <= 1
+    if guard.should_stop:
+        assert reports[-1].stopped and "stop" in reports[-1].actions
+        assert manager.after_step(_result(10_000, "CRITICAL", math.inf)) is None
+
+
+def test_persistent_trouble_climbs_every_rung_then_stops() -> None:
+    arr = np.zeros(4)
+    guard = ZetaGuard(recovery_mode="balanced")
+    guard.recovery.bind_params([arr])
+    ladder = LADDERS["balanced"]
+    for step in range(1000):
+        guard.recovery.after_step(_result(step, "CRITICAL", 3.0))
+    reports = guard.recovery_reports
+    assert len(reports) == ladder.max_recoveries + 1
+    assert [r.stopped for r in reports] == [False] * ladder.max_recoveries + [True]
+    assert guard.should_stop
+    steps = [r.step for r in reports]
+    assert all(b - a == ladder.cooldown + 1 for a, b in zip(steps, steps[1:], strict=False))
+
+
+def test_calm_period_restarts_the_ladder() -> None:
+    guard = ZetaGuard(recovery_mode="balanced")
+    guard.recovery.bind_params([np.zeros(2)])
+    calm = LADDERS["balanced"].calm_steps
+    step = 0
+    for _ in range(10):  # ten separate episodes: far more incidents than one episode allows
+        guard.recovery.after_step(_result(step, "CRITICAL", 3.0))
+        step += 1
+        for _ in range(calm):
+            guard.recovery.after_step(_result(step, "STABLE", 0.1))
+            step += 1
+    assert len(guard.recovery_reports) == 10 and not guard.should_stop
+    assert all("rung 1/" in r.message for r in guard.recovery_reports)
+
+
+def test_lr_factor_cuts_deeper_when_the_update_overshot() -> None:
+    r = _result(0, "CRITICAL", 3.0)
+    r.channels["score_update"] = 2.0  # update norm at 100x its baseline
+    assert lr_factor(0.1, r) == pytest.approx(0.01)
+    r.channels["score_update"] = 0.5
+    assert lr_factor(0.1, r) == pytest.approx(0.1)
+    r.channels["score_update"] = 50.0
+    assert lr_factor(0.1, r) == MIN_LR_FACTOR
+
+
+# ---- end to end through the guard -----------------------------------------------------------
+
+
+class UnstableModel(torch.nn.Module):
+    """Healthy noisy updates, then from step 60 a multiplicative blow-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.layer = torch.nn.Linear(16, 16)
+        self.gen = gen
+        self.t = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.t += 1
+        for p in self.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=self.gen))
+            if self.t > 60:
+                p.mul_(1.5)
+
+
+def test_training_stability() -> None:
+    """The seed README's example, as written there."""
+    model = UnstableModel()
+    guard = ZetaGuard(auto_recover=True)
+    saw_critical = False
+    for _ in range(100):
+        model.update()
+        result = guard.monitor(model.parameters())
+        if result.status == "CRITICAL":
+            saw_critical = True
+            assert guard.recovery_triggered is True
+    assert saw_critical
+    assert guard.recovery_triggered is True
+
+
+def test_parameters_alone_roll_back_in_place_and_stop_at_the_cap() -> None:
+    model = UnstableModel()
+    guard = ZetaGuard()
+    for _ in range(100):
+        model.update()
+        guard.monitor(model.parameters())
+        if guard.should_stop:
+            break
+    reports = guard.recovery_reports
+    assert reports[0].restored_step is not None and reports[0].lr_before is None
+    assert guard.should_stop and reports[-1].stopped
+    # The model ends in the stable state it was rolled back to, not blown up.
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert float(model.layer.weight.detach().norm()) < 10.0
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+def _digits_run(guard: ZetaGuard | None, steps: int, jump_at: int | None) -> float:
+    """Train a digits MLP (Adam, lr 1e-3), optionally jumping the LR 300x; returns held-out
+    accuracy."""
+    x, y = _digits()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if guard is not None:
+        guard.attach(model, opt)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        if step == jump_at:
+            for g in opt.param_groups:
+                g["lr"] = 0.3
+        idx = torch.randint(0, 1500, (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if guard is not None:
+            guard.monitor(model, loss=loss.item(), batch_index=step)
+    if guard is not None:
+        assert opt.param_groups[0]["lr"] == pytest.approx(guard.recovery_reports[0].lr_after)
+    with torch.no_grad():
+        return (model(x[1500:]).argmax(1) == y[1500:]).float().mean().item()
+
+
+@pytest.mark.slow
+def test_lr_jump_is_rolled_back_and_cut_and_the_run_recovers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reference = _digits_run(None, 140, jump_at=None)
+    unguarded = _digits_run(None, 140, jump_at=100)
+    guard = ZetaGuard(checkpoint_dir=tmp_path / "ckpt", run_dir=tmp_path / "runs")
+    guarded = _digits_run(guard, 140, jump_at=100)
+    assert unguarded < reference - 0.1  # the jump does real damage without the guard
+    assert guarded >= reference - 0.03
+    assert guard.recovery_triggered and not guard.should_stop
+    first = guard.recovery_reports[0]
+    assert 100 <= first.step <= 102 and first.restored_step is not None
+    assert first.restored_step < 100
+    assert first.lr_before == pytest.approx(0.3)
+    assert first.lr_after is not None and first.lr_after < 0.03
+
+    # The emergency checkpoint loads without unpickling code, in both formats.
+    assert first.checkpoint_path is not None
+    ckpt = torch.load(first.checkpoint_path, weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "guard"}
+    assert ckpt["guard"]["step"] == first.step
+    from safetensors.numpy import load_file
+
+    weights = load_file(first.checkpoint_path.replace(".pt", ".safetensors"))
+    assert set(weights) == set(ckpt["model"])
+
+    # The incident and the recovery reached the run store.
+    guard._store.flush()
+    with RunReader(find_runs(tmp_path / "runs")[0]) as reader:
+        incidents = reader.incidents()
+        recoveries = reader.recoveries()
+    assert any(i["step"] == first.step and "rollback" in i["action"] for i in incidents)
+    assert recoveries[0]["report"]["restored_step"] == first.restored_step
+
+
+def test_rollback_resets_the_trajectory_but_keeps_calibration() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=100)
+    guard = ZetaGuard(warmup_steps=10, snapshot_interval=5)
+    for _ in range(30):
+        w += 0.01 * rng.normal(size=100)
+        guard.monitor([w])
+    baselines = guard._detector.state_dict()
+    baselines.pop("smoothed_jar")
+    report = guard.emergency_protocol()
+    assert report.restored_step is not None
+    assert guard._tracker is not None and guard._tracker.history == 0
+    kept = guard._detector.state_dict()
+    assert kept.pop("smoothed_jar") is None
+    assert kept == baselines
+    w += 0.01 * rng.normal(size=100)
+    after = guard.monitor([w])
+    assert after.raw_jar is None  # no difference across the rollback
+
+
+def test_emergency_protocol_report_fields() -> None:
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    guard = ZetaGuard(model=model, optimizer=opt)
+    guard.attach(model, opt)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    report = guard.emergency_protocol()
+    assert isinstance(report, RecoveryReport)
+    assert report.lr_before == pytest.approx(0.5) and report.lr_after == pytest.approx(0.05)
+    assert report.restored_step == -1  # the state at attach time
+    assert guard.recovery_triggered
+
+
+# ---- the pre-step veto and clipping ---------------------------------------------------------
+
+
+def test_guarded_step_skips_a_nan_batch_and_leaves_everything_untouched() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = ZetaGuard(model=model, optimizer=opt)
+    for _ in range(3):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert guard.guarded_step(loss=loss.item())
+        guard.monitor(loss=loss.item())
+    params = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    bad = torch.randn(4, 8)
+    bad[0, 0] = math.nan
+    loss = model(bad).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    assert not guard.guarded_step(loss=loss.item())
+    _assert_same_state(model.state_dict(), params)
+    _assert_same_state(opt.state_dict(), state)
+    assert guard.recovery.skips == 1
+
+
+def test_gradient_spike_is_vetoed_after_a_healthy_history() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = ZetaGuard(model=model, optimizer=opt)
+    for _ in range(30):
+        loss = model(torch.randn(16, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert guard.guarded_step(loss=loss.item())
+        guard.monitor(loss=loss.item())
+    loss = model(1000.0 * torch.randn(16, 8)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    assert guard.should_skip_step(loss=loss.item())
+
+
+def test_guarded_step_needs_an_optimizer() -> None:
+    with pytest.raises(ValueError, match="needs an optimizer"):
+        ZetaGuard().guarded_step()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    norms=st.lists(st.floats(1e-3, 1e3), min_size=20, max_size=300),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_clip_value_is_above_the_median_and_scale_equivariant(norms: list[float], scale: float) -> None:
+    value = recommended_clip_value(norms)
+    assert value is not None
+    recent = norms[-200:]
+    assert value >= float(np.median(recent)) * 0.999
+    scaled = recommended_clip_value([scale * n for n in norms])
+    assert scaled == pytest.approx(scale * value, rel=1e-9)
+
+
+def test_clip_value_ignores_spikes_that_would_drag_an_ema() -> None:
+    rng = np.random.default_rng(0)
+    norms = list(np.exp(rng.normal(0.0, 0.2, size=180)))
+    clean = recommended_clip_value(norms)
+    spiked = recommended_clip_value(norms + [1e4] * 20)  # 10% spikes
+    assert clean is not None and spiked is not None
+    assert spiked < 1.5 * clean
+    assert recommended_clip_value(norms[:5]) is None
+
+
+def test_should_clip_gradients_follows_the_latest_norm() -> None:
+    guard = ZetaGuard()
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=10)
+    for _ in range(30):
+        w += 0.01 * rng.normal(size=10)
+        guard.monitor([w], grad_norm=float(np.exp(rng.normal(0.0, 0.1))))
+    limit = guard.recommended_clip_value()
+    assert limit is not None
+    assert guard.should_clip_gradients(grad_norm=10 * limit)
+    assert not guard.should_clip_gradients(grad_norm=0.5 * limit)
