@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import numpy as np
@@ -10,7 +11,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from zetaguard import RecoveryReport, StabilityResult, ZetaGuard
 from zetaguard.recovery import NumpyBackend, make_backend
 from zetaguard.recovery.clip import recommended_clip_value
@@ -164,7 +164,7 @@ def test_lr_cut_persists_under_a_scheduler(kind: str) -> None:
         return m, o, s
 
     m, o, s = build()
-    ref_m, ref_o, ref_s = build()
+    _ref_m, ref_o, ref_s = build()
     for _ in range(4):
         o.step()
         s.step()
@@ -191,7 +191,8 @@ def test_snapshot_is_verified_only_after_interval_stable_steps() -> None:
     for step in range(3):
         arr[:] = step
         keeper.observe("STABLE", step, backend)
-    assert keeper.pending is not None and keeper.pending.step == 2
+    assert keeper.pending is not None
+    assert keeper.pending.step == 2
     assert not keeper.verified
     arr[:] = 99
     keeper.observe("CRITICAL", 3, backend)  # trouble before verification: pending discarded
@@ -201,7 +202,8 @@ def test_snapshot_is_verified_only_after_interval_stable_steps() -> None:
         arr[:] = step
         keeper.observe("STABLE", step, backend)
     assert [s.step for s in keeper.verified] == [6]
-    assert keeper.pending is not None and keeper.pending.step == 9
+    assert keeper.pending is not None
+    assert keeper.pending.step == 9
 
 
 def test_snapshot_memory_budget_bounds_what_is_held() -> None:
@@ -214,7 +216,8 @@ def test_snapshot_memory_budget_bounds_what_is_held() -> None:
         assert keeper.nbytes <= 20_000
     tiny = SnapshotKeeper(interval=1, memory_budget=100)
     tiny.observe("STABLE", 0, backend)
-    assert tiny.disabled and tiny.nbytes == 0
+    assert tiny.disabled
+    assert tiny.nbytes == 0
 
 
 def test_keep_bounds_the_verified_snapshots() -> None:
@@ -276,7 +279,8 @@ def test_ladder_never_exceeds_its_cap(mode: str, statuses: list[tuple[str, float
     assert sum(not r.stopped for r in reports) <= MAX_TOTAL_RECOVERIES
     assert sum(r.stopped for r in reports) <= 1
     if guard.should_stop:
-        assert reports[-1].stopped and "stop" in reports[-1].actions
+        assert reports[-1].stopped
+        assert "stop" in reports[-1].actions
         assert manager.after_step(_result(10_000, "CRITICAL", math.inf)) is None
 
 
@@ -292,7 +296,7 @@ def test_persistent_trouble_climbs_every_rung_then_stops() -> None:
     assert [r.stopped for r in reports] == [False] * ladder.max_recoveries + [True]
     assert guard.should_stop
     steps = [r.step for r in reports]
-    assert all(b - a == ladder.cooldown + 1 for a, b in zip(steps, steps[1:], strict=False))
+    assert all(b - a == ladder.cooldown + 1 for a, b in itertools.pairwise(steps))
 
 
 def test_calm_period_restarts_the_ladder() -> None:
@@ -306,7 +310,8 @@ def test_calm_period_restarts_the_ladder() -> None:
         for _ in range(calm):
             guard.recovery.after_step(_result(step, "STABLE", 0.1))
             step += 1
-    assert len(guard.recovery_reports) == 10 and not guard.should_stop
+    assert len(guard.recovery_reports) == 10
+    assert not guard.should_stop
     assert all("rung 1/" in r.message for r in guard.recovery_reports)
 
 
@@ -366,8 +371,10 @@ def test_parameters_alone_roll_back_in_place_and_stop_at_the_cap() -> None:
         if guard.should_stop:
             break
     reports = guard.recovery_reports
-    assert reports[0].restored_step is not None and reports[0].lr_before is None
-    assert guard.should_stop and reports[-1].stopped
+    assert reports[0].restored_step is not None
+    assert reports[0].lr_before is None
+    assert guard.should_stop
+    assert reports[-1].stopped
     # The model ends in the stable state it was rolled back to, not blown up.
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert float(model.layer.weight.detach().norm()) < 10.0
@@ -415,12 +422,15 @@ def test_lr_jump_is_rolled_back_and_cut_and_the_run_recovers(tmp_path) -> None: 
     guarded = _digits_run(guard, 140, jump_at=100)
     assert unguarded < reference - 0.1  # the jump does real damage without the guard
     assert guarded >= reference - 0.03
-    assert guard.recovery_triggered and not guard.should_stop
+    assert guard.recovery_triggered
+    assert not guard.should_stop
     first = guard.recovery_reports[0]
-    assert 100 <= first.step <= 102 and first.restored_step is not None
+    assert 100 <= first.step <= 102
+    assert first.restored_step is not None
     assert first.restored_step < 100
     assert first.lr_before == pytest.approx(0.3)
-    assert first.lr_after is not None and first.lr_after < 0.03
+    assert first.lr_after is not None
+    assert first.lr_after < 0.03
 
     # The emergency checkpoint loads without unpickling code, in both formats.
     assert first.checkpoint_path is not None
@@ -452,7 +462,8 @@ def test_rollback_resets_the_trajectory_but_keeps_calibration() -> None:
     baselines.pop("smoothed_jar")
     report = guard.emergency_protocol()
     assert report.restored_step is not None
-    assert guard._tracker is not None and guard._tracker.history == 0
+    assert guard._tracker is not None
+    assert guard._tracker.history == 0
     kept = guard._detector.state_dict()
     assert kept.pop("smoothed_jar") is None
     assert kept == baselines
@@ -470,7 +481,8 @@ def test_emergency_protocol_report_fields() -> None:
         model.weight.add_(1.0)
     report = guard.emergency_protocol()
     assert isinstance(report, RecoveryReport)
-    assert report.lr_before == pytest.approx(0.5) and report.lr_after == pytest.approx(0.05)
+    assert report.lr_before == pytest.approx(0.5)
+    assert report.lr_after == pytest.approx(0.05)
     assert report.restored_step == -1  # the state at attach time
     assert guard.recovery_triggered
 
@@ -543,7 +555,8 @@ def test_clip_value_ignores_spikes_that_would_drag_an_ema() -> None:
     norms = list(np.exp(rng.normal(0.0, 0.2, size=180)))
     clean = recommended_clip_value(norms)
     spiked = recommended_clip_value(norms + [1e4] * 20)  # 10% spikes
-    assert clean is not None and spiked is not None
+    assert clean is not None
+    assert spiked is not None
     assert spiked < 1.5 * clean
     assert recommended_clip_value(norms[:5]) is None
 
