@@ -33,7 +33,7 @@ _FLOAT_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})
 def _dtype_name(v: Any) -> str:
     dtype = getattr(v, "dtype", None)
     name = getattr(dtype, "name", dtype)
-    return str(name)
+    return str(name).removeprefix("torch.")  # torch.float32 has no `.name`
 
 
 def _clean_name(name: str) -> str:
