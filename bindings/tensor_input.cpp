@@ -237,6 +237,11 @@ bool take_buffer(const py::handle& obj, const std::string& who, ParsedInputs& ou
     v.dtype = dt;
     v.data = owner->view.buf;
     v.numel = static_cast<std::size_t>(owner->view.len / owner->view.itemsize);
+    // The kernels load whole elements; a misaligned one is undefined behaviour in C++.
+    if (v.numel > 0 && reinterpret_cast<std::uintptr_t>(v.data) % dtype_size(dt) != 0) {
+        fail(PyExc_ValueError, who + " is not aligned to its element size (a view at an odd "
+                                     "byte offset); pass a copy, e.g. np.array(x)");
+    }
     out.views.push_back(v);
     out.owners.push_back(std::move(owner));
     return true;

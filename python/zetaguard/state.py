@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -77,7 +76,7 @@ def save(path: str | os.PathLike[str], meta: dict[str, Any], arrays: dict[str, n
     blob = json.dumps(meta, allow_nan=True).encode()
     payload = {"meta": np.frombuffer(blob, dtype=np.uint8), **arrays}
     buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **payload)  # type: ignore[arg-type]
+    np.savez(buf, allow_pickle=False, **payload)
     atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
@@ -88,7 +87,10 @@ def load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, npt.ND
     try:
         with np.load(where, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+    except Exception as e:
+        # A damaged archive fails in many ways inside zipfile and NumPy (BadZipFile, EOFError,
+        # NotImplementedError for flag bits it reads as encryption, MemoryError for a size
+        # field gone huge, ...): each one means the same thing here.
         raise StateFileError(
             f"{where!r} is not a readable zetaguard state file (truncated or corrupt: {e}); "
             "restore an earlier copy or start a fresh guard"
@@ -96,7 +98,7 @@ def load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, npt.ND
     raw_meta = arrays.pop("meta", None)
     try:
         meta = json.loads(bytes(raw_meta).decode()) if raw_meta is not None else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (TypeError, ValueError) as e:  # includes UnicodeDecodeError and JSONDecodeError
         raise StateFileError(f"{where!r} has a corrupt header: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StateFileError(f"{where!r} is not a zetaguard state file")
