@@ -27,6 +27,8 @@ from zetaguard import ZetaGuard, distributed
 STEPS = 12
 NAN_LOSS_STEP = 9  # rank 1 reports a NaN loss at this step
 SKETCH_BUCKETS = 128
+RECOVER_STEPS = 10
+RECOVER_NAN_STEP = 8  # rank 1 reports a NaN loss here, with the guard's recovery on
 
 
 def build_model() -> torch.nn.Module:
@@ -136,7 +138,7 @@ def rollback(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, out:
                 float(np.abs(full(p) - saved[n]).max()) for n, p in model.named_parameters()
             ),
             "max_diff_local": max(
-                float((p.to_local() - saved_local[n]).abs().max())
+                float((p.to_local().detach() - saved_local[n]).abs().max())
                 for n, p in model.named_parameters()
             ),
             "max_diff_momentum": max(
@@ -158,6 +160,48 @@ def rollback(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, out:
     results["checkpoint_params"] = {n: full(p).tolist() for n, p in model.named_parameters()}
     results["checkpoint"] = paths
     (out / f"rollback_rank{rank}.json").write_text(json.dumps(results))
+
+
+def recover(rank: int, out: Path) -> None:
+    """The guard's own ladder under FSDP: rank 1 alone reports a NaN loss; both ranks must
+    roll back to the same verified snapshot and cut the LR, through ShardedBackend."""
+    model = build_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = ZetaGuard(
+        warmup_steps=4, mode="exact", snapshot_interval=2, checkpoint_dir=out / "recover_ckpt"
+    )
+    guard.attach(model=model, optimizer=opt)
+    after: list[dict[str, list[Any]]] = []
+    statuses = []
+    for step in range(RECOVER_STEPS):
+        x, y = batch(rank, 200 + step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        reported = math.nan if (rank == 1 and step == RECOVER_NAN_STEP) else loss.item()
+        statuses.append(guard.monitor(model, loss=reported).status)
+        after.append({n: full(p).tolist() for n, p in model.named_parameters()})
+    reports = [
+        {
+            "step": r.step,
+            "actions": list(r.actions),
+            "restored_step": r.restored_step,
+            "lr_after": r.lr_after,
+            "checkpoint_path": r.checkpoint_path,
+        }
+        for r in guard.recovery_reports
+    ]
+    (out / f"recover_rank{rank}.json").write_text(json.dumps({
+        "statuses": statuses,
+        "after": after,
+        "reports": reports,
+        "backend": type(guard._recovery.backend).__name__,
+    }))
 
 
 def mismatch(rank: int, out: Path) -> None:
@@ -209,6 +253,7 @@ def main() -> None:
     train("ddp", args.rank, args.out, run_dir=args.out / "runs")
     model, opt = train("fsdp", args.rank, args.out)
     rollback(model, opt, args.rank, args.out)
+    recover(args.rank, args.out)
     mismatch(args.rank, args.out)
     failure(args.rank, args.out)
     os._exit(0)  # the group is broken on purpose; skip its teardown

@@ -22,7 +22,13 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
-from _distributed_worker import NAN_LOSS_STEP, SKETCH_BUCKETS, STEPS, build_model  # noqa: E402
+from _distributed_worker import (  # noqa: E402
+    NAN_LOSS_STEP,
+    RECOVER_NAN_STEP,
+    SKETCH_BUCKETS,
+    STEPS,
+    build_model,
+)
 from zetaguard import ZetaGuard, _core  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -221,3 +227,26 @@ def test_a_hung_or_dead_rank_makes_the_others_fail_clearly(world: Path) -> None:
     # The guard's own deadline (2 s) ended the wait, not the process group's (120 s).
     assert "timed out" in hung["error"]
     assert hung["seconds"] < 60
+
+
+def test_guard_recovery_under_fsdp_rolls_every_rank_back_to_the_same_snapshot(
+    world: Path,
+) -> None:
+    runs = [json.loads((world / f"recover_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert runs[0]["statuses"] == runs[1]["statuses"]
+    assert runs[0]["reports"] == runs[1]["reports"]  # the same actions on every rank
+    assert all(run["backend"] == "ShardedBackend" for run in runs)
+    (report,) = runs[0]["reports"]
+    assert report["step"] == RECOVER_NAN_STEP
+    assert runs[0]["statuses"][RECOVER_NAN_STEP] == "CRITICAL"
+    restored = report["restored_step"]
+    assert restored is not None
+    assert restored < RECOVER_NAN_STEP
+    assert report["lr_after"] == pytest.approx(0.005)
+    for run in runs:  # after the rollback: exactly the parameters of the snapshot's step
+        for name, value in run["after"][RECOVER_NAN_STEP].items():
+            np.testing.assert_array_equal(value, run["after"][restored][name])
+        assert run["after"][RECOVER_NAN_STEP] != run["after"][RECOVER_NAN_STEP - 1]
+    ckpt = Path(report["checkpoint_path"])
+    assert (ckpt / ".metadata").is_file()
+    assert (ckpt / "guard.json").is_file()

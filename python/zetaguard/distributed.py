@@ -56,6 +56,7 @@ import numpy.typing as npt
 
 from zetaguard._atomic import atomic_write
 from zetaguard.adapters import Snapshot, snapshot
+from zetaguard.recovery.backend import register_backend
 
 if TYPE_CHECKING:
     from zetaguard.guard import ZetaGuard
@@ -641,3 +642,8 @@ def make_backend(model: Any, optimizer: Any = None, scheduler: Any = None) -> An
     from zetaguard.recovery.torch_backend import TorchBackend
 
     return TorchBackend(model, optimizer, scheduler)
+
+
+# Torch models reach recovery through make_backend above: unchanged in one process, sharded
+# snapshots and checkpoints (and collective restores) under torch.distributed.
+register_backend("torch", __name__)
