@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Callable
 
 import numpy as np
-
 from zetaguard import ZetaGuard, _core
 
 try:

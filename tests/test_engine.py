@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import channels
-
 from zetaguard import _core
 
 DTYPES = [np.float32, np.float64, np.float16]

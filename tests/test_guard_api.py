@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -9,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 from reference import raw_jar
-
 from zetaguard import StabilityResult, ZetaGuard
 
 
@@ -45,7 +45,8 @@ def test_raw_jar_is_the_seed_formula_to_the_letter() -> None:
         r = guard.monitor(p)
         want = raw_jar(history)
         if i < 3:
-            assert r.raw_jar is None and want is None  # undefined, never a number
+            assert r.raw_jar is None
+            assert want is None
         else:
             assert r.raw_jar == pytest.approx(want, rel=1e-9)
 
@@ -152,15 +153,17 @@ def test_get_metrics_and_statistics() -> None:
     assert all(isinstance(v, float) for v in m.values())
     assert "group/fc1/zeta" in m
     s = guard.get_statistics()
-    assert s["steps"] == 8 and sum(s["status_counts"].values()) == 8
-    assert s["engine"]["mode"] == "exact" and s["engine"]["tensors"] == 3
+    assert s["steps"] == 8
+    assert sum(s["status_counts"].values()) == 8
+    assert s["engine"]["mode"] == "exact"
+    assert s["engine"]["tensors"] == 3
 
 
 def test_confidence_rises_through_warmup() -> None:
     guard = ZetaGuard(warmup_steps=10)
     conf = [guard.monitor(p).confidence for p in _walk(np.random.default_rng(8), SHAPES, 30)]
     assert conf[0] < 0.2
-    assert all(b >= a for a, b in zip(conf, conf[1:], strict=False))
+    assert all(b >= a for a, b in itertools.pairwise(conf))
     assert conf[-1] > 0.8
 
 
@@ -170,7 +173,8 @@ def test_reset_forgets_the_trajectory() -> None:
         guard.monitor(p)
     guard.reset()
     r = guard.monitor({"other": np.ones(7, np.float32)})
-    assert r.raw_jar is None and r.step == 0
+    assert r.raw_jar is None
+    assert r.step == 0
 
 
 def test_bad_constructor_arguments() -> None:

@@ -7,7 +7,6 @@ import array
 
 import numpy as np
 import pytest
-
 from zetaguard import _core
 
 torch = pytest.importorskip("torch")
@@ -22,14 +21,16 @@ def test_numpy_buffer_is_read_in_place() -> None:
 def test_numpy_slice_with_offset_is_read_in_place() -> None:
     a = np.arange(20, dtype=np.float64)[5:]
     address, numel, _ = _core._resolve_address(a)
-    assert address == a.ctypes.data and numel == 15
+    assert address == a.ctypes.data
+    assert numel == 15
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_torch_tensor_is_read_in_place_through_versioned_dlpack(dtype: object) -> None:
     t = torch.arange(10).to(dtype)
     address, numel, name = _core._resolve_address(t)
-    assert address == t.data_ptr() and numel == 10
+    assert address == t.data_ptr()
+    assert numel == 10
     assert name == str(dtype).removeprefix("torch.")
 
 
@@ -37,7 +38,8 @@ def test_torch_storage_offset_is_honoured() -> None:
     base = torch.arange(16, dtype=torch.float32)
     view = base[4:]
     address, numel, _ = _core._resolve_address(view)
-    assert address == view.data_ptr() == base.data_ptr() + 16 and numel == 12
+    assert address == view.data_ptr() == base.data_ptr() + 16
+    assert numel == 12
 
 
 def test_legacy_dltensor_capsule_is_accepted_once() -> None:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from zetaguard import _core
 
 SIMD = [isa for isa in _core.supported_isas() if isa != "scalar"]
