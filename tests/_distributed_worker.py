@@ -29,6 +29,8 @@ NAN_LOSS_STEP = 9  # rank 1 reports a NaN loss at this step
 SKETCH_BUCKETS = 128
 RECOVER_STEPS = 10
 RECOVER_NAN_STEP = 8  # rank 1 reports a NaN loss here, with the guard's recovery on
+VETO_STEPS = 6
+VETO_NAN_STEP = 4  # rank 1 alone vetoes this step
 
 
 def build_model() -> torch.nn.Module:
@@ -204,6 +206,25 @@ def recover(rank: int, out: Path) -> None:
     }))
 
 
+def veto(rank: int, out: Path) -> None:
+    """guarded_step() under DDP: rank 1 alone sees a NaN loss; every rank must skip the step,
+    or the replicas drift apart."""
+    model = DistributedDataParallel(build_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = ZetaGuard(warmup_steps=4, mode="exact").attach(model=model, optimizer=opt)
+    landed = []
+    for step in range(VETO_STEPS):
+        x, y = batch(rank, 300 + step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        reported = math.nan if (rank == 1 and step == VETO_NAN_STEP) else loss.item()
+        landed.append(guard.guarded_step(opt, loss=reported))
+        guard.monitor(model, loss=loss.item())
+    params = {n: full(p).tolist() for n, p in model.named_parameters()}
+    (out / f"veto_rank{rank}.json").write_text(json.dumps({"landed": landed, "params": params}))
+
+
 def mismatch(rank: int, out: Path) -> None:
     """Ranks that monitor different tensors: every rank raises, none hangs."""
     guard = ZetaGuard(mode="exact")
@@ -254,6 +275,7 @@ def main() -> None:
     model, opt = train("fsdp", args.rank, args.out)
     rollback(model, opt, args.rank, args.out)
     recover(args.rank, args.out)
+    veto(args.rank, args.out)
     mismatch(args.rank, args.out)
     failure(args.rank, args.out)
     os._exit(0)  # the group is broken on purpose; skip its teardown

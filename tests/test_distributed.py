@@ -27,6 +27,8 @@ from _distributed_worker import (  # noqa: E402
     RECOVER_NAN_STEP,
     SKETCH_BUCKETS,
     STEPS,
+    VETO_NAN_STEP,
+    VETO_STEPS,
     build_model,
 )
 from zetaguard import ZetaGuard, _core  # noqa: E402
@@ -250,3 +252,10 @@ def test_guard_recovery_under_fsdp_rolls_every_rank_back_to_the_same_snapshot(
     ckpt = Path(report["checkpoint_path"])
     assert (ckpt / ".metadata").is_file()
     assert (ckpt / "guard.json").is_file()
+
+
+def test_one_ranks_step_veto_skips_the_step_on_every_rank(world: Path) -> None:
+    runs = [json.loads((world / f"veto_rank{r}.json").read_text()) for r in range(WORLD)]
+    expected = [step != VETO_NAN_STEP for step in range(VETO_STEPS)]
+    assert runs[0]["landed"] == runs[1]["landed"] == expected
+    assert runs[0]["params"] == runs[1]["params"]  # the DDP replicas stayed identical

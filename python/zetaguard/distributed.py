@@ -130,7 +130,7 @@ def current(guard: ZetaGuard) -> DistributedContext | None:
     ctx = guard._dist
     if ctx is None:
         opts = opts or _Options(True, None, DEFAULT_TIMEOUT_S)
-        ctx = DistributedContext(group=opts.group, timeout_s=opts.timeout_s)
+        ctx = guard._dist = DistributedContext(group=opts.group, timeout_s=opts.timeout_s)
     return ctx
 
 
@@ -410,6 +410,14 @@ class DistributedContext:
         out: npt.NDArray[np.float64] = t.cpu().numpy()
         return out
 
+    def agree_on_skip(self, reason: str | None) -> str | None:
+        """One rank's veto is every rank's: a step skipped on some ranks only would let the
+        replicas (DDP) or the shards' optimizer states (FSDP) drift apart. One all-reduce."""
+        vetoes = int(self._all_reduce(np.array([0.0 if reason is None else 1.0]), "the step veto")[0])
+        if reason is None and vetoes:
+            return f"vetoed on {vetoes} of {self.world} ranks"
+        return reason
+
     def barrier(self, what: str) -> None:
         """A barrier with the guard's deadline (a tiny all-reduce: works on every backend)."""
         self._all_reduce(np.zeros(1), what)
@@ -588,6 +596,21 @@ class ShardedBackend:
         if total[1] == 0:
             return None
         return math.sqrt(total[0]) if math.isfinite(total[0]) else math.inf
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Scale every rank's gradients (shards) by the same factor so the global norm is at
+        most ``max_norm``; returns the norm before (one all-reduce, every rank agrees)."""
+        import torch
+
+        norm = self.grad_norm()
+        if norm is None or not math.isfinite(norm) or norm <= max_norm:
+            return 0.0 if norm is None else norm
+        scale = max_norm / (norm + 1e-6)
+        with torch.no_grad():
+            for p in self._local._params():
+                if p.grad is not None:
+                    self._ctx._local(p.grad).mul_(scale)
+        return norm
 
     def save_checkpoint(self, directory: Path, stem: str, guard_state: dict[str, Any]) -> list[str]:
         """A sharded emergency checkpoint ``directory/stem/`` (all ranks together)."""

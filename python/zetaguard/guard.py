@@ -408,6 +408,9 @@ class ZetaGuard:
         with self._lock:
             loss_value = _as_float(loss, "loss")
             reason = self._recovery.skip_reason(loss_value, _as_float(grad_norm, "grad_norm"))
+            dist = distributed.current(self)
+            if dist is not None:  # one rank's veto is every rank's (distributed.py)
+                reason = dist.agree_on_skip(reason)
             if reason is None:
                 self._recovery.record_step_taken()
                 return False
