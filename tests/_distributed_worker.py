@@ -158,6 +158,8 @@ def rollback(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, out:
     torch.nn.functional.mse_loss(model(x), y).backward()
     results["grad_norm"] = backend.grad_norm()
     results["grads"] = {n: full(p.grad).tolist() for n, p in model.named_parameters()}
+    results["clip_before"] = backend.clip_grad_norm(results["grad_norm"] / 2)
+    results["clip_after"] = backend.grad_norm()
     paths = backend.save_checkpoint(out / "emergency", "emergency-step00000007", {"step": 7})
     results["checkpoint_params"] = {n: full(p).tolist() for n, p in model.named_parameters()}
     results["checkpoint"] = paths

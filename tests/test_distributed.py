@@ -179,6 +179,9 @@ def test_sharded_grad_norm_equals_the_whole_gradient_norm(world: Path) -> None:
         r = json.loads((world / f"rollback_rank{rank}.json").read_text())
         whole = np.sqrt(sum(float(np.sum(np.square(g))) for g in r["grads"].values()))
         np.testing.assert_allclose(r["grad_norm"], whole, rtol=1e-12)
+        # Clipping scales every rank's shards by the one global factor.
+        assert r["clip_before"] == r["grad_norm"]
+        np.testing.assert_allclose(r["clip_after"], whole / 2, rtol=1e-5)
 
 
 def test_emergency_checkpoint_is_a_complete_sharded_directory(world: Path) -> None:
