@@ -1,18 +1,41 @@
 """From engine sums to a calibrated score: ``raw_jar``, ``smoothed_jar`` and ``zeta_value``.
 
-The seed's JAR (``||j|| / (||a|| + eps)``) is computed exactly and reported, but it is not the
-decision rule: healthy noisy training already sits near JAR 1.3-1.7 and a diverging run can sit
-below 1 (JAR is scale-invariant). The status is decided on ``zeta_value``, a calibrated score:
+The seed's JAR (``||j|| / (||a|| + eps)``) is computed exactly and reported (``raw_jar``,
+``smoothed_jar``), but it is not the decision rule: healthy noisy training already sits near
+JAR 1.3-1.7 and a diverging run can sit below 1 (JAR is scale-invariant). On the scenario
+suite (``benchmarks/detection``) a JAR-excess channel was the source of nearly every false
+alarm and caught nothing another channel had not caught first, so it is not part of zeta.
 
-* each *channel* is a quantity whose healthy level the guard learns during warm-up (update
-  norm ``||v||``, acceleration norm ``||a||``, gradient norm, loss) or knows from the first step
-  (parameter norm ``||x||``, first loss), plus the smoothed JAR against its warm-up spread;
-* a channel's *score* is 1.0 at its critical level and 0.5 at its drift level. For magnitude
-  channels the score is ``log(value / baseline) / log(R)``: a channel at R times its baseline
-  scores 1, at sqrt(R) times 0.5;
-* ``zeta_value = sqrt(2) * max(score)``, so the seed's thresholds keep a meaning:
-  ``zeta >= 1.414`` (snap) means some channel reached its critical level, ``zeta >= 0.707``
-  (drift) that one reached half of it on the log scale. Non-finite values give ``inf``.
+The status is decided on ``zeta_value = sqrt(2) * max(channel scores)``: a score of 0.5 puts
+zeta at the default drift threshold (0.707), a score of 1.0 at the default snap threshold
+(1.414). Non-finite parameters, loss or gradient norm give ``inf``. The channels:
+
+* ``loss`` and ``grad`` (when given): ``(log(value) - m) / (log(R) + NOISE_SIGMAS * d)``,
+  where ``m`` is a tracked baseline of ``log(value)`` and ``d`` the channel's own noise (mean
+  absolute deviation of the log). Both are learned as plain means over warm-up, then followed
+  at rate ``TRACK_RATE`` while every score is below 0.5 (a tenth of it below 1.0, not at all
+  above), so an excursion is never learned as normal. Score 1: the value is R times its
+  baseline plus a noise margin. The loss baseline is floored at ``LOSS_FLOOR`` x the first
+  loss, so jitter on a loss that is already near zero is not danger.
+* ``update`` and ``accel``: ``||v||`` and ``||a||`` scored the same way but *gated*: growth of
+  the update size alone is not danger (an LR warm-up grows it by orders of magnitude while the
+  loss falls). The gate is 0 while the loss is clearly falling (its short average is below the
+  long one by more than ``2 * GATE_MARGIN`` in log units), 1 while it falls by less than
+  ``GATE_MARGIN``, linear in between; without a loss the gradient norm's trend gates; with neither the gate is open.
+* ``growth``: how fast the parameter norm grows, ``g`` = the exponential average (rate
+  ``GROWTH_RATE``) of the per-step change of ``log||x||``, against its mean size over warm-up
+  (at least ``GROWTH_FLOOR``): ``log(g / base) / log(GROWTH_RATIO)``. Runaway learning rates
+  and exploding gradients inflate the weights at an accelerating rate tens of steps before
+  the loss turns; healthy runs (warm-up schedules included) grow them at a steady or slowing
+  rate.
+* ``loss_start`` and ``param``: loss against the first loss, parameter norm against its first
+  value (fixed references: they catch a run unstable from its first step, which would teach any
+  warm-up calibration that the blow-up is normal).
+
+Calibration never looks at the user's thresholds, so the zeta sequence is the same whatever
+they are: raising ``snap_threshold`` can only remove CRITICALs, lowering ``drift_threshold``
+can only add DRIFTs. Per step the cost is a handful of scalar operations plus per-group NumPy
+operations on the engine's sums, independent of model size.
 
 ``calibration="none"`` gives the seed-literal rule instead: ``zeta_value = smoothed_jar``
 compared with the same fixed thresholds.
@@ -21,7 +44,7 @@ compared with the same fixed thresholds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -32,30 +55,34 @@ from zetaguard.results import JAR_EPS, Status, status_for
 Calibration = Literal["auto", "none"]
 SQRT2 = math.sqrt(2.0)
 
-# Critical ratio R of each magnitude channel against its baseline: a channel at R x baseline
-# scores 1.0 (zeta 1.414), at sqrt(R) x baseline 0.5 (zeta 0.707).
+# Critical ratio R of each channel against its baseline: at R x baseline (plus the noise margin)
+# a channel scores 1.0 (zeta 1.414); at sqrt(R) x, 0.5 (zeta 0.707).
 CRITICAL_RATIO: dict[str, float] = {
-    "update": 10.0,  # ||v|| against its warm-up level
-    "accel": 10.0,  # ||a|| against its warm-up level
-    "grad": 10.0,  # gradient norm against its warm-up level
-    "loss": 4.0,  # loss against its warm-up level
-    "loss_start": 4.0,  # loss against the first loss seen (catches runs unstable from step 0)
-    "param": 4.0,  # ||x|| against its value at the first step
+    "update": 10.0,  # ||v|| against its tracked level (gated)
+    "accel": 10.0,  # ||a|| against its tracked level (gated)
+    "grad": 10.0,  # gradient norm against its tracked level
+    "loss": 3.0,  # loss against its tracked level
+    "loss_start": 4.0,  # loss against the first loss
+    "param": 10.0,  # ||x|| against its first value
 }
-# Smoothed JAR: score 1.0 this many warm-up standard deviations above the warm-up mean.
-JAR_CRITICAL_SIGMAS = 8.0
-JAR_MIN_SIGMA = 0.05
-# After warm-up, baselines follow the trajectory on the log scale at this rate per STABLE step,
-# so slow healthy change (decaying LR, growing weights) does not read as drift.
-BASELINE_RATE = 0.01
-# Warm-up samples needed before a magnitude channel scores at all.
+TRACKED = ("update", "accel", "grad", "loss")
+# The noise margin: this many mean absolute log deviations are added to log(R).
+NOISE_SIGMAS = 3.0
+# After warm-up, baselines follow the trajectory at this rate per step while every score is
+# below 0.5, at a tenth of it below 1.0, and not at all above.
+TRACK_RATE = 0.02
+# The loss baseline never drops below this fraction of the first loss.
+LOSS_FLOOR = 0.1
+# Loss trend for the gate: short and long exponential averages of log(loss).
+GATE_FAST, GATE_SLOW = 0.3, 0.03
+GATE_MARGIN = 0.05
+# Parameter-norm growth: the per-step change of log||x||, averaged at this rate, against its
+# mean size over warm-up (never below GROWTH_FLOOR per step); critical at GROWTH_RATIO x.
+GROWTH_RATE = 0.1
+GROWTH_FLOOR = 5e-4
+GROWTH_RATIO = 16.0
+# Samples a tracked channel needs before it scores at all.
 MIN_CALIBRATION_SAMPLES = 5
-
-
-def _log_score(value: float | None, baseline: float | None, ratio: float) -> float:
-    if value is None or baseline is None or baseline <= 0.0 or value <= 0.0:
-        return 0.0
-    return max(0.0, math.log(value / baseline) / math.log(ratio))
 
 
 @dataclass
@@ -72,15 +99,29 @@ class Observation:
     in_warmup: bool
 
 
-@dataclass
-class _Baselines:
-    """Log-scale baselines of the magnitude channels (None until learned)."""
+class _Track:
+    """Exponential mean and mean absolute deviation of log(value)."""
 
-    log: dict[str, float] = field(default_factory=dict)
-    samples: dict[str, list[float]] = field(default_factory=dict)
-    jar: list[float] = field(default_factory=list)
-    jar_mean: float | None = None
-    jar_sigma: float | None = None
+    __slots__ = ("dev", "mean", "n")
+
+    def __init__(self, mean: float = 0.0, dev: float = 0.0, n: int = 0) -> None:
+        self.mean, self.dev, self.n = mean, dev, n
+
+    def add(self, log_value: float, rate: float | None) -> None:
+        self.n += 1
+        r = 1.0 / self.n if rate is None else rate  # plain mean while learning
+        err = log_value - self.mean if self.n > 1 else 0.0
+        self.mean += r * err if self.n > 1 else log_value
+        self.dev += r * (abs(err) - self.dev) if self.n > 1 else 0.0
+
+    def score(self, log_value: float, ratio: float, floor: float = -math.inf) -> float:
+        if self.n < MIN_CALIBRATION_SAMPLES:
+            return 0.0
+        base = max(self.mean, floor)
+        return max(0.0, (log_value - base) / (math.log(ratio) + NOISE_SIGMAS * self.dev))
+
+    def to_list(self) -> list[float]:
+        return [self.mean, self.dev, float(self.n)]
 
 
 class Detector:
@@ -118,10 +159,15 @@ class Detector:
         self.smoothed_jar: float | None = None
         self.first_param_norm: float | None = None
         self.first_loss: float | None = None
+        self.tracks: dict[str, _Track] = {name: _Track() for name in TRACKED}
+        self.trend: dict[str, list[float]] = {}  # channel -> [fast, slow] log averages
+        self.last_log_norm: float | None = None
+        self.growth = 0.0  # exponential average of the per-step change of log||x||
+        self.growth_base: float | None = None
+        self.growth_samples: list[float] = []
         self.group_first_norm: npt.NDArray[np.float64] | None = None
         self.group_log_update: npt.NDArray[np.float64] | None = None
         self.group_samples: list[npt.NDArray[np.float64]] = []
-        self.base = _Baselines()
 
     @property
     def in_warmup(self) -> bool:
@@ -197,80 +243,100 @@ class Detector:
             self.first_param_norm = x
         if self.first_loss is None and loss is not None and loss > 0:
             self.first_loss = loss
-        values = {"update": v, "accel": a, "grad": grad_norm, "loss": loss}
-        scores = self._scores(x, values, loss)
+        logs = {
+            name: math.log(value)
+            for name, value in (("update", v), ("accel", a), ("grad", grad_norm), ("loss", loss))
+            if value is not None and value > 0
+        }
+        gate = self._gate(logs)
+        self._track_growth(x)
+        scores = self._scores(x, logs, gate)
+        upd = self.tracks["update"]
+        if "update" in logs and upd.n >= MIN_CALIBRATION_SAMPLES:
+            # how many times its tracked level the update is (what an LR cut must undo)
+            channels["update_overshoot"] = math.exp(logs["update"] - upd.mean)
         zeta = SQRT2 * max(scores.values(), default=0.0)
-        group_zeta = self._group_scores(rows, history)
-        status = status_for(zeta, self.drift_threshold, self.snap_threshold)
-        self._learn(values, status)
+        group_zeta = self._group_scores(rows, history, gate)
+        self._learn(logs, max(scores.values(), default=0.0))
+        channels["update_gate"] = gate
         return self._result(zeta, raw_jar, channels, scores, group_zeta, 0)
 
     # ---- scoring -----------------------------------------------------------------------
 
-    def _scores(self, x: float, values: dict[str, float | None], loss: float | None) -> dict[str, float]:
-        scores = {
-            "param": _log_score(x, self.first_param_norm, CRITICAL_RATIO["param"]),
-            "loss_start": _log_score(loss, self.first_loss, CRITICAL_RATIO["loss_start"]),
-        }
-        for name, value in values.items():
-            base = self._baseline(name)
-            if base is not None:
-                scores[name] = _log_score(value, base, CRITICAL_RATIO[name])
-        if (
-            not self.in_warmup
-            and self.smoothed_jar is not None
-            and self.base.jar_mean is not None
-            and self.base.jar_sigma is not None
-        ):
-            excess = (self.smoothed_jar - self.base.jar_mean) / (
-                JAR_CRITICAL_SIGMAS * self.base.jar_sigma
+    def _gate(self, logs: dict[str, float]) -> float:
+        """1 unless the loss (else the gradient norm) is clearly falling; updates the trend."""
+        name = "loss" if "loss" in logs else "grad" if "grad" in logs else None
+        if name is None:
+            return 1.0
+        value = logs[name]
+        trend = self.trend.get(name)
+        if trend is None:
+            self.trend[name] = [value, value]
+            return 1.0
+        trend[0] += GATE_FAST * (value - trend[0])
+        trend[1] += GATE_SLOW * (value - trend[1])
+        falling = trend[1] - trend[0]  # > 0 while the loss falls
+        return min(1.0, max(0.0, 1.0 - (falling - GATE_MARGIN) / GATE_MARGIN))
+
+    def _scores(self, x: float, logs: dict[str, float], gate: float) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        if self.first_param_norm is not None and x > 0:
+            scores["param"] = max(
+                0.0, math.log(x / self.first_param_norm) / math.log(CRITICAL_RATIO["param"])
             )
-            scores["jar"] = max(0.0, excess)
+        if self.first_loss is not None and "loss" in logs:
+            scores["loss_start"] = max(
+                0.0,
+                (logs["loss"] - math.log(self.first_loss)) / math.log(CRITICAL_RATIO["loss_start"]),
+            )
+        loss_floor = (
+            math.log(LOSS_FLOOR * self.first_loss) if self.first_loss is not None else -math.inf
+        )
+        for name, value in logs.items():
+            floor = loss_floor if name == "loss" else -math.inf
+            score = self.tracks[name].score(value, CRITICAL_RATIO[name], floor)
+            scores[name] = score * gate if name in ("update", "accel") else score
+        if self.growth_base is not None and self.growth > self.growth_base:
+            scores["growth"] = math.log(self.growth / self.growth_base) / math.log(GROWTH_RATIO)
         return scores
 
-    def _baseline(self, name: str) -> float | None:
-        if name in self.base.log:
-            return math.exp(self.base.log[name])
-        samples = self.base.samples.get(name, [])
-        if len(samples) >= MIN_CALIBRATION_SAMPLES:
-            return math.exp(float(np.median(samples)))  # provisional, during warm-up
-        return None
-
-    def _learn(self, values: dict[str, float | None], status: Status) -> None:
-        if self.in_warmup or not self.base.log:
-            for name, value in values.items():
-                if value is not None and value > 0:
-                    self.base.samples.setdefault(name, []).append(math.log(value))
-            if self.smoothed_jar is not None:
-                self.base.jar.append(self.smoothed_jar)
-            if not self.in_warmup:
-                self._freeze_warmup()
+    def _track_growth(self, x: float) -> None:
+        if x <= 0 or not math.isfinite(x):
             return
-        if status != "STABLE":
-            return
-        for name, value in values.items():
-            if value is not None and value > 0 and name in self.base.log:
-                self.base.log[name] += BASELINE_RATE * (math.log(value) - self.base.log[name])
+        log_norm = math.log(x)
+        if self.last_log_norm is not None:
+            self.growth += GROWTH_RATE * (log_norm - self.last_log_norm - self.growth)
+            if self.in_warmup:
+                self.growth_samples.append(abs(self.growth))
+            elif self.growth_base is None:
+                mean = float(np.mean(self.growth_samples)) if self.growth_samples else 0.0
+                self.growth_base = max(mean, GROWTH_FLOOR)
+                self.growth_samples = []
+        self.last_log_norm = log_norm
 
-    def _freeze_warmup(self) -> None:
-        for name, samples in self.base.samples.items():
-            if samples:
-                self.base.log[name] = float(np.median(samples))
-        if len(self.base.jar) >= 2:
-            jar = np.asarray(self.base.jar)
-            self.base.jar_mean = float(np.median(jar))
-            mad = float(np.median(np.abs(jar - self.base.jar_mean))) * 1.4826
-            self.base.jar_sigma = max(mad, JAR_MIN_SIGMA)
-        if not self.base.log:
-            self.base.log["_frozen"] = 0.0  # warm-up saw no defined channel; mark it done
+    def _learn(self, logs: dict[str, float], top_score: float) -> None:
+        # Learning depends on the score, never on the user's thresholds: the zeta sequence is
+        # the same whatever the thresholds, so raising snap_threshold cannot add a CRITICAL.
+        if self.in_warmup:
+            rate: float | None = None
+        elif top_score < 0.5:
+            rate = TRACK_RATE
+        elif top_score < 1.0:
+            rate = TRACK_RATE / 10.0
+        else:
+            return
+        for name, value in logs.items():
+            self.tracks[name].add(value, rate if self.tracks[name].n >= self.warmup_steps else None)
 
     def _group_raw_jar(self, rows: npt.NDArray[np.float64], history: int) -> npt.NDArray[np.float64]:
         if history < 3 or len(rows) == 0:
             return np.zeros(len(rows))
         return np.sqrt(rows[:, 3]) / (np.sqrt(rows[:, 2]) + JAR_EPS)
 
-    def _group_scores(self, rows: npt.NDArray[np.float64], history: int) -> npt.NDArray[np.float64]:
-        """Per-group zeta from the group's own parameter and update norms."""
+    def _group_scores(
+        self, rows: npt.NDArray[np.float64], history: int, gate: float
+    ) -> npt.NDArray[np.float64]:
+        """Per-group zeta from the group's own parameter norm and (gated) update norm."""
         if len(rows) == 0:
             return np.zeros(0)
         norms = np.sqrt(rows[:, 0])
@@ -288,7 +354,7 @@ class Detector:
                     self.group_samples = []
                 if self.group_log_update is not None:
                     upd = (log_update - self.group_log_update) / math.log(CRITICAL_RATIO["update"])
-                    score = np.maximum(score, np.nan_to_num(upd, nan=0.0, neginf=0.0))
+                    score = np.maximum(score, gate * np.nan_to_num(upd, nan=0.0, neginf=0.0))
         return np.asarray(SQRT2 * score, dtype=np.float64)
 
     def _result(
@@ -313,7 +379,7 @@ class Detector:
             in_warmup=self.in_warmup,
         )
 
-    # ---- persistence (plain JSON-able values; arrays go beside them) --------------------
+    # ---- persistence (plain JSON-able values) ------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -321,11 +387,12 @@ class Detector:
             "smoothed_jar": self.smoothed_jar,
             "first_param_norm": self.first_param_norm,
             "first_loss": self.first_loss,
-            "base_log": dict(self.base.log),
-            "base_samples": {k: list(v) for k, v in self.base.samples.items()},
-            "base_jar": list(self.base.jar),
-            "jar_mean": self.base.jar_mean,
-            "jar_sigma": self.base.jar_sigma,
+            "tracks": {name: t.to_list() for name, t in self.tracks.items()},
+            "trend": {name: list(v) for name, v in self.trend.items()},
+            "last_log_norm": self.last_log_norm,
+            "growth": self.growth,
+            "growth_base": self.growth_base,
+            "growth_samples": list(self.growth_samples),
             "group_first_norm": None
             if self.group_first_norm is None
             else [float(v) for v in self.group_first_norm],
@@ -340,13 +407,14 @@ class Detector:
         self.smoothed_jar = state["smoothed_jar"]
         self.first_param_norm = state["first_param_norm"]
         self.first_loss = state["first_loss"]
-        self.base = _Baselines(
-            log=dict(state["base_log"]),
-            samples={k: list(v) for k, v in state["base_samples"].items()},
-            jar=list(state["base_jar"]),
-            jar_mean=state["jar_mean"],
-            jar_sigma=state["jar_sigma"],
-        )
+        self.tracks = {
+            name: _Track(float(m), float(d), int(n)) for name, (m, d, n) in state["tracks"].items()
+        }
+        self.trend = {name: [float(f), float(s)] for name, (f, s) in state["trend"].items()}
+        self.last_log_norm = state["last_log_norm"]
+        self.growth = float(state["growth"])
+        self.growth_base = state["growth_base"]
+        self.growth_samples = [float(v) for v in state["growth_samples"]]
         gfn, glu = state["group_first_norm"], state["group_log_update"]
         self.group_first_norm = None if gfn is None else np.asarray(gfn, dtype=np.float64)
         self.group_log_update = None if glu is None else np.asarray(glu, dtype=np.float64)

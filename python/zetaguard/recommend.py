@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zetaguard.detector import CRITICAL_RATIO, Observation
+from zetaguard.detector import CRITICAL_RATIO, GROWTH_RATIO, Observation
 
 
 def recommendations(obs: Observation, worst_group: str | None) -> list[str]:
@@ -41,10 +41,11 @@ def recommendations(obs: Observation, worst_group: str | None) -> list[str]:
                 f"Parameter norm grew {factor:.1f}x since the first step{where}: the run is "
                 "diverging; lower the learning rate and add weight decay or clipping."
             )
-        elif name == "jar":
+        elif name == "growth":
             tips.append(
-                "Updates oscillate far more than during warm-up (high jerk-to-acceleration "
-                "ratio): the learning rate is likely above the stability edge; lower it."
+                f"The parameter norm grows {GROWTH_RATIO**score:.1f}x faster than during "
+                "warm-up: a runaway learning rate or exploding gradients; lower the learning "
+                "rate or clip gradients before the loss turns."
             )
     if obs.status == "CRITICAL" and not tips:
         tips.append("Training is unstable: roll back to the last stable state and lower the LR.")
