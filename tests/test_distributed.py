@@ -184,6 +184,7 @@ def test_sharded_grad_norm_equals_the_whole_gradient_norm(world: Path) -> None:
         np.testing.assert_allclose(r["clip_after"], whole / 2, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_emergency_checkpoint_is_a_complete_sharded_directory(world: Path) -> None:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import load

@@ -338,6 +338,13 @@ class DistributedContext:
         if self._checked != (names, tracker.mode):
             self._check_layout(names, tracker.mode)
         if self._weights_for != names:
+            unknown = [n for n in names if n not in self._weights]
+            if unknown:
+                raise ValueError(
+                    f"zetaguard: monitored tensors {unknown[:3]} did not come from this step's "
+                    "parameters, so their placement (replica or shard) is unknown; pass the "
+                    "model or its named_parameters() to monitor()"
+                )
             self._row_weights = np.array([self._weights[n] for n in names], dtype=np.float64)
             self._weights_for = names
         weighted = rows * self._row_weights[:, None]
