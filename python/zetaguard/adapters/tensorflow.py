@@ -21,6 +21,7 @@ Monitoring must run eagerly (between steps, never inside a ``tf.function``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,19 +70,18 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def named_variables(obj: Any) -> list[tuple[str, Any]]:
-    """``(name, variable)`` pairs for whatever the user passed (trainable variables only for
-    models, layers and modules)."""
+def _items(obj: Any) -> tuple[list[str] | None, list[Any]]:
+    """The variables the user passed, and their names when the user gave them (a dict or
+    ``(name, variable)`` pairs); trainable variables only for models, layers and modules."""
     if isinstance(obj, Mapping):
-        return [(str(k), v) for k, v in obj.items()]
+        return [str(k) for k in obj], list(obj.values())
     if isinstance(obj, (list, tuple)):
         items = list(obj)
         if items and all(
             isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) for e in items
         ):
-            return [(n, v) for n, v in items]
-        names = _unique([_variable_name(v, f"var.{i}") for i, v in enumerate(items)])
-        return list(zip(names, items, strict=True))
+            return [n for n, _ in items], [v for _, v in items]
+        return None, items
     weights = getattr(obj, "trainable_weights", None)  # Keras models and layers
     if weights is None and not _is_keras_variable(obj):
         weights = getattr(obj, "trainable_variables", None)  # any tf.Module
@@ -91,8 +91,61 @@ def named_variables(obj: Any) -> list[tuple[str, Any]]:
                 f"{type(obj).__name__} has no trainable variables yet; build the model first "
                 "(call it on a batch, or model.build(input_shape)) or pass its variables"
             )
-        return named_variables(list(weights))
-    return [(_variable_name(obj, "var.0"), obj)]
+        return None, list(weights)
+    return None, [obj]
+
+
+def named_variables(obj: Any) -> list[tuple[str, Any]]:
+    """``(name, variable)`` pairs for whatever the user passed."""
+    names, variables = _items(obj)
+    if names is None:
+        names = _unique([_variable_name(v, f"var.{i}") for i, v in enumerate(variables)])
+    return list(zip(names, variables, strict=True))
+
+
+class _Layout:
+    """What a TensorFlow variable set resolves to (names, resource handles, dtypes), reused
+    while the same variables come back: the per-step work is then one read per variable."""
+
+    def __init__(self, variables: list[Any], names: list[str], backing: list[Any]) -> None:
+        self.refs = [weakref.ref(v) for v in variables]  # no strong refs: models can go
+        self.names = names
+        self.reads = [(b.handle, b.dtype) for b in backing]
+
+    def matches(self, variables: list[Any], names: list[str] | None) -> bool:
+        return (
+            len(variables) == len(self.refs)
+            and all(r() is v for r, v in zip(self.refs, variables, strict=True))
+            and (names is None or names == self.names)
+        )
+
+
+_layouts: dict[tuple[int, ...], _Layout] = {}
+
+
+def _cached_layout(variables: list[Any], names: list[str] | None) -> _Layout | None:
+    layout = _layouts.get(tuple(map(id, variables)))
+    return layout if layout is not None and layout.matches(variables, names) else None
+
+
+def _remember(variables: list[Any], names: list[str], backing: list[Any]) -> None:
+    if not all(hasattr(b, "handle") and hasattr(b, "assign") for b in backing):
+        return  # plain tensors: nothing to resolve
+    try:
+        layout = _Layout(variables, names, backing)
+    except TypeError:  # an object without weak references
+        return
+    if len(_layouts) >= 16:
+        _layouts.clear()
+    _layouts[tuple(map(id, variables))] = layout
+
+
+def _eager(tf: Any) -> None:
+    if not tf.executing_eagerly():
+        raise RuntimeError(
+            "monitor() was called inside a tf.function; call it eagerly between training "
+            "steps (outside the decorated step function)"
+        )
 
 
 def _jax_fit_state(obj: Any) -> list[Any] | None:
@@ -133,8 +186,20 @@ def _read_tf(v: Any, read: Any) -> Any:
 
 
 def snapshot(obj: Any) -> Snapshot:
-    named = named_variables(obj)
+    given, variables = _items(obj)
     live = _jax_fit_state(obj)
+    if live is None:
+        layout = _cached_layout(variables, given)
+        if layout is not None:  # the steady state of a TensorFlow training loop
+            import tensorflow as tf
+
+            _eager(tf)
+            read = tf.raw_ops.ReadVariableOp
+            tensors = [read(resource=h, dtype=d) for h, d in layout.reads]
+            return Snapshot(
+                names=layout.names, tensors=tensors, keepalive=tensors, framework="tensorflow"
+            )
+    named = named_variables(obj if given is not None else variables)
     if live is not None and len(live) == len(named):
         named = [(n, a) for (n, _), a in zip(named, live, strict=True)]
     backing = [(n, _backing(n, v)) for n, v in named]
@@ -150,11 +215,7 @@ def snapshot(obj: Any) -> Snapshot:
     if root == "tensorflow":
         import tensorflow as tf
 
-        if not tf.executing_eagerly():
-            raise RuntimeError(
-                "monitor() was called inside a tf.function; call it eagerly between training "
-                "steps (outside the decorated step function)"
-            )
+        _eager(tf)
         read = tf.raw_ops.ReadVariableOp
         tensors = [_read_tf(b, read) for _, b in backing]
         for (n, _), t in zip(backing, tensors, strict=True):
@@ -163,12 +224,9 @@ def snapshot(obj: Any) -> Snapshot:
                     f"{n} lives on {t.device}: the host engine reads CPU memory. Place the "
                     "variables on the CPU, or monitor a CPU copy"
                 )
-        return Snapshot(
-            names=[n for n, _ in backing],
-            tensors=tensors,
-            keepalive=tensors,
-            framework="tensorflow",
-        )
+        names = [n for n, _ in backing]
+        _remember(variables, names, [b for _, b in backing])
+        return Snapshot(names=names, tensors=tensors, keepalive=tensors, framework="tensorflow")
     tensors = [b for _, b in backing]  # JAX arrays and anything else with DLPack/buffers
     return Snapshot(
         names=[n for n, _ in backing], tensors=tensors, keepalive=tensors, framework=root
