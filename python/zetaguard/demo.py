@@ -139,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     verbose = not args.quiet
     logging.basicConfig(level=logging.WARNING, format="  [%(name)s] %(message)s")
-    common = dict(steps=args.steps, spike_step=args.spike_step, spike=args.spike, seed=args.seed)
 
     print(f"zetaguard demo: MLP on sklearn digits, Adam lr 1e-3, x{args.spike:g} LR at step {args.spike_step}\n")
     print("1) without a guard")
-    bare = train(guarded=False, run_dir=None, verbose=verbose, **common)  # type: ignore[arg-type]
+    bare = train(guarded=False, run_dir=None, verbose=verbose, steps=args.steps,
+                 spike_step=args.spike_step, spike=args.spike, seed=args.seed)
     print("\n2) with zetaguard (auto_recover, balanced ladder)")
-    kept = train(guarded=True, run_dir=args.run_dir, verbose=verbose, **common)  # type: ignore[arg-type]
+    kept = train(guarded=True, run_dir=args.run_dir, verbose=verbose, steps=args.steps,
+                 spike_step=args.spike_step, spike=args.spike, seed=args.seed)
 
     print("\nsummary")
     print(f"  {'run':<18}{'test loss':>12}{'test acc':>10}  statuses")
