@@ -15,6 +15,7 @@ robust-baseline idea as the OLMo skip-step optimizer, which uses mean + 6 std ov
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,33 +27,63 @@ MIN_LOG_SPREAD = 0.1  # a floor on the log-scale spread, so perfectly steady nor
 SKIP_MIN_SAMPLES = 10
 
 
-def _recent_logs(values: Sequence[float], window: int) -> np.ndarray[tuple[int], np.dtype[np.float64]]:
-    arr = np.asarray(values, dtype=np.float64)[-window:]
-    arr = arr[np.isfinite(arr) & (arr > 0)]
-    return np.log(arr)
+class RobustHistory:
+    """The last ``CLIP_WINDOW`` finite positive values of one signal, with its log-scale median
+    and spread recomputed every ``REFRESH`` new values (the baseline moves slowly; this keeps the
+    per-step cost to an append)."""
+
+    REFRESH = 8
+
+    def __init__(self) -> None:
+        self.logs: deque[float] = deque(maxlen=CLIP_WINDOW)
+        self._stale = 0
+        self._median: float | None = None
+        self._spread = 0.0
+
+    def append(self, value: float | None) -> None:
+        if value is None or not math.isfinite(value) or value <= 0.0:
+            return
+        self.logs.append(math.log(value))
+        self._stale += 1
+
+    def __len__(self) -> int:
+        return len(self.logs)
+
+    def _refresh(self) -> None:
+        if self._median is None or self._stale >= self.REFRESH:
+            logs = np.fromiter(self.logs, dtype=np.float64, count=len(self.logs))
+            self._median = float(np.median(logs))
+            self._spread = 1.4826 * float(np.median(np.abs(logs - self._median)))
+            self._stale = 0
+
+    def median(self, min_samples: int) -> float | None:
+        if len(self.logs) < min_samples:
+            return None
+        self._refresh()
+        assert self._median is not None
+        return math.exp(self._median)
+
+    def clip_value(self) -> float | None:
+        if len(self.logs) < CLIP_MIN_SAMPLES:
+            return None
+        self._refresh()
+        assert self._median is not None
+        return math.exp(self._median + CLIP_SIGMAS * max(self._spread, MIN_LOG_SPREAD))
 
 
 def recommended_clip_value(grad_norms: Sequence[float]) -> float | None:
-    logs = _recent_logs(grad_norms, CLIP_WINDOW)
-    if len(logs) < CLIP_MIN_SAMPLES:
-        return None
-    med = float(np.median(logs))
-    spread = 1.4826 * float(np.median(np.abs(logs - med)))
-    return math.exp(med + CLIP_SIGMAS * max(spread, MIN_LOG_SPREAD))
-
-
-def _median(values: Sequence[float]) -> float | None:
-    logs = _recent_logs(values, CLIP_WINDOW)
-    if len(logs) < SKIP_MIN_SAMPLES:
-        return None
-    return math.exp(float(np.median(logs)))
+    """The clip rule over a sequence of gradient norms (the newest last)."""
+    history = RobustHistory()
+    for g in list(grad_norms)[-CLIP_WINDOW:]:
+        history.append(g)
+    return history.clip_value()
 
 
 def skip_reason(
     loss: float | None,
     grad_norm: float | None,
-    losses: Sequence[float],
-    grad_norms: Sequence[float],
+    losses: RobustHistory,
+    grad_norms: RobustHistory,
     *,
     loss_ratio: float | None,
     grad_ratio: float | None,
@@ -63,11 +94,11 @@ def skip_reason(
     if grad_norm is not None and not math.isfinite(grad_norm):
         return f"non-finite gradient norm ({grad_norm})"
     if grad_norm is not None and grad_ratio is not None:
-        base = _median(grad_norms)
+        base = grad_norms.median(SKIP_MIN_SAMPLES)
         if base is not None and grad_norm > grad_ratio * base:
             return f"gradient norm {grad_norm:.4g} > {grad_ratio:g} x recent median {base:.4g}"
     if loss is not None and loss_ratio is not None:
-        base = _median(losses)
+        base = losses.median(SKIP_MIN_SAMPLES)
         if base is not None and loss > loss_ratio * base:
             return f"loss {loss:.4g} > {loss_ratio:g} x recent median {base:.4g}"
     return None

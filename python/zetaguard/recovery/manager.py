@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,9 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zetaguard")
 
-# Channels whose critical level means the weights themselves took damage (so rolling back is
-# needed), as opposed to a gradient spike or an oscillation an LR cut alone can calm.
-DAMAGE_SCORES = ("score_param", "score_update", "score_accel", "score_loss", "score_loss_start")
+# Channels that can be critical while the weights themselves are fine (a gradient spike, an
+# oscillation): an LR cut alone can calm them. Any other critical channel means damage.
+NON_DAMAGE_SCORES = frozenset({"score_grad", "score_jar"})
 # The deepest single LR cut (see lr_factor).
 MIN_LR_FACTOR = 1e-3
 # Consecutive vetoed steps after which the veto is not enough and the ladder takes over.
@@ -89,7 +88,9 @@ class RecoveryManager:
         self.stopped = False
         self.skips = 0
         self.consecutive_skips = 0
-        self.losses: deque[float] = deque(maxlen=clip.CLIP_WINDOW)
+        self._vetoed = False  # the step about to be monitored was vetoed before it landed
+        self.losses = clip.RobustHistory()
+        self.grad_norms = clip.RobustHistory()
         self.last_report: RecoveryReport | None = None
 
     @property
@@ -136,12 +137,12 @@ class RecoveryManager:
     def after_step(self, result: StabilityResult, batch_index: int | None = None) -> RecoveryReport | None:
         if self.stopped:
             return None
-        loss = result.channels.get("loss")
-        if loss is not None and math.isfinite(loss):
-            self.losses.append(loss)
+        vetoed, self._vetoed = self._vetoed, False
+        self.losses.append(result.channels.get("loss"))
+        self.grad_norms.append(result.channels.get("grad_norm"))
         self.since_action += 1
-        backend = self.backend
-        if backend is not None:
+        backend = self.backend if self.guard.auto_recover else None
+        if backend is not None:  # snapshots cost memory: only when recovery may use them
             if self.keeper.captures == 0 and result.status != "CRITICAL":
                 self.keeper.capture_initial(backend, result.step)
             self.keeper.observe(result.status, result.step, backend, batch_index)
@@ -152,6 +153,10 @@ class RecoveryManager:
         if result.status != "CRITICAL":
             return None
         self.calm = 0
+        if vetoed and result.nonfinite == 0:
+            # The loss or gradients that make this step CRITICAL never reached the weights.
+            self._incident(result, batch_index, "skipped before the update")
+            return None
         if not self.guard.auto_recover:
             self._incident(result, batch_index, "none (auto_recover=False)")
             return None
@@ -310,7 +315,7 @@ class RecoveryManager:
             loss,
             grad_norm,
             self.losses,
-            self.guard._grad_norms,
+            self.grad_norms,
             loss_ratio=self.ladder.skip_loss_ratio,
             grad_ratio=self.ladder.skip_grad_ratio,
         )
@@ -318,6 +323,7 @@ class RecoveryManager:
     def record_skip(self, reason: str, batch_index: int | None = None) -> None:
         self.skips += 1
         self.consecutive_skips += 1
+        self._vetoed = True
         step = self.guard.step
         log.warning("zetaguard: step %d skipped: %s", step, reason)
         self._store_incident(step, "CRITICAL", {}, None, batch_index, f"skip: {reason}")
@@ -329,7 +335,7 @@ class RecoveryManager:
         self.consecutive_skips = 0
 
     def clip_value(self) -> float | None:
-        return clip.recommended_clip_value(self.guard._grad_norms)
+        return self.grad_norms.clip_value()
 
     # ---- records -------------------------------------------------------------------------
 
@@ -423,7 +429,12 @@ def lr_factor(rung_factor: float, result: StabilityResult | None) -> float:
 
 
 def _damaged(result: StabilityResult | None) -> bool:
-    """Whether the weights themselves took damage (so an LR cut alone cannot undo it)."""
+    """Whether the weights themselves took damage (so an LR cut alone cannot undo it): non-finite
+    values, or a critical channel other than the gradient norm and the JAR (an unknown cause
+    counts as damage)."""
     if result is None or result.nonfinite > 0 or not math.isfinite(result.zeta_value):
         return True
-    return any(result.channels.get(k, 0.0) >= 1.0 for k in DAMAGE_SCORES)
+    critical = {
+        k for k, v in result.channels.items() if k.startswith("score_") and not v < 1.0
+    }
+    return not critical or bool(critical - NON_DAMAGE_SCORES)
