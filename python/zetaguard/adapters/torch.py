@@ -1,12 +1,22 @@
 """PyTorch parameters: ``nn.Module``, ``parameters()``, ``named_parameters()``, tensors.
 
-CPU tensors reach the engine as raw addresses after one validation pass per parameter set
-(cached by identity), which is what keeps the per-tensor cost near a microsecond; DLPack would
-cost a capsule per tensor per step.
+CPU tensors reach the engine as raw addresses: float16 and bfloat16 included (the engine reads
+them natively), no copy, no DLPack capsule per tensor per step. What makes a raw address safe
+(dtype, dense strided layout, contiguity, size) is validated once per parameter set and cached;
+each step then only reads every tensor's current ``data_ptr()`` and re-validates the tensors
+whose address moved (``p.data = ...`` swaps storage behind an unchanged Parameter). An
+``nn.Module`` is walked once; later steps confirm each cached parameter is still the one its
+owner holds (a dict lookup per tensor) instead of walking the module tree again.
+
+Tensors on another device (CUDA) are handed to the device path (:mod:`zetaguard.device`) as
+tensors, since their memory is not host-readable.
 """
 
 from __future__ import annotations
 
+import operator
+import weakref
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -19,6 +29,7 @@ _DTYPES: dict[torch.dtype, str] = {
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
 }
+DEVICE_FRAMEWORK = "torch-device"  # zetaguard.device.DEVICE_FRAMEWORK, without importing it
 
 
 def named_tensors(obj: Any) -> list[tuple[str, torch.Tensor]]:
@@ -56,30 +67,95 @@ def check_tensor(name: str, t: Any) -> str:
 class _Layout:
     """Validated facts about one parameter set, reused while the same tensors come back."""
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        self.ids = tuple(id(t) for _, t in named)
+    def __init__(self, named: list[tuple[str, torch.Tensor]], owners: list[Any] | None = None) -> None:
+        self.tensors = [t for _, t in named]
+        self.ids = tuple(id(t) for t in self.tensors)
         self.names = [n for n, _ in named]
         self.dtypes = [check_tensor(n, t) for n, t in named]
-        self.numels = [t.numel() for _, t in named]
-        self.devices = {t.device.type for _, t in named}
+        self.numels = [t.numel() for t in self.tensors]
+        self.torch_dtypes = [t.dtype for t in self.tensors]
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+        self.devices = {t.device.type for t in self.tensors}
+        # For a module: (the owning submodule's _parameters dict, the attribute name) per tensor.
+        self.owners = owners
+        # For a module: (parent._modules, name, child) edges and per-module container sizes.
+        self.structure: tuple[list[Any], list[Any]] = ([], [])
+        self.grad_ptrs: list[int] = []  # gradient addresses whose layout was last validated
+
+    def still_owned(self) -> bool:
+        owners = self.owners
+        if owners is None:
+            return True
+        held = [d.get(k) for d, k in owners]
+        if not all(map(operator.is_, held, self.tensors)):
+            return False
+        # Model surgery (`model[1] = nn.Linear(...)`, `append`, `del`) leaves the old
+        # submodules' parameter dicts intact: without this the guard would keep watching the
+        # detached old tensors. One lookup per submodule edge plus two len() per module.
+        edges, sizes = self.structure
+        return all(d.get(k) is child for d, k, child in edges) and all(
+            len(m) == nm and len(ps) == np_ for m, nm, ps, np_ in sizes
+        )
+
+    def revalidate(self, ptrs: list[int]) -> None:
+        """Some tensors moved to new storage: check those again (dtype, layout, device)."""
+        for i, (old, new) in enumerate(zip(self.ptrs, ptrs, strict=True)):
+            t = self.tensors[i]
+            if old != new or t.numel() != self.numels[i] or t.dtype != self.torch_dtypes[i]:
+                self.dtypes[i] = check_tensor(self.names[i], t)
+                self.numels[i] = t.numel()
+                self.torch_dtypes[i] = t.dtype
+        self.ptrs = ptrs
+        self.devices = {t.device.type for t in self.tensors}
 
 
-_cache: dict[int, _Layout] = {}
+_list_cache: dict[int, _Layout] = {}
+_module_cache: dict[int, tuple[weakref.ref[torch.nn.Module], _Layout]] = {}
+_CACHE_LIMIT = 64
 
 
-def _layout(named: list[tuple[str, torch.Tensor]]) -> _Layout:
-    key = hash(tuple(id(t) for _, t in named))
-    layout = _cache.get(key)
-    if (
-        layout is None
-        or layout.ids != tuple(id(t) for _, t in named)
-        or any(t.numel() != n for (_, t), n in zip(named, layout.numels, strict=True))
-    ):
-        layout = _Layout(named)
-        if len(_cache) > 64:
-            _cache.clear()
-        _cache[key] = layout
+def _module_layout(module: torch.nn.Module) -> _Layout:
+    hit = _module_cache.get(id(module))
+    if hit is not None and hit[0]() is module and hit[1].still_owned():
+        return hit[1]
+    named: list[tuple[str, torch.Tensor]] = []
+    owners: list[Any] = []
+    seen: set[int] = set()
+    for prefix, sub in module.named_modules():
+        for key, p in sub._parameters.items():
+            if p is None or id(p) in seen:  # shared parameters are monitored once
+                continue
+            seen.add(id(p))
+            named.append((f"{prefix}.{key}" if prefix else key, p))
+            owners.append((sub._parameters, key))
+    layout = _Layout(named, owners)
+    subs = [sub for _, sub in module.named_modules()]
+    layout.structure = (
+        [(sub._modules, name, child) for sub in subs for name, child in sub._modules.items()],
+        [(sub._modules, len(sub._modules), sub._parameters, len(sub._parameters)) for sub in subs],
+    )
+    if len(_module_cache) >= _CACHE_LIMIT:
+        _module_cache.clear()
+    _module_cache[id(module)] = (weakref.ref(module), layout)
     return layout
+
+
+def _list_layout(named: list[tuple[str, torch.Tensor]]) -> _Layout:
+    ids = tuple(id(t) for _, t in named)
+    layout = _list_cache.get(hash(ids))
+    if layout is None or layout.ids != ids or layout.names != [n for n, _ in named]:
+        layout = _Layout(named)
+        if len(_list_cache) >= _CACHE_LIMIT:
+            _list_cache.clear()
+        _list_cache[hash(ids)] = layout
+    return layout
+
+
+def layout_of(obj: Any) -> _Layout:
+    """The cached, validated layout of ``obj`` (a module or anything :func:`named_tensors` reads)."""
+    if isinstance(obj, torch.nn.Module):
+        return _module_layout(obj)
+    return _list_layout(named_tensors(obj))
 
 
 def _dense_grad(g: torch.Tensor) -> torch.Tensor:
@@ -88,28 +164,94 @@ def _dense_grad(g: torch.Tensor) -> torch.Tensor:
     return g if g.is_contiguous() else g.contiguous()
 
 
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_dtype_of = operator.attrgetter("dtype")
+_is_contiguous = torch.Tensor.is_contiguous
+_grad_of = operator.attrgetter("grad")
+
+
+def _raw_grads(
+    layout: _Layout, grads: list[torch.Tensor | None]
+) -> tuple[list[torch.Tensor], list[tuple[int, int, str]]]:
+    """Raw addresses of the gradients. Autograd gives a gradient its parameter's dtype and size
+    and, for a contiguous parameter, a dense layout; the common case is therefore checked with
+    C-level maps only, and anything unusual (missing, sparse, strided) takes the careful path."""
+    if all(map(operator.is_not, grads, repeat(None))):
+        dense: list[torch.Tensor] = grads  # type: ignore[assignment]
+        try:
+            gptrs = list(map(_data_ptr, dense))
+            # Addresses already validated last step need no new layout check.
+            if gptrs == layout.grad_ptrs or all(map(_is_contiguous, dense)):
+                layout.grad_ptrs = gptrs
+                return dense, list(zip(gptrs, layout.numels, layout.dtypes, strict=True))
+        except RuntimeError:  # sparse gradients have no data pointer or strides
+            pass
+    kept = [(_dense_grad(g), i) for i, g in enumerate(grads) if g is not None]
+    return [g for g, _ in kept], [
+        (g.data_ptr(), g.numel(), check_tensor(f"gradient of {layout.names[i]}", g))
+        for g, i in kept
+    ]
+
+
 def snapshot(obj: Any) -> Snapshot:
-    named = named_tensors(obj)
-    layout = _layout(named)
-    tensors = [t for _, t in named]
-    if layout.devices - {"cpu"}:
-        device = sorted(layout.devices - {"cpu"})[0]
-        raise ValueError(
-            f"parameters on {device}: the host engine reads CPU memory. Use the device path "
-            "(ZetaGuard(device='cuda')) or pass CPU tensors"
+    layout = layout_of(obj)
+    tensors = layout.tensors
+    ptrs = list(map(_data_ptr, tensors))
+    # An unchanged address is not proof of unchanged storage: a freed buffer's address comes
+    # back for the next allocation, so `p.data = p.data.half()` after a free can reuse it. A
+    # stale dtype or size would make the engine read past the end of the new buffer.
+    if (
+        ptrs != layout.ptrs
+        or list(map(_numel, tensors)) != layout.numels
+        or list(map(_dtype_of, tensors)) != layout.torch_dtypes
+    ):
+        layout.revalidate(ptrs)
+    all_grads = list(map(_grad_of, tensors))
+    if layout.devices != {"cpu"}:
+        if "cpu" in layout.devices:
+            raise ValueError(
+                f"parameters are split across devices {sorted(layout.devices)}; monitor each "
+                "device's parameters with its own guard"
+            )
+        grads = [g for g in all_grads if g is not None]
+        return Snapshot(
+            names=layout.names,
+            tensors=[t.detach() for t in tensors],
+            grads=grads or None,
+            keepalive=[tensors, grads],
+            framework=DEVICE_FRAMEWORK,
         )
-    raw = []
-    for t, n, d in zip(tensors, layout.numels, layout.dtypes, strict=True):
-        if not t.is_contiguous():  # `.data` can be swapped behind an unchanged Parameter
-            raise ValueError("a parameter became non-contiguous; pass t.contiguous()")
-        raw.append((t.data_ptr(), n, d))
-    grads = [_dense_grad(t.grad) for t in tensors if t.grad is not None]
+    grads, grad_raw = _raw_grads(layout, all_grads)
     return Snapshot(
         names=layout.names,
-        tensors=raw,
+        tensors=list(zip(ptrs, layout.numels, layout.dtypes, strict=True)),
         raw=True,
-        grads=[(g.data_ptr(), g.numel(), check_tensor("gradient", g)) for g in grads] or None,
+        grads=grad_raw or None,
         grads_raw=True,
         keepalive=[tensors, grads],
         framework="torch",
     )
+
+
+def grad_norm(parameters: Any) -> float | None:
+    """Global L2 norm of the gradients of ``parameters`` (a module or an iterable of tensors):
+    one fused reduction and one transfer; ``inf`` when any gradient is non-finite, ``None``
+    when no parameter has a gradient."""
+    params = parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters
+    grads = [g.coalesce().values() if g.is_sparse else g
+             for p in params if (g := p.grad) is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+    total = float(torch.linalg.vector_norm(torch.stack(norms)).item())
+    return total if total == total else float("inf")  # NaN reads as the non-finite it is
+
+
+def drop_grads(parameters: Any) -> None:
+    """Set every gradient to ``None``: torch optimizers then leave those parameters, and their
+    moments and step counts, untouched, which is how a callback vetoes an update it cannot
+    cancel."""
+    params = parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters
+    for p in params:
+        p.grad = None

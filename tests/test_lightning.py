@@ -1,0 +1,138 @@
+"""ZetaCallback in a real Lightning Trainer (CPU): healthy run, forced blow-up, resume."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+from torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+from zetaguard.integrations.pytorch_lightning import ZetaCallback
+
+
+def _loader() -> DataLoader:
+    x, y = load_digits(return_X_y=True)
+    ds = TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y))
+    return DataLoader(ds, batch_size=64, shuffle=False, drop_last=True)  # 28 steps an epoch
+
+
+class Net(pl.LightningModule):
+    def __init__(self, blow_up_at: int | None = None) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                       torch.nn.Linear(32, 10))
+        self.blow_up_at = blow_up_at
+        self.lr_blown: float | None = None
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        if self.global_step == self.blow_up_at:
+            for g in self.trainer.optimizers[0].param_groups:
+                g["lr"] *= 1000.0
+                self.lr_blown = g["lr"]
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        opt = torch.optim.Adam(self.parameters(), lr=2e-3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _trainer(tmp: Path, steps: int, callbacks: list, **kw: object) -> pl.Trainer:  # type: ignore[type-arg]
+    return pl.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=CSVLogger(tmp, name="run"),
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        callbacks=callbacks, **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_healthy_run_logs_metrics_and_raises_no_critical(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    cb = ZetaCallback(warmup_steps=15)
+    model = Net()
+    trainer = _trainer(tmp_path, 50, [cb], enable_checkpointing=False)
+    trainer.fit(model, _loader())
+    stats = cb.guard.get_statistics()
+    assert stats["steps"] == 50
+    assert stats["status_counts"]["CRITICAL"] == 0
+    assert cb.guard.optimizer is trainer.optimizers[0]  # recovery acts on the Trainer's
+    assert "zetaguard/zeta" in trainer.logged_metrics
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    logged = [float(r["zetaguard/zeta"]) for r in rows if r.get("zetaguard/zeta")]
+    assert len(logged) == 50
+    assert logged[-1] == pytest.approx(cb.last_result.zeta_value)  # type: ignore[union-attr]
+    grad_norm = cb.last_result.channels["grad_norm"]  # type: ignore[union-attr]
+    assert grad_norm > 0
+
+
+def test_blow_up_is_caught_and_handled(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    cb = ZetaCallback(warmup_steps=15)
+    model = Net(blow_up_at=40)
+    trainer = _trainer(tmp_path, 70, [cb], enable_checkpointing=False)
+    trainer.fit(model, _loader())
+    counts = cb.guard.get_statistics()["status_counts"]
+    assert counts["CRITICAL"] >= 1
+    assert cb.guard.recovery_triggered
+    lr_now = trainer.optimizers[0].param_groups[0]["lr"]
+    assert model.lr_blown is not None
+    assert lr_now < model.lr_blown  # the cut reached the Trainer's optimizer ...
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.base_lrs[0] < 0.05  # ... and its scheduler, so it lasts
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert trainer.should_stop == cb.guard.should_stop
+
+
+class _Recorder(ZetaCallback):
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.results: list = []  # type: ignore[type-arg]
+
+    def on_train_batch_end(self, *args: object, **kw: object) -> None:
+        super().on_train_batch_end(*args, **kw)  # type: ignore[arg-type]
+        self.results.append(self.last_result)
+
+
+def test_resumed_trainer_resumes_the_guard(tmp_path: Path) -> None:
+    def run(steps: int, ckpt: str | None = None) -> _Recorder:
+        pl.seed_everything(0)
+        cb = _Recorder(warmup_steps=10, auto_recover=False)
+        saver = ModelCheckpoint(dirpath=tmp_path / f"ckpt{steps}", save_last=True)
+        trainer = _trainer(tmp_path, steps, [cb, saver])
+        trainer.fit(Net(), _loader(), ckpt_path=ckpt)
+        return cb
+
+    first = run(28)  # one whole epoch
+    last = str(tmp_path / "ckpt28" / "last.ckpt")
+    resumed = run(36, ckpt=last)
+    assert [r.step for r in resumed.results] == list(range(28, 36))
+    assert resumed.guard.get_statistics()["steps"] == 36  # counters carried over
+    assert not resumed.guard.get_statistics()["in_warmup"]  # no second warm-up
+    assert resumed.results[0].raw_jar is not None  # the ring came back: JAR at once
+
+    # The checkpoint loads with torch's safe loader, and the guard it holds continues exactly
+    # as the guard that wrote it would.
+    ckpt = torch.load(last, weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("_Recorder"))
+    restored = ZetaCallback()
+    restored.load_state_dict(state)
+    net = Net()
+    net.load_state_dict(ckpt["state_dict"])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    a, b = first.guard.monitor(net), restored.guard.monitor(net)
+    assert b.step == a.step == 28
+    assert b.raw_jar == a.raw_jar
+    assert b.zeta_value == a.zeta_value
