@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -22,11 +22,18 @@ from zetaguard.recommend import recommendations
 from zetaguard.recovery.manager import RecoveryManager
 from zetaguard.results import STATUSES, RecoveryReport, StabilityResult, Status
 
+if TYPE_CHECKING:
+    from zetaguard.device import DeviceTracker
+    from zetaguard.diagnostics import Diagnostics
+
 log = logging.getLogger("zetaguard")
 
 EngineMode = Literal["auto", "exact", "sketch"]
 GroupBy = Literal["layer", "tensor", "none"]
 RecoveryMode = Literal["conservative", "balanced", "aggressive"]
+DevicePath = Literal["auto", "cpu", "cuda"]
+# zetaguard.device.DEVICE_FRAMEWORK: a snapshot of torch tensors for the device path.
+_DEVICE_FRAMEWORK = "torch-device"
 
 _LEVEL: dict[Status, int] = {s: i for i, s in enumerate(STATUSES)}
 
@@ -71,6 +78,10 @@ class ZetaGuard:
         group_by: per-group results by ``"layer"`` (module path), ``"tensor"`` or ``"none"``.
         threads: engine threads for large models (default: up to 4).
         run_dir: write every step to a run store (SQLite) under this directory.
+        device: where torch parameters are reduced. ``"auto"``: CPU tensors in the host
+            engine, CUDA tensors on their device (:mod:`zetaguard.device`: only scalars or
+            the sketch come back); ``"cuda"``: insist on device tensors; ``"cpu"``: run the
+            device path's torch code on CPU tensors (it gives the host engine's results).
         snapshot_interval: STABLE steps between recovery snapshots (docs/recovery.md).
         snapshot_memory_budget: bytes the recovery snapshots may hold in host memory.
     """
@@ -99,7 +110,14 @@ class ZetaGuard:
         seed: int = 0x5EED,
         snapshot_interval: int = 25,
         snapshot_memory_budget: int = 1 << 30,
+        device: DevicePath = "auto",
     ) -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        self.device: DevicePath = device
+        # monitor_layers(): parameter name -> layer (group) name, and what monitor() reads.
+        self._layer_of: dict[str, str] | None = None
+        self._layers: dict[str, Any] | None = None
         if mode not in ("auto", "exact", "sketch"):
             raise ValueError(f"mode must be 'auto', 'exact' or 'sketch', got {mode!r}")
         if group_by not in ("layer", "tensor", "none"):
@@ -173,8 +191,37 @@ class ZetaGuard:
         self._reset_tracking()
         return self
 
+    def monitor_layers(self, layers: Any) -> ZetaGuard:
+        """Monitor exactly these layers, each one group: a list (or ``{name: layer}`` dict) of
+        modules or of parameter lists. ``monitor()`` is then called without parameters. Names
+        come from the attached model when it contains the module (``"encoder.layer.0"``), else
+        ``layer{i}``. ``None`` goes back to monitoring what ``monitor()`` is given. Resets the
+        trajectory, since the monitored set changes."""
+        if layers is None:
+            self._layers = self._layer_of = None
+            self._reset_tracking()
+            return self
+        items = list(layers.items()) if isinstance(layers, dict) else list(enumerate(layers))
+        if not items:
+            raise ValueError("monitor_layers() needs at least one layer")
+        known = _module_names(self.model)
+        tensors: dict[str, Any] = {}
+        layer_of: dict[str, str] = {}
+        for key, layer in items:
+            name = key if isinstance(key, str) else known.get(id(layer), f"layer{key}")
+            named = _layer_tensors(layer, name)
+            if not named:
+                raise ValueError(f"layer {name!r} has no parameters to monitor")
+            for pname, t in named:
+                full = f"{name}.{pname}"
+                tensors[full] = t
+                layer_of[full] = name
+        self._layers, self._layer_of = tensors, layer_of
+        self._reset_tracking()
+        return self
+
     def _reset_tracking(self) -> None:
-        self._tracker: _core.Tracker | None = None
+        self._tracker: _core.Tracker | DeviceTracker | None = None
         self._names: tuple[str, ...] = ()
         self._group_names: tuple[str, ...] = ()
         self._group_index: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
@@ -214,6 +261,13 @@ class ZetaGuard:
         ``loss`` (a float or 0-d tensor) and ``grad_norm`` add channels when given; torch
         parameters with ``.grad`` set contribute the gradient norm automatically.
         """
+        if self._layers is not None and (params is None or params is self.model):
+            params = self._layers  # the layers are parts of the attached model
+        elif self._layers is not None:
+            raise ValueError(
+                "monitor_layers() chose what is monitored: call monitor() without parameters, "
+                "or monitor_layers(None) to monitor what monitor() is given"
+            )
         if params is None:
             if self.model is None:
                 raise ValueError(
@@ -225,6 +279,7 @@ class ZetaGuard:
             params = self._recovery.bind_params(params)
         self._dist = distributed.current(self)
         snap = self._dist.snapshot(params) if self._dist is not None else snapshot(params)
+        snap = self._route_device(snap)
         with self._lock:
             return self._monitor(snap, loss, grad_norm, step, batch_index)
 
@@ -250,9 +305,18 @@ class ZetaGuard:
                 "after changing the model"
             )
         history = tracker.history
-        rows = tracker.update_raw(snap.tensors) if snap.raw else tracker.update(snap.tensors)
+        grad_rows = None
+        if snap.framework == _DEVICE_FRAMEWORK:  # parameters and gradients: one transfer
+            rows, grad_rows = cast("DeviceTracker", tracker).update_with_grads(
+                snap.tensors, snap.grads if grad_norm is None else None
+            )
+        else:
+            host = cast(_core.Tracker, tracker)
+            rows = host.update_raw(snap.tensors) if snap.raw else host.update(snap.tensors)
         if grad_norm is None and snap.grads:
-            g = tracker.norms_raw(snap.grads) if snap.grads_raw else tracker.norms(snap.grads)
+            g = grad_rows if grad_rows is not None else (
+                host.norms_raw(snap.grads) if snap.grads_raw else host.norms(snap.grads)
+            )
             grad_norm = math.sqrt(float(g[:, 0].sum())) if g[:, 1].sum() == 0 else math.inf
         loss_value = _as_float(loss, "loss")
         grad_value = _as_float(grad_norm, "grad_norm")
@@ -322,23 +386,55 @@ class ZetaGuard:
             framework=snap.framework,
         )
 
-    def _ensure_tracker(self, snap: Snapshot) -> _core.Tracker:
+    def _route_device(self, snap: Snapshot) -> Snapshot:
+        """Send torch tensors to the device path when ``device`` asks for it."""
+        if self.device == "auto":
+            return snap
+        if self.device == "cuda" and snap.framework != _DEVICE_FRAMEWORK:
+            raise ValueError(
+                f"ZetaGuard(device='cuda') got {snap.framework} parameters in host memory; move "
+                "the model to the GPU, or use device='auto'"
+            )
+        from zetaguard.device import device_snapshot
+
+        return device_snapshot(snap)
+
+    def _ensure_tracker(self, snap: Snapshot) -> _core.Tracker | DeviceTracker:
+        on_device = snap.framework == _DEVICE_FRAMEWORK
         # A tracker holding no tensors saw only refused steps: start afresh, so fixing the
         # input does not read as the parameter set having changed.
         if self._tracker is not None and self._tracker.tensor_count > 0:
+            if _is_device_tracker(self._tracker) == on_device:
+                return self._tracker
+            # The same trajectory on the other engine (a restored state meeting CUDA tensors,
+            # or a model moved between devices): both engines share one state format.
+            engine_state = self._tracker.get_state()
+            self._tracker = self._new_tracker(self._tracker.mode, on_device)
+            self._tracker.set_state(engine_state)
             return self._tracker
         mode = self.mode
         if mode == "auto":
             mode = "exact" if 3 * _nbytes(snap) <= self.exact_memory_budget else "sketch"
-        self._tracker = _core.Tracker(
-            mode=mode, sketch_buckets=self.sketch_buckets, threads=self.threads, seed=self.seed
-        )
+        self._tracker = self._new_tracker(mode, on_device)
         self._set_names(snap.names)
         return self._tracker
 
+    def _new_tracker(self, mode: str, on_device: bool) -> _core.Tracker | DeviceTracker:
+        if on_device:
+            from zetaguard.device import DeviceTracker
+
+            return DeviceTracker(mode=mode, sketch_buckets=self.sketch_buckets, seed=self.seed)
+        return _core.Tracker(
+            mode=mode, sketch_buckets=self.sketch_buckets, threads=self.threads, seed=self.seed
+        )
+
     def _set_names(self, names: list[str]) -> None:
         self._names = tuple(names)
-        keys = [_group_key(n, self.group_by) for n in names]
+        layer_of = self._layer_of
+        keys = [
+            layer_of[n] if layer_of is not None and n in layer_of else _group_key(n, self.group_by)
+            for n in names
+        ]
         order: dict[str, int] = {}
         for k in keys:
             order.setdefault(k, len(order))
@@ -555,6 +651,21 @@ class ZetaGuard:
             "groups": len(self._group_names),
         }
 
+    def full_diagnostics(self, model: Any = None) -> Diagnostics:
+        """A per-layer table of the latest step: JAR, update/weight and gradient/weight ratios,
+        non-finite counts and status (:mod:`zetaguard.diagnostics`). ``model`` (default: the
+        attached one) supplies the gradients; print the table or call ``.to_dicts()``."""
+        from zetaguard.diagnostics import full_diagnostics
+
+        with self._lock:
+            return full_diagnostics(self, model if model is not None else self.model)
+
+    def group_of(self, name: str) -> str:
+        """The group (layer) a monitored parameter name is counted in."""
+        if self._layer_of is not None and name in self._layer_of:
+            return self._layer_of[name]
+        return _group_key(name, self.group_by)
+
     def generate_report(
         self, path: str | os.PathLike[str] | None = None, run_dir: str | os.PathLike[str] | None = None
     ) -> Path:
@@ -565,6 +676,34 @@ class ZetaGuard:
         return generate_report(self, path=path, run_dir=run_dir)
 
     # ---- persistence -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's state in memory, for framework checkpoints (a Lightning callback's
+        ``state_dict``): the exact bytes :meth:`save_state` writes, checksum included."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "guard.npz")
+            self.save_state(path)
+            with open(path, "rb") as f:
+                return {"format": state.FORMAT, "npz": f.read()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (same checks as :meth:`load_state`)."""
+        import tempfile
+
+        blob = state_dict.get("npz") if isinstance(state_dict, dict) else None
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise state.StateFileError(
+                "load_state_dict() needs the dict guard.state_dict() returned (with its 'npz' "
+                "bytes)"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "guard.npz")
+            with open(path, "wb") as f:
+                f.write(bytes(blob))
+            self.load_state(path)
+
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
         """Write the trajectory and calibration to ``path`` atomically (an ``.npz`` archive,
@@ -658,6 +797,34 @@ class ZetaGuard:
                 self._zeta_max,
                 self._grad_norms,
             ) = counters
+
+def _is_device_tracker(tracker: Any) -> bool:
+    return not isinstance(tracker, _core.Tracker)
+
+
+def _module_names(model: Any) -> dict[int, str]:
+    """id(submodule) -> its qualified name inside ``model`` (torch), for layer names."""
+    named_modules = getattr(model, "named_modules", None)
+    if named_modules is None:
+        return {}
+    return {id(m): name for name, m in named_modules() if name}
+
+
+def _layer_tensors(layer: Any, name: str) -> list[tuple[str, Any]]:
+    """The named tensors of one layer: a module (``named_parameters``), a dict, or a list."""
+    named_parameters = getattr(layer, "named_parameters", None)
+    if callable(named_parameters):
+        return list(named_parameters())
+    if isinstance(layer, dict):
+        return [(str(k), v) for k, v in layer.items()]
+    if isinstance(layer, (list, tuple)):
+        return [(str(i), t) for i, t in enumerate(layer)]
+    if hasattr(layer, "__dlpack__") or hasattr(layer, "shape"):
+        return [("0", layer)]
+    raise TypeError(
+        f"layer {name!r} is a {type(layer).__name__}; pass modules, or lists or dicts of tensors"
+    )
+
 
 def _nbytes(snap: Snapshot) -> int:
     if snap.raw:
