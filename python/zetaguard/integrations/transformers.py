@@ -8,7 +8,10 @@
   the optimizer leaves weights and moments untouched;
 * ``on_step_end``: one ``guard.monitor`` per optimizer step; ``control.should_training_stop``
   when the guard's recovery ladder says stop;
-* ``on_log``: the guard's metrics join the Trainer's logs (console, TensorBoard, W&B, ...).
+* ``on_log``: the guard's metrics join the Trainer's logs and ``state.log_history``. The
+  Trainer calls its ``report_to`` reporters before callbacks passed in ``callbacks=``; to have
+  them (TensorBoard, W&B, ...) record the guard's metrics too, add the callback with
+  ``ZetaGuardCallback().install(trainer)``, which puts it first.
 
 The Trainer does not hand callbacks the training loss, so the loss channels stay empty here;
 parameters and gradients carry the signal.
@@ -102,5 +105,16 @@ class ZetaGuardCallback(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if logs is not None and self.last_result is not None:
-            logs.update(logged_metrics(self.guard, layers=self.log_layers))
+        if logs is None or self.last_result is None:
+            return
+        metrics = logged_metrics(self.guard, layers=self.log_layers)
+        logs.update(metrics)  # what callbacks after this one (printers, reporters) see
+        history = state.log_history
+        if history and history[-1].get("step") == state.global_step:
+            history[-1].update(metrics)  # the Trainer copied the logs before calling back
+
+    def install(self, trainer: Any) -> ZetaGuardCallback:
+        """Add this callback to ``trainer`` *first*, so the reporting callbacks ``report_to``
+        created (TensorBoard, W&B, ...) see the guard's metrics in every log."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
