@@ -85,6 +85,9 @@ def test_collapse_definition() -> None:
     nan = flat.copy()
     nan[40] = np.nan
     assert collapse_step(nan) == 40
+    late = flat.copy()
+    late[97:] = 5.0  # too close to the end to tell a spike from a collapse
+    assert collapse_step(late) is None
     tiny = np.full(100, 0.01)
     tiny[:10] = 2.3
     tiny[80:] = 0.05  # 5x a near-zero loss, but below the floor of 10% of the first loss

@@ -7,7 +7,8 @@ losses, the collapse step is the first ``t`` at or after the event step such tha
 * ``loss[t]`` is non-finite, or
 * ``loss[t] > 3 m_t`` and ``loss[t] > m_t + 0.1 L0`` (the floor ignores noise on a loss that
   is already near zero), and the median of ``loss[t : t+10]`` (non-finite counting as
-  infinite) is above ``2 m_t`` — the loss stays up rather than spiking once.
+  infinite) is above ``2 m_t`` — the loss stays up rather than spiking once (a run that ends
+  within 10 steps with finite losses cannot show that, so no collapse is called there).
 
 A run of an unstable family with no such step recovered by itself; it is reported but left
 out of recall and lead time. Stable runs must have no collapse step at all.
@@ -41,6 +42,8 @@ def collapse_step(loss: np.ndarray, start: int = 1) -> int | None:
         m = float(np.median(past))
         if loss[t] > 3 * m and loss[t] > m + 0.1 * l0:
             ahead = np.where(np.isfinite(loss[t : t + 10]), loss[t : t + 10], math.inf)
+            if len(ahead) < 10 and np.isfinite(ahead).all():
+                continue  # the run ends before the loss could show it stays up
             if float(np.median(ahead)) > 2 * m:
                 return t
     return None
