@@ -675,6 +675,15 @@ class ZetaGuard:
 
         return generate_report(self, path=path, run_dir=run_dir)
 
+    def close(self) -> None:
+        """Commit and close the run store, if any (also done at interpreter exit). Monitoring
+        continues; later steps are no longer recorded."""
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+            self.run_dir = None
+
     # ---- persistence -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
