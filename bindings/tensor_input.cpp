@@ -154,7 +154,10 @@ TensorView view_of(const ZgDLTensor& t, const std::string& who) {
     return v;
 }
 
-py::object capsule_of(const py::handle& obj, const std::string& who) {
+// `buffer_format`: set when the object's buffer had an element type we do not read; then an
+// export failure means the type is the problem, and the error says so.
+py::object capsule_of(const py::handle& obj, const std::string& who,
+                      const std::string& buffer_format = {}) {
     if (PyCapsule_CheckExact(obj.ptr())) return py::reinterpret_borrow<py::object>(obj);
     try {
         try {
@@ -168,12 +171,18 @@ py::object capsule_of(const py::handle& obj, const std::string& who) {
         const std::string msg = py::str(e.value());  // the message alone, no traceback
         if (msg.find("require") != std::string::npos && msg.find("grad") != std::string::npos)
             hint = "; pass p.detach() (ZetaGuard.monitor() does this for torch parameters)";
+        if (!buffer_format.empty()) {
+            fail(PyExc_TypeError, who + " has dtype with buffer format '" + buffer_format +
+                                      "' (" + msg + "); zetaguard monitors float32, float64, "
+                                      "float16 and bfloat16 arrays. Cast with x.astype(np.float32)");
+        }
         fail(PyExc_ValueError, who + " could not be exported through DLPack: " + msg + hint);
     }
 }
 
-bool take_dlpack(const py::handle& obj, const std::string& who, ParsedInputs& out) {
-    py::object cap = capsule_of(obj, who);
+bool take_dlpack(const py::handle& obj, const std::string& who, ParsedInputs& out,
+                 const std::string& buffer_format = {}) {
+    py::object cap = capsule_of(obj, who, buffer_format);
     PyObject* c = cap.ptr();
     if (PyCapsule_IsValid(c, "dltensor_versioned")) {
         auto* t = static_cast<ZgDLManagedTensorVersioned*>(
@@ -217,7 +226,7 @@ bool buffer_dtype(const Py_buffer& b, DType& dt) {
 }
 
 bool take_buffer(const py::handle& obj, const std::string& who, ParsedInputs& out,
-                 bool dlpack_fallback) {
+                 bool dlpack_fallback, std::string& unread_format) {
     auto owner = std::make_unique<BufferOwner>();
     if (PyObject_GetBuffer(obj.ptr(), &owner->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
         PyErr_Clear();
@@ -227,8 +236,11 @@ bool take_buffer(const py::handle& obj, const std::string& who, ParsedInputs& ou
     }
     DType dt;
     if (!buffer_dtype(owner->view, dt)) {
-        if (dlpack_fallback) return false;  // e.g. bfloat16 arrays: DLPack knows the type
         const std::string fmt = owner->view.format ? owner->view.format : "B";
+        if (dlpack_fallback) {  // e.g. bfloat16 arrays: DLPack knows the type
+            unread_format = fmt;
+            return false;
+        }
         fail(PyExc_TypeError, who + " has buffer format '" + fmt +
                                   "'; zetaguard monitors float32, float64, float16 and bfloat16 "
                                   "arrays. Cast with x.astype(np.float32)");
@@ -266,9 +278,11 @@ ParsedInputs parse_inputs(const py::sequence& items, const char* what) {
         py::handle obj = items[i];
         const std::string who = label(what, i);
         const bool has_dlpack = py::hasattr(obj, "__dlpack__");
-        if (PyObject_CheckBuffer(obj.ptr()) && take_buffer(obj, who, out, has_dlpack)) continue;
+        std::string unread_format;
+        if (PyObject_CheckBuffer(obj.ptr()) && take_buffer(obj, who, out, has_dlpack, unread_format))
+            continue;
         if (has_dlpack || PyCapsule_CheckExact(obj.ptr())) {
-            take_dlpack(obj, who, out);
+            take_dlpack(obj, who, out, unread_format);
             continue;
         }
         fail(PyExc_TypeError,

@@ -616,6 +616,7 @@ def main() -> None:
             print(summary(time.perf_counter() - start), flush=True)
             os._exit(0)
 
+    atheris.instrument_all()  # coverage feedback from the Python layer (adapters, state, guard)
     atheris.Setup([sys.argv[0], "-max_len=512", f"-runs={args.runs + 10}"], one_input)
     atheris.Fuzz()
 

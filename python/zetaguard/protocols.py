@@ -31,6 +31,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("zetaguard")
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Webhooks go to the configured URL only: a 3xx answer is a failed delivery, never a new
+    address to send the run's status to."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_WEBHOOK_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class EmergencyProtocol:
     """Base class of custom recovery protocols.
 
@@ -94,7 +105,7 @@ class EmergencyProtocol:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _WEBHOOK_OPENER.open(request, timeout=self.timeout) as response:
                 ok = 200 <= int(response.status) < 300
         except (urllib.error.URLError, OSError, ValueError) as e:
             log.error("zetaguard: webhook notification failed: %s", e)
