@@ -37,7 +37,7 @@ TRAINER = textwrap.dedent(
         opt.step()
         guard.monitor(model, loss=loss)
         time.sleep(0.04)
-    guard._store.close()
+    guard.close()
     """
 )
 
