@@ -117,7 +117,8 @@ def load_model(
         return ep.module(), "torch.export", tuple(args) if args else None
     if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
         try:
-            return torch.jit.load(str(path), map_location="cpu"), "torchscript", None
+            module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+            return module, "torchscript", None
         except Exception as e:
             raise ModelLoadError(f"cannot load {path} as TorchScript: {e}") from e
     try:
