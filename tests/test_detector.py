@@ -159,3 +159,24 @@ def test_bad_arguments_name_the_problem() -> None:
         Detector(drift_threshold=2.0, snap_threshold=1.4, alpha=0.3, warmup_steps=5)
     with pytest.raises(ValueError, match="alpha"):
         Detector(drift_threshold=0.7, snap_threshold=1.4, alpha=0.0, warmup_steps=5)
+
+
+def test_growth_channel_flags_accelerating_weights_but_not_a_rollback() -> None:
+    def run(restart_at: int | None) -> list[float]:
+        det = Detector(drift_threshold=0.707, snap_threshold=1.414, alpha=0.3, warmup_steps=20)
+        norm, scores = 10.0, []
+        for t in range(80):
+            rate = 0.001 if t < 40 else 0.001 * 1.15 ** (t - 40)  # runaway after step 40
+            norm = norm * math.exp(rate) if restart_at is None else 10.0 + 0.001 * t
+            hist = 0 if t == 0 or t == restart_at else 3
+            if restart_at is not None and t >= restart_at:
+                norm = 20.0 + 0.001 * t  # the weights rolled back to a larger-norm snapshot
+            row = np.array([[norm**2, 1e-4, 1e-4, 1e-4, 0.0]])
+            scores.append(det.observe(row, hist).scores.get("growth", 0.0))
+        return scores
+
+    runaway = run(None)
+    assert max(runaway[:40]) < 0.5  # steady growth: no drift
+    assert max(runaway[60:]) >= 1.0  # accelerating growth: critical
+    rolled = run(50)
+    assert max(rolled) < 0.5  # the norm jump across a rollback is not growth

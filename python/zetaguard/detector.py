@@ -249,7 +249,7 @@ class Detector:
             if value is not None and value > 0
         }
         gate = self._gate(logs)
-        self._track_growth(x)
+        self._track_growth(x, history)
         scores = self._scores(x, logs, gate)
         upd = self.tracks["update"]
         if "update" in logs and upd.n >= MIN_CALIBRATION_SAMPLES:
@@ -300,11 +300,13 @@ class Detector:
             scores["growth"] = math.log(self.growth / self.growth_base) / math.log(GROWTH_RATIO)
         return scores
 
-    def _track_growth(self, x: float) -> None:
+    def _track_growth(self, x: float, history: int) -> None:
         if x <= 0 or not math.isfinite(x):
             return
         log_norm = math.log(x)
-        if self.last_log_norm is not None:
+        # history 0 after the first step means the trajectory restarted (a rollback): the
+        # norm change across it is no growth.
+        if self.last_log_norm is not None and history > 0:
             self.growth += GROWTH_RATE * (log_norm - self.last_log_norm - self.growth)
             if self.in_warmup:
                 self.growth_samples.append(abs(self.growth))
