@@ -180,3 +180,19 @@ def test_growth_channel_flags_accelerating_weights_but_not_a_rollback() -> None:
     assert max(runaway[60:]) >= 1.0  # accelerating growth: critical
     rolled = run(50)
     assert max(rolled) < 0.5  # the norm jump across a rollback is not growth
+
+
+def test_recommendations_name_the_channel() -> None:
+    from zetaguard.detector import Observation
+    from zetaguard.recommend import recommendations
+
+    obs = Observation(status="CRITICAL", zeta_value=1.6, raw_jar=1.0, smoothed_jar=1.0,
+                      confidence=1.0, channels={}, scores={"growth": 1.13, "loss": 0.2},
+                      group_zeta=np.zeros(1), nonfinite=0, in_warmup=False)
+    tips = recommendations(obs, "layer1")
+    assert "parameter norm grows" in tips[0]
+    assert f"{16 ** 1.13:.1f}x" in tips[0]
+    assert recommendations(
+        Observation(status="STABLE", zeta_value=0.1, raw_jar=1.0, smoothed_jar=1.0,
+                    confidence=1.0, channels={}, scores={"loss": 0.07}, group_zeta=np.zeros(1),
+                    nonfinite=0, in_warmup=False), None) == []

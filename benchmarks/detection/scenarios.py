@@ -172,9 +172,7 @@ def record(
     for t in range(steps):
         loss = step_fn(t)
         value = float(loss.item())
-        # named_parameters(): the adapter dispatch recognises a module by its type's package,
-        # which for a user-defined nn.Module subclass is not torch.
-        r = guard.monitor(module.named_parameters(), loss=value)
+        r = guard.monitor(module, loss=value)
         assert r._group_rows is not None
         loss_log.append(value)
         grad_log.append(r.channels.get("grad_norm", math.nan))
