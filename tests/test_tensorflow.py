@@ -116,7 +116,7 @@ def test_monitor_inside_tf_function_says_to_run_eagerly() -> None:
     v = tf.Variable(tf.ones([4]))
     guard = ZetaGuard()
 
-    @tf.function
+    @tf.function(autograph=False)  # autograph would convert the whole guard first: slow
     def step() -> None:
         v.assign_add(tf.ones([4]))
         guard.monitor([v])

@@ -104,13 +104,24 @@ def named_variables(obj: Any) -> list[tuple[str, Any]]:
 
 
 class _Layout:
-    """What a TensorFlow variable set resolves to (names, resource handles, dtypes), reused
-    while the same variables come back: the per-step work is then one read per variable."""
+    """What a variable set resolves to, reused while the same variables come back.
 
-    def __init__(self, variables: list[Any], names: list[str], backing: list[Any]) -> None:
+    TensorFlow: the names and each variable's resource handle and dtype, so a step is one read
+    per variable. Keras on torch: the names and the ``Parameter`` behind each Keras variable
+    (checked by identity every step), handed to the torch adapter. Keras on JAX: the names (the
+    arrays are new every step).
+    """
+
+    def __init__(
+        self, variables: list[Any], names: list[str], backing: list[Any], framework: str
+    ) -> None:
         self.refs = [weakref.ref(v) for v in variables]  # no strong refs: models can go
         self.names = names
-        self.reads = [(b.handle, b.dtype) for b in backing]
+        self.framework = framework
+        if framework == "tensorflow":
+            self.reads = [(b.handle, b.dtype) for b in backing]
+        elif framework == "torch":
+            self.backing = [weakref.ref(b) for b in backing]
 
     def matches(self, variables: list[Any], names: list[str] | None) -> bool:
         return (
@@ -118,6 +129,29 @@ class _Layout:
             and all(r() is v for r, v in zip(self.refs, variables, strict=True))
             and (names is None or names == self.names)
         )
+
+    def read(self, variables: list[Any], live: list[Any] | None) -> Snapshot | None:
+        """This step's snapshot, or None when the backing tensors changed."""
+        if live is not None or self.framework not in ("tensorflow", "torch"):
+            arrays = live if live is not None else [v.value for v in variables]
+            if len(arrays) != len(self.names):
+                return None
+            return Snapshot(
+                names=self.names, tensors=arrays, keepalive=arrays, framework=self.framework
+            )
+        if self.framework == "tensorflow":
+            import tensorflow as tf
+
+            _eager(tf)
+            read = tf.raw_ops.ReadVariableOp
+            tensors = [read(resource=h, dtype=d) for h, d in self.reads]
+            return Snapshot(
+                names=self.names, tensors=tensors, keepalive=tensors, framework="tensorflow"
+            )
+        backing = [v.value for v in variables]
+        if any(b is not r() for b, r in zip(backing, self.backing, strict=True)):
+            return None
+        return _torch_snapshot(list(zip(self.names, backing, strict=True)))
 
 
 _layouts: dict[tuple[int, ...], _Layout] = {}
@@ -128,16 +162,27 @@ def _cached_layout(variables: list[Any], names: list[str] | None) -> _Layout | N
     return layout if layout is not None and layout.matches(variables, names) else None
 
 
-def _remember(variables: list[Any], names: list[str], backing: list[Any]) -> None:
-    if not all(hasattr(b, "handle") and hasattr(b, "assign") for b in backing):
-        return  # plain tensors: nothing to resolve
+def _remember(variables: list[Any], names: list[str], backing: list[Any], framework: str) -> None:
+    if framework == "tensorflow":
+        if not all(hasattr(b, "handle") and hasattr(b, "assign") for b in backing):
+            return  # plain tensors: nothing to resolve
+    elif not all(_is_keras_variable(v) for v in variables):
+        return  # only a Keras variable's `.value` is known to lead back to its data
     try:
-        layout = _Layout(variables, names, backing)
+        layout = _Layout(variables, names, backing, framework)
     except TypeError:  # an object without weak references
         return
     if len(_layouts) >= 16:
         _layouts.clear()
     _layouts[tuple(map(id, variables))] = layout
+
+
+def _torch_snapshot(named: list[tuple[str, Any]]) -> Snapshot:
+    from zetaguard.adapters.torch import snapshot as torch_snapshot
+
+    snap = torch_snapshot(named)
+    snap.framework = "keras-torch"
+    return snap
 
 
 def _eager(tf: Any) -> None:
@@ -188,17 +233,10 @@ def _read_tf(v: Any, read: Any) -> Any:
 def snapshot(obj: Any) -> Snapshot:
     given, variables = _items(obj)
     live = _jax_fit_state(obj)
-    if live is None:
-        layout = _cached_layout(variables, given)
-        if layout is not None:  # the steady state of a TensorFlow training loop
-            import tensorflow as tf
-
-            _eager(tf)
-            read = tf.raw_ops.ReadVariableOp
-            tensors = [read(resource=h, dtype=d) for h, d in layout.reads]
-            return Snapshot(
-                names=layout.names, tensors=tensors, keepalive=tensors, framework="tensorflow"
-            )
+    layout = _cached_layout(variables, given)
+    cached = layout.read(variables, live) if layout is not None else None
+    if cached is not None:  # the steady state of a training loop
+        return cached
     named = named_variables(obj if given is not None else variables)
     if live is not None and len(live) == len(named):
         named = [(n, a) for (n, _), a in zip(named, live, strict=True)]
@@ -206,11 +244,11 @@ def snapshot(obj: Any) -> Snapshot:
     for n, b in backing:
         _check_dtype(n, b)
     root = type(backing[0][1]).__module__.partition(".")[0]
+    root = "jax" if root == "jaxlib" else root
     if root == "torch":
-        from zetaguard.adapters.torch import snapshot as torch_snapshot
-
-        snap = torch_snapshot(backing)
-        snap.framework = "keras-torch"
+        snap = _torch_snapshot(backing)
+        if live is None:
+            _remember(variables, snap.names, [b for _, b in backing], "torch")
         return snap
     if root == "tensorflow":
         import tensorflow as tf
@@ -225,9 +263,9 @@ def snapshot(obj: Any) -> Snapshot:
                     "variables on the CPU, or monitor a CPU copy"
                 )
         names = [n for n, _ in backing]
-        _remember(variables, names, [b for _, b in backing])
+        _remember(variables, names, [b for _, b in backing], "tensorflow")
         return Snapshot(names=names, tensors=tensors, keepalive=tensors, framework="tensorflow")
     tensors = [b for _, b in backing]  # JAX arrays and anything else with DLPack/buffers
-    return Snapshot(
-        names=[n for n, _ in backing], tensors=tensors, keepalive=tensors, framework=root
-    )
+    names = [n for n, _ in backing]
+    _remember(variables, names, tensors, root)
+    return Snapshot(names=names, tensors=tensors, keepalive=tensors, framework=root)

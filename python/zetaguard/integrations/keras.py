@@ -82,7 +82,7 @@ class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
         self._batches += 1
         if self._batches % self.every_n_batches:
             return
-        reports = len(self.guard._reports)
+        reports = len(self.guard.recovery_reports)
         loss = logs.get("loss") if logs else None
         result = self.guard.monitor(self.model, loss=loss, batch_index=batch)
         self.last_result = result
