@@ -617,7 +617,12 @@ def main() -> None:
             os._exit(0)
 
     atheris.instrument_all()  # coverage feedback from the Python layer (adapters, state, guard)
-    atheris.Setup([sys.argv[0], "-max_len=512", f"-runs={args.runs + 10}"], one_input)
+    # -len_control=0: long inputs from the start (short ones decode mostly to zeros);
+    # artifacts (crashing or slow inputs) go to the temporary directory, not the working tree.
+    artifacts = os.path.join(tempfile.gettempdir(), "zetaguard-fuzz") + os.sep
+    os.makedirs(artifacts, exist_ok=True)
+    atheris.Setup([sys.argv[0], "-max_len=512", "-len_control=0",
+                   f"-artifact_prefix={artifacts}", f"-runs={args.runs + 10}"], one_input)
     atheris.Fuzz()
 
 
