@@ -19,7 +19,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 TRAINER = textwrap.dedent(
     """
-    import sys, time, torch
+    import pathlib, sys, time, torch
     from zetaguard import ZetaGuard
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
@@ -27,7 +27,12 @@ TRAINER = textwrap.dedent(
     guard = ZetaGuard(run_dir=sys.argv[1], run_name="live", warmup_steps=20, auto_recover=False)
     x = torch.randn(256, 8)
     y = x.sum(dim=1, keepdim=True)
+    go = pathlib.Path(sys.argv[2])
     for step in range(400):
+        if step == 40:  # wait until the page shows the run, so it sees the rest arrive live
+            deadline = time.monotonic() + 180
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         if step == 160:  # a learning-rate blow-up, as from a bad schedule
             for g in opt.param_groups:
                 g["lr"] = 5.0
@@ -49,7 +54,10 @@ def test_dashboard_in_a_real_browser(tmp_path: Path) -> None:
 
     runs = tmp_path / "runs"
     runs.mkdir()
-    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(runs)], env=os.environ.copy())
+    go = tmp_path / "go"
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", TRAINER, str(runs), str(go)], env=os.environ.copy()
+    )
     try:
         wait_for(lambda: (runs / "live" / "run.sqlite").is_file(), 60, "the run store")
         with dashboard(runs) as url, sync_playwright() as pw:
@@ -63,6 +71,7 @@ def test_dashboard_in_a_real_browser(tmp_path: Path) -> None:
             points = "() => Number(document.getElementById('chart-zeta').dataset.points || 0)"
             page.wait_for_function(f"({points})() > 0", timeout=60_000)
             first = page.evaluate(points)
+            go.touch()  # the trainer resumes: the chart must now grow live
             page.wait_for_function(f"({points})() > {first} + 20", timeout=60_000)
             assert page.locator("#live").inner_text() == "live"
             page.wait_for_selector(

@@ -60,7 +60,11 @@ function renderAlerts() {
     tr.append(el("td", a.start === a.end ? `${a.start}` : `${a.start}–${a.end}`), el("td", a.status), el("td", a.peak === Infinity ? "non-finite" : formatNumber(a.peak)));
     body.append(tr);
   }
-  if (!state.alerts.length) body.append(el("tr")).append(el("td", "none yet", "empty"));
+  if (!state.alerts.length) {
+    const row = el("tr");
+    row.append(el("td", "none yet", "empty"));
+    body.append(row);
+  }
 }
 
 function trackAlerts(steps) {
@@ -138,6 +142,7 @@ function apply(update) {
 async function openRun(name) {
   if (state.source) state.source.close();
   state.run = name;
+  $("live").textContent = "connecting…";
   state.alerts = [];
   state.lastStatus = "STABLE";
   for (const c of Object.values(charts)) c.clear();
