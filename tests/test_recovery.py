@@ -323,6 +323,27 @@ def test_lr_factor_cuts_deeper_when_the_update_overshot() -> None:
     assert lr_factor(0.1, r) == pytest.approx(0.1)
     r.channels["score_update"] = 50.0
     assert lr_factor(0.1, r) == MIN_LR_FACTOR
+    # The LR rose 100x since the stable snapshot: back to the stable level.
+    assert lr_factor(0.1, None, [2.0], [0.02]) == pytest.approx(0.01)
+    assert lr_factor(0.1, None, [0.02], [0.02]) == pytest.approx(0.1)
+
+
+def test_a_vetoed_step_is_not_acted_on_unless_the_weights_are_damaged() -> None:
+    guard = ZetaGuard()
+    manager = guard.recovery
+    manager.bind_params([np.zeros(3)])
+    manager.after_step(_result(0, "STABLE", 0.1))
+    batch_only = _result(1, "CRITICAL", math.inf)  # a NaN loss: the batch's channel only
+    batch_only.channels["score_nonfinite"] = math.inf
+    batch_only.nonfinite = 0  # the parameters themselves are finite
+    manager.record_skip("non-finite loss")
+    assert manager.after_step(batch_only) is None
+    damaged = _result(2, "CRITICAL", 3.0)  # the update before landed and blew the weights up
+    damaged.channels["score_param"] = 2.0
+    manager.record_skip("gradient spike")
+    report = manager.after_step(damaged)
+    assert report is not None
+    assert report.restored_step == 0
 
 
 # ---- end to end through the guard -----------------------------------------------------------
@@ -458,14 +479,17 @@ def test_rollback_resets_the_trajectory_but_keeps_calibration() -> None:
     for _ in range(30):
         w += 0.01 * rng.normal(size=100)
         guard.monitor([w])
+    # Trajectory averages restart; everything calibration learned stays.
     baselines = guard._detector.state_dict()
     baselines.pop("smoothed_jar")
+    baselines.pop("growth")
     report = guard.emergency_protocol()
     assert report.restored_step is not None
     assert guard._tracker is not None
     assert guard._tracker.history == 0
     kept = guard._detector.state_dict()
     assert kept.pop("smoothed_jar") is None
+    assert kept.pop("growth") == kept["growth_base"]
     assert kept == baselines
     w += 0.01 * rng.normal(size=100)
     after = guard.monitor([w])

@@ -108,7 +108,7 @@ class ZetaGuard:
         run_dir: str | os.PathLike[str] | None = None,
         run_name: str | None = None,
         seed: int = 0x5EED,
-        snapshot_interval: int = 25,
+        snapshot_interval: int = 10,
         snapshot_memory_budget: int = 1 << 30,
         device: DevicePath = "auto",
     ) -> None:
@@ -564,7 +564,10 @@ class ZetaGuard:
         states from before and after it) but keep the calibration."""
         if self._tracker is not None:
             self._tracker.reset()
-        self._detector.smoothed_jar = None
+        det = self._detector
+        det.smoothed_jar = None
+        if det.growth_base is not None:  # the growth average holds the blow-up just undone
+            det.growth = det.growth_base
 
     # ---- reading back ------------------------------------------------------------------
 

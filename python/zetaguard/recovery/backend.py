@@ -66,7 +66,8 @@ class StateSnapshot:
 
     ``params`` and ``optimizer_state`` are framework-specific (the backend that captured the
     snapshot is the one that restores it); ``nbytes`` is the host memory they hold, which the
-    snapshot keeper checks against its budget.
+    snapshot keeper checks against its budget; ``lrs`` is filled in by the keeper (a backend
+    need not set it).
     """
 
     step: int
@@ -76,6 +77,7 @@ class StateSnapshot:
     data_position: Any = None
     nbytes: int = 0
     has_optimizer_state: bool = False
+    lrs: list[float] = field(default_factory=list)  # the learning rates at capture time
 
 
 @runtime_checkable

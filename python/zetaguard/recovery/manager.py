@@ -39,6 +39,9 @@ log = logging.getLogger("zetaguard")
 # Channels that can be critical while the weights themselves are fine (a gradient spike, an
 # oscillation): an LR cut alone can calm them. Any other critical channel means damage.
 NON_DAMAGE_SCORES = frozenset({"score_grad", "score_jar"})
+# Channels that describe the step's batch (its loss, its gradients), not the weights: when that
+# step was vetoed, they never reached the weights.
+BATCH_SCORES = NON_DAMAGE_SCORES | {"score_loss", "score_loss_start", "score_nonfinite"}
 # The deepest single LR cut (see lr_factor).
 MIN_LR_FACTOR = 1e-3
 # Consecutive vetoed steps after which the veto is not enough and the ladder takes over.
@@ -62,7 +65,7 @@ class RecoveryManager:
         self,
         guard: ZetaGuard,
         *,
-        snapshot_interval: int = 25,
+        snapshot_interval: int = 10,
         snapshot_memory_budget: int = 1 << 30,
         keep_snapshots: int = 2,
         keep_checkpoints: int = 3,
@@ -153,7 +156,7 @@ class RecoveryManager:
         if result.status != "CRITICAL":
             return None
         self.calm = 0
-        if vetoed and result.nonfinite == 0:
+        if vetoed and not _critical_beyond(result, BATCH_SCORES):
             # The loss or gradients that make this step CRITICAL never reached the weights.
             self._incident(result, batch_index, "skipped before the update")
             return None
@@ -211,7 +214,8 @@ class RecoveryManager:
             self._rollback(rung.depth, report)
         if LR_CUT in rung.actions:
             if backend is not None and lrs:
-                factor = lr_factor(rung.lr_factor, result)
+                stable = self.keeper.pick(0)  # after a rollback: the state restored
+                factor = lr_factor(rung.lr_factor, result, lrs, stable.lrs if stable else [])
                 backend.scale_lr(factor)
                 report.actions.append(f"lr x{factor:.3g}")
             else:
@@ -415,26 +419,44 @@ class RecoveryManager:
             )
 
 
-def lr_factor(rung_factor: float, result: StabilityResult | None) -> float:
-    """The rung's LR factor, or a deeper cut when the update norm overshot its healthy level by
-    more than 1/factor: an LR jumped 300x makes updates ~300x larger, and a x0.1 cut would leave
-    it at 30x. Never below ``MIN_LR_FACTOR``."""
-    if result is None:
-        return rung_factor
-    score = result.channels.get("score_update")
-    if score is None or not math.isfinite(score) or score <= 0.0:
-        return rung_factor
-    overshoot = float(CRITICAL_RATIO["update"] ** score)
-    return max(MIN_LR_FACTOR, min(rung_factor, 1.0 / overshoot))
+def lr_factor(
+    rung_factor: float,
+    result: StabilityResult | None,
+    lrs: list[float] | None = None,
+    stable_lrs: list[float] | None = None,
+) -> float:
+    """The LR cut: the rung's factor, or deeper when either
+
+    * the LR rose since the last stable snapshot (a jump, a ramp, a warm-up past what the model
+      takes): back to the LR that state was stable at (a 100x jump gets a 100x cut, where x0.1
+      would leave it at 10x), or
+    * the update norm overshot its healthy level by more than 1/factor: by 1/overshoot.
+
+    Never below ``MIN_LR_FACTOR`` in one cut."""
+    factor = rung_factor
+    if lrs and stable_lrs and lrs[0] > 0 and stable_lrs[0] > 0:
+        factor = min(factor, stable_lrs[0] / lrs[0])
+    score = result.channels.get("score_update") if result is not None else None
+    if score is not None and math.isfinite(score) and score > 0.0:
+        factor = min(factor, 1.0 / float(CRITICAL_RATIO["update"] ** score))
+    return max(MIN_LR_FACTOR, factor)
 
 
 def _damaged(result: StabilityResult | None) -> bool:
     """Whether the weights themselves took damage (so an LR cut alone cannot undo it): non-finite
     values, or a critical channel other than the gradient norm and the JAR (an unknown cause
     counts as damage)."""
-    if result is None or result.nonfinite > 0 or not math.isfinite(result.zeta_value):
+    if result is None or not math.isfinite(result.zeta_value):
+        return True
+    return _critical_beyond(result, NON_DAMAGE_SCORES)
+
+
+def _critical_beyond(result: StabilityResult, allowed: frozenset[str]) -> bool:
+    """Whether the parameters are non-finite or a channel outside ``allowed`` is critical (an
+    unexplained CRITICAL counts too)."""
+    if result.nonfinite > 0:
         return True
     critical = {
         k for k, v in result.channels.items() if k.startswith("score_") and not v < 1.0
     }
-    return not critical or bool(critical - NON_DAMAGE_SCORES)
+    return not critical or bool(critical - allowed)

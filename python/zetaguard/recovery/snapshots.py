@@ -25,7 +25,7 @@ log = logging.getLogger("zetaguard")
 
 
 class SnapshotKeeper:
-    def __init__(self, interval: int = 25, keep: int = 2, memory_budget: int = 1 << 30) -> None:
+    def __init__(self, interval: int = 10, keep: int = 2, memory_budget: int = 1 << 30) -> None:
         if interval < 1:
             raise ValueError(f"snapshot_interval must be >= 1, got {interval}")
         if keep < 1:
@@ -61,6 +61,7 @@ class SnapshotKeeper:
         if self.disabled:
             return None
         snap = backend.capture(step, data_position)
+        snap.lrs = backend.get_lrs()  # the LR the state was stable at (see lr_factor)
         self.captures += 1
         if snap.nbytes > self.memory_budget:
             self.disabled = True
