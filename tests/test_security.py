@@ -108,15 +108,14 @@ def _run_dir(tmp_path: Path) -> Path:
     return runs
 
 
-@pytest.fixture
-def dashboard(tmp_path: Path) -> Iterator[str]:
+def _start_dashboard(tmp_path: Path, *extra: str) -> Iterator[str]:
     pytest.importorskip("starlette")
     pytest.importorskip("uvicorn")
     runs = _run_dir(tmp_path)
     code = ("import sys; from zetaguard.cli.dashboard import main; "
             "sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "--runs", str(runs), "--port", "0", "--token", "s3cret"],
+        [sys.executable, "-c", code, "--runs", str(runs), "--port", "0", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
@@ -128,6 +127,28 @@ def dashboard(tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def dashboard(tmp_path: Path) -> Iterator[str]:
+    yield from _start_dashboard(tmp_path, "--token", "s3cret")
+
+
+@pytest.fixture
+def open_dashboard(tmp_path: Path) -> Iterator[str]:
+    yield from _start_dashboard(tmp_path)
+
+
+@pytest.mark.slow
+def test_tokenless_dashboard_answers_only_to_loopback_names(open_dashboard: str) -> None:
+    """DNS rebinding: a foreign page whose domain resolves to 127.0.0.1 sends its own name."""
+    port = open_dashboard.rsplit(":", 1)[1]
+    assert _get(open_dashboard + "/api/runs")[0] == 200
+    assert _get(open_dashboard + "/api/runs", {"Host": f"localhost:{port}"})[0] == 200
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", ""):
+        status, body, _ = _get(open_dashboard + "/api/runs", {"Host": host})
+        assert status in (400, 403), (host, status)
+        assert b"demo" not in body
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:

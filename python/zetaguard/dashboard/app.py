@@ -255,7 +255,11 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    middleware = [Middleware(_TokenGate, token=token)] if token is not None else []
+    # Without a token the dashboard is reachable from this machine only, and only under a
+    # loopback name: a page elsewhere cannot rebind its own domain to 127.0.0.1 and read runs.
+    middleware = (
+        [Middleware(_TokenGate, token=token)] if token is not None else [Middleware(_LoopbackHostGate)]
+    )
     return Starlette(
         routes=[
             Route("/", index),
@@ -285,6 +289,38 @@ class _TokenGate:
             )
             if not hmac.compare_digest(given.encode(), self.expected):
                 await _forbidden()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header, without its port (IPv6 literals keep their brackets)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class _LoopbackHostGate:
+    """ASGI middleware: refuses HTTP requests whose Host header is not a loopback name."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = host_name(Request(scope).headers.get("host", ""))
+            if host not in LOOPBACK_HOSTS:
+                response = Response(
+                    f"403: this token-less dashboard answers only to loopback names, not "
+                    f"{host!r}; open http://127.0.0.1:<port>/ or start it with --token\n",
+                    status_code=403,
+                    media_type="text/plain; charset=utf-8",
+                )
+                await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
