@@ -20,25 +20,25 @@ def recommendations(obs: Observation, worst_group: str | None) -> list[str]:
     for name, score in top[:2]:
         if score <= 0.0:
             continue
-        factor = CRITICAL_RATIO.get(name, 1.0) ** score
+        factor = _times(CRITICAL_RATIO.get(name, 1.0) ** min(score, 50.0))
         if name in ("update", "accel"):
             tips.append(
-                f"Updates are {factor:.1f}x their calibrated size{where}: lower the learning "
+                f"Updates are {factor} their calibrated size{where}: lower the learning "
                 "rate (x0.1 on CRITICAL, x0.5 on DRIFT) or check the LR schedule."
             )
         elif name == "grad":
             tips.append(
-                f"Gradient norm is {factor:.1f}x its calibrated level: clip gradients "
+                f"Gradient norm is {factor} its calibrated level: clip gradients "
                 "(guard.recommended_clip_value()) or skip the offending batch."
             )
         elif name in ("loss", "loss_start"):
             tips.append(
-                f"Loss is {factor:.1f}x its reference level: inspect the current batch and "
+                f"Loss is {factor} its reference level: inspect the current batch and "
                 "lower the learning rate."
             )
         elif name == "param":
             tips.append(
-                f"Parameter norm grew {factor:.1f}x since the first step{where}: the run is "
+                f"Parameter norm grew {factor} since the first step{where}: the run is "
                 "diverging; lower the learning rate and add weight decay or clipping."
             )
         elif name == "growth":
@@ -50,3 +50,8 @@ def recommendations(obs: Observation, worst_group: str | None) -> list[str]:
     if obs.status == "CRITICAL" and not tips:
         tips.append("Training is unstable: roll back to the last stable state and lower the LR.")
     return tips
+
+
+def _times(factor: float) -> str:
+    """'3.2x' for readable factors, '1e+12x' once a channel has exploded."""
+    return f"{factor:.1f}x" if factor < 1e4 else f"{factor:.0e}x"
