@@ -8,4 +8,3 @@ sys.path.insert(0, os.path.dirname(__file__))
 # Keep frameworks on the CPU and quiet, and never reach for a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
