@@ -346,7 +346,7 @@ class Detector:
             self.group_first_norm = np.where(norms > 0, norms, np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):
             param = np.log(norms / self.group_first_norm) / math.log(CRITICAL_RATIO["param"])
-            score = np.nan_to_num(np.maximum(param, 0.0), nan=0.0)
+            score = np.fmax(param, 0.0)  # NaN (a zero first norm) scores 0; inf stays inf
             if history >= 1:
                 log_update = np.log(np.sqrt(rows[:, 1]))
                 if self.in_warmup:
@@ -356,7 +356,8 @@ class Detector:
                     self.group_samples = []
                 if self.group_log_update is not None:
                     upd = (log_update - self.group_log_update) / math.log(CRITICAL_RATIO["update"])
-                    score = np.maximum(score, gate * np.nan_to_num(upd, nan=0.0, neginf=0.0))
+                    if gate > 0.0:
+                        score = np.fmax(score, gate * np.fmax(upd, 0.0))
         return np.asarray(SQRT2 * score, dtype=np.float64)
 
     def _result(
