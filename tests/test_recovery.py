@@ -317,12 +317,14 @@ def test_calm_period_restarts_the_ladder() -> None:
 
 def test_lr_factor_cuts_deeper_when_the_update_overshot() -> None:
     r = _result(0, "CRITICAL", 3.0)
-    r.channels["score_update"] = 2.0  # update norm at 100x its baseline
+    r.channels["update_overshoot"] = 100.0  # update norm at 100x its healthy level
     assert lr_factor(0.1, r) == pytest.approx(0.01)
-    r.channels["score_update"] = 0.5
+    r.channels["update_overshoot"] = 3.0  # less than the rung's own cut
     assert lr_factor(0.1, r) == pytest.approx(0.1)
-    r.channels["score_update"] = 50.0
+    r.channels["update_overshoot"] = 1e30
     assert lr_factor(0.1, r) == MIN_LR_FACTOR
+    r.channels["update_overshoot"] = math.inf  # a non-finite overshoot says nothing usable
+    assert lr_factor(0.1, r) == pytest.approx(0.1)
     # The LR rose 100x since the stable snapshot: back to the stable level.
     assert lr_factor(0.1, None, [2.0], [0.02]) == pytest.approx(0.01)
     assert lr_factor(0.1, None, [0.02], [0.02]) == pytest.approx(0.1)

@@ -317,7 +317,7 @@ class ZetaGuard:
             g = grad_rows if grad_rows is not None else (
                 host.norms_raw(snap.grads) if snap.grads_raw else host.norms(snap.grads)
             )
-            grad_norm = math.sqrt(float(g[:, 0].sum())) if g[:, 1].sum() == 0 else math.inf
+            grad_norm = math.sqrt(float(g[:, 0].sum())) if g[:, 4].sum() == 0 else math.inf
         loss_value = _as_float(loss, "loss")
         grad_value = _as_float(grad_norm, "grad_norm")
         if self._dist is None:
@@ -346,17 +346,16 @@ class ZetaGuard:
             _thresholds=(self.drift_threshold, self.snap_threshold),
             _history=history,
         )
-        result.recommendations = recommendations(obs, result.worst_group)
+        if obs.status != "STABLE":  # advice, and the worst group it names, only when needed
+            result.recommendations = recommendations(obs, result.worst_group)
         result.channels.update({f"score_{k}": v for k, v in obs.scores.items()})
         if self._dist is not None:
             result.channels.update(self._dist.channels)
         self._book(result, grad_value, loss_value)
-        if result.status != "STABLE":
-            log.log(
-                logging.WARNING if result.status == "CRITICAL" else logging.INFO,
-                "step %d: %s zeta=%.3f worst=%s%s",
+        if result.status == "DRIFT":  # CRITICAL steps are logged once, by the recovery manager
+            log.info(
+                "step %d: DRIFT zeta=%.3f worst=%s%s",
                 current,
-                result.status,
                 result.zeta_value,
                 result.worst_group,
                 "" if batch_index is None else f" batch={batch_index}",
@@ -852,6 +851,9 @@ def _nbytes(snap: Snapshot) -> int:
 def _as_float(value: Any, what: str) -> float | None:
     if value is None:
         return None
+    detach = getattr(value, "detach", None)  # a loss tensor that still requires grad
+    if callable(detach):
+        value = detach()
     try:
         return float(value)
     except (TypeError, ValueError) as e:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zetaguard.checkpoint import checkpoint_stem
-from zetaguard.detector import CRITICAL_RATIO
 from zetaguard.recovery import clip
 from zetaguard.recovery.backend import RecoveryBackend, make_backend
 from zetaguard.recovery.ladder import (
@@ -278,7 +278,10 @@ class RecoveryManager:
         }
         try:
             paths = backend.save_checkpoint(directory, stem, guard_state)
-            self.guard.save_state(directory / f"{stem}.zetaguard.npz")
+            # Under torch.distributed every rank's engine state differs: one file per rank.
+            dist = self.guard._dist
+            rank = "" if dist is None else f".rank{dist.rank}"
+            self.guard.save_state(directory / f"{stem}.zetaguard{rank}.npz")
         except OSError as e:  # a full disk must not kill the run the guard is saving
             log.error("zetaguard: emergency checkpoint failed: %s", e)
             report.actions.append(f"checkpoint failed: {e}")
@@ -293,7 +296,10 @@ class RecoveryManager:
             if old == keep_stem:
                 continue
             for p in directory.glob(f"{old}.*"):
-                p.unlink(missing_ok=True)
+                if p.is_dir():  # sharded (torch.distributed.checkpoint) checkpoints
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
     def _stop(self, result: StabilityResult | None, batch_index: int | None) -> RecoveryReport:
         report = self._report(result, stopped=True)
@@ -386,7 +392,7 @@ class RecoveryManager:
             store.record_recovery(report)
 
     def _incident(self, result: StabilityResult, batch_index: int | None, action: str) -> None:
-        log.info(
+        log.warning(  # the one log line of a CRITICAL step that no recovery answered
             "zetaguard: step %d CRITICAL zeta=%.3f worst=%s%s -> %s",
             result.step,
             result.zeta_value,
@@ -436,9 +442,10 @@ def lr_factor(
     factor = rung_factor
     if lrs and stable_lrs and lrs[0] > 0 and stable_lrs[0] > 0:
         factor = min(factor, stable_lrs[0] / lrs[0])
-    score = result.channels.get("score_update") if result is not None else None
-    if score is not None and math.isfinite(score) and score > 0.0:
-        factor = min(factor, 1.0 / float(CRITICAL_RATIO["update"] ** score))
+    # How far the update norm stands above its healthy level, as the detector measured it.
+    overshoot = result.channels.get("update_overshoot") if result is not None else None
+    if overshoot is not None and math.isfinite(overshoot) and overshoot > 1.0:
+        factor = min(factor, 1.0 / overshoot)
     return max(MIN_LR_FACTOR, factor)
 
 
