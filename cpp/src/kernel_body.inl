@@ -103,16 +103,17 @@ void norm_body(const T* x, std::size_t n, LaneSums& acc) noexcept {
     flush<Ops>(lx2, zero, zero, zero, nf, acc);
 }
 
-// buckets[p + shift] += sign * tau[p] * x[p] for p in [p0, p1); x^2 and non-finite counts go to
-// lanes relative to p0.
+// buckets[p + shift] += sign * tau[p] * x[p] for p in [p0, p1). The x^2 and non-finite
+// accumulators run across every segment of a call and are flushed once by sketch_body: with
+// many small tensors a chunk is only ~100 elements, and a flush per segment would cost more
+// than the segment itself.
 template <class Ops, class T>
 void sketch_segment(const T* x, const float* tau, double sign, double* buckets,
-                    std::ptrdiff_t shift, std::size_t p0, std::size_t p1, LaneSums& acc) noexcept {
+                    std::ptrdiff_t shift, std::size_t p0, std::size_t p1, typename Ops::V& x2,
+                    std::uint64_t& nf, double& tail_x2) noexcept {
     using V = typename Ops::V;
     constexpr int L = Ops::L;
     const V s = Ops::set1(sign);
-    V x2 = Ops::zero();
-    std::uint64_t nf = 0;
     std::size_t p = p0;
     for (; p + L <= p1; p += L) {
         const V xv = Ops::load(x + p);
@@ -123,22 +124,22 @@ void sketch_segment(const T* x, const float* tau, double sign, double* buckets,
         x2 = Ops::add(x2, Ops::mul(xv, xv));
         nf += Ops::count_nonfinite(xv);
     }
-    double lx2[L], zero[L] = {};
-    store_lanes<Ops>(x2, lx2);
     for (; p < p1; ++p) {
-        const int l = static_cast<int>((p - p0) % L);
         const double xv = to_double(x[p]);
         double& dst = buckets[static_cast<std::ptrdiff_t>(p) + shift];
         dst = dst + (static_cast<double>(tau[p]) * xv) * sign;
-        lx2[l] = lx2[l] + xv * xv;
+        tail_x2 = tail_x2 + xv * xv;
         nf += scalar_nonfinite(xv);
     }
-    flush<Ops>(lx2, zero, zero, zero, nf, acc);
 }
 
 template <class Ops, class T>
 void sketch_body(const T* x, std::size_t begin, std::size_t end, std::size_t k, const float* tau,
                  std::uint64_t seed, double* buckets, LaneSums& acc) noexcept {
+    constexpr int L = Ops::L;
+    typename Ops::V x2 = Ops::zero();
+    std::uint64_t nf = 0;
+    double tail_x2 = 0.0;
     for (std::size_t start = begin; start < end; start += k) {
         const std::size_t len = (end - start < k) ? end - start : k;
         const ChunkMap m = chunk_map(seed, start / k, k);
@@ -146,12 +147,16 @@ void sketch_body(const T* x, std::size_t begin, std::size_t end, std::size_t k, 
         const T* xs = x + start;
         const std::size_t first_end = len < wrap ? len : wrap;
         sketch_segment<Ops>(xs, tau, m.sign, buckets, static_cast<std::ptrdiff_t>(m.offset), 0,
-                            first_end, acc);
+                            first_end, x2, nf, tail_x2);
         if (len > wrap) {
             sketch_segment<Ops>(xs, tau, m.sign, buckets, -static_cast<std::ptrdiff_t>(wrap), wrap,
-                                len, acc);
+                                len, x2, nf, tail_x2);
         }
     }
+    double lx2[L], zero[L] = {};
+    store_lanes<Ops>(x2, lx2);
+    lx2[0] = lx2[0] + tail_x2;
+    flush<Ops>(lx2, zero, zero, zero, nf, acc);
 }
 
 template <class Ops>
