@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     verbose = not args.quiet
-    logging.basicConfig(level=logging.WARNING, format="  [%(name)s] %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="  %(message)s")
 
     print(f"zetaguard demo: MLP on sklearn digits, Adam lr 1e-3, x{args.spike:g} LR at step {args.spike_step}\n")
     print("1) without a guard")
