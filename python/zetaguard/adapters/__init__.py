@@ -8,7 +8,7 @@ torch or TensorFlow and a framework is only touched when the user already handed
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,13 +49,19 @@ def register_adapter(root_module: str, adapter_module: str) -> None:
     _ADAPTER_MODULES[root_module] = adapter_module
 
 
-def _root(obj: Any) -> str:
-    # User subclasses (`class Net(keras.Model)` in `__main__`) route by their framework base.
+def framework_root(obj: Any, known: Collection[str]) -> str:
+    """The root module of the framework ``obj`` belongs to: the first class in its MRO whose
+    root module is in ``known`` (so a user subclass such as ``class Net(keras.Model)`` defined
+    in ``__main__`` routes by its framework base), else the root module of its own type."""
     for klass in type(obj).__mro__:
         root = klass.__module__.partition(".")[0]
-        if root in _ADAPTER_MODULES:
+        if root in known:
             return root
     return type(obj).__module__.partition(".")[0]
+
+
+def _root(obj: Any) -> str:
+    return framework_root(obj, _ADAPTER_MODULES)
 
 
 def _first_item(obj: Any) -> Any:

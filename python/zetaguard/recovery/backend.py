@@ -57,6 +57,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from zetaguard.adapters import framework_root
+
 log = logging.getLogger("zetaguard")
 
 
@@ -216,12 +218,7 @@ def register_backend(root_module: str, backend_module: str) -> None:
 
 
 def _root(obj: Any) -> str:
-    # User subclasses (`class Net(keras.Model)` in `__main__`) route by their framework base.
-    for klass in type(obj).__mro__:
-        root = klass.__module__.partition(".")[0]
-        if root in _BACKEND_MODULES:
-            return root
-    return type(obj).__module__.partition(".")[0]
+    return framework_root(obj, _BACKEND_MODULES)
 
 
 def _probe(obj: Any) -> Any:
