@@ -7,6 +7,15 @@ from typing import Any
 from zetaguard.guard import ZetaGuard
 
 
+def resolve_guard(guard: ZetaGuard | None, guard_kwargs: dict[str, Any]) -> ZetaGuard:
+    """The guard a callback uses: the one given, or one built from ``guard_kwargs``."""
+    if guard is not None and guard_kwargs:
+        raise TypeError(
+            f"pass either a guard or ZetaGuard arguments, not both (got {sorted(guard_kwargs)})"
+        )
+    return guard if guard is not None else ZetaGuard(**guard_kwargs)
+
+
 def logged_metrics(
     guard: ZetaGuard, *, prefix: str = "zetaguard/", layers: bool = False
 ) -> dict[str, float]:

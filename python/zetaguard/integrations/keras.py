@@ -27,6 +27,7 @@ from typing import Any
 import keras
 
 from zetaguard.guard import ZetaGuard
+from zetaguard.integrations._common import resolve_guard
 from zetaguard.results import STATUSES, RecoveryReport, StabilityResult
 
 STATUS_LEVEL = {s: i for i, s in enumerate(STATUSES)}
@@ -53,13 +54,9 @@ class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
         **guard_kwargs: Any,
     ) -> None:
         super().__init__()
-        if guard is not None and guard_kwargs:
-            raise TypeError(
-                f"pass either a guard or guard settings, not both (got {sorted(guard_kwargs)})"
-            )
         if every_n_batches < 1:
             raise ValueError(f"every_n_batches must be >= 1, got {every_n_batches}")
-        self.guard = guard if guard is not None else ZetaGuard(**guard_kwargs)
+        self.guard = resolve_guard(guard, guard_kwargs)
         self.every_n_batches = int(every_n_batches)
         self.stop_on_critical = stop_on_critical
         self.zeta_key = log_prefix

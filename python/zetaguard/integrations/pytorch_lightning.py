@@ -25,7 +25,7 @@ except ImportError:  # the standalone package
 
 from zetaguard.adapters.torch import drop_grads, grad_norm
 from zetaguard.guard import ZetaGuard
-from zetaguard.integrations._common import logged_metrics, loss_value
+from zetaguard.integrations._common import logged_metrics, loss_value, resolve_guard
 from zetaguard.results import StabilityResult
 
 
@@ -51,11 +51,7 @@ class ZetaCallback(pl.Callback):
         prog_bar: bool = False,
         **guard_kwargs: Any,
     ) -> None:
-        if guard is not None and guard_kwargs:
-            raise TypeError(
-                f"pass either a guard or ZetaGuard arguments, not both (got {sorted(guard_kwargs)})"
-            )
-        self.guard = guard if guard is not None else ZetaGuard(**guard_kwargs)
+        self.guard = resolve_guard(guard, guard_kwargs)
         self.skip_bad_steps = skip_bad_steps
         self.log_metrics = log_metrics
         self.log_layers = log_layers

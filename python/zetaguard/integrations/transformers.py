@@ -25,7 +25,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from zetaguard.adapters.torch import drop_grads, grad_norm
 from zetaguard.guard import ZetaGuard
-from zetaguard.integrations._common import logged_metrics
+from zetaguard.integrations._common import logged_metrics, resolve_guard
 from zetaguard.results import StabilityResult
 
 
@@ -47,11 +47,7 @@ class ZetaGuardCallback(TrainerCallback):
         log_layers: bool = False,
         **guard_kwargs: Any,
     ) -> None:
-        if guard is not None and guard_kwargs:
-            raise TypeError(
-                f"pass either a guard or ZetaGuard arguments, not both (got {sorted(guard_kwargs)})"
-            )
-        self.guard = guard if guard is not None else ZetaGuard(**guard_kwargs)
+        self.guard = resolve_guard(guard, guard_kwargs)
         self.skip_bad_steps = skip_bad_steps
         self.log_layers = log_layers
         self.last_result: StabilityResult | None = None
