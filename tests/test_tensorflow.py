@@ -204,7 +204,7 @@ def test_subclassed_keras_model_groups_by_layer(tf_keras: Any) -> None:
 def test_zeta_keras_arguments_are_checked(tf_keras: Any) -> None:
     from zetaguard import ZetaKeras
 
-    with pytest.raises(TypeError, match="either a guard or guard settings"):
+    with pytest.raises(TypeError, match="either a guard or ZetaGuard arguments"):
         ZetaKeras(ZetaGuard(), warmup_steps=3)
     with pytest.raises(ValueError, match="every_n_batches"):
         ZetaKeras(every_n_batches=0)
