@@ -435,17 +435,9 @@ class DistributedContext:
 
 def _clone_tree(obj: Any) -> Any:
     """Deep copy of a (possibly sharded) state dict: each rank clones its own shards."""
-    import torch
+    from zetaguard.recovery.torch_backend import map_tensors
 
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_tree(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone_tree(v) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t.detach().clone())
 
 
 def _local_nbytes(obj: Any) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,31 +12,29 @@ import torch
 from zetaguard.recovery.backend import StateSnapshot, capture_host_rng, restore_host_rng
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor inside nested dicts, lists and tuples (a
+    state dict, an optimizer state); everything else is kept as it is."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(v, fn) for v in obj)
+    return obj
+
+
 def _to_host(obj: Any) -> Any:
     """A deep copy of ``obj`` with every tensor cloned to CPU memory (never aliasing)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_host(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_host(v) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t.detach().to("cpu", copy=True))
 
 
 def _clone(obj: Any) -> Any:
     """A deep copy keeping devices (what ``load_state_dict`` gets, so live state never aliases
     the snapshot: ``Optimizer.load_state_dict`` keeps tensors already on the right device)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone(v) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t.clone())
 
 
 def _nbytes(obj: Any) -> int:
