@@ -294,17 +294,40 @@ ParsedInputs parse_inputs(const py::sequence& items, const char* what) {
     return out;
 }
 
+// The dtype of a raw entry: adapters pass the interned names ("float32", ...), so a pointer
+// comparison settles the common case before any string is built.
+DType raw_dtype(PyObject* name) {
+    static PyObject* interned[4] = {
+        PyUnicode_InternFromString(dtype_name(DType::f32)),
+        PyUnicode_InternFromString(dtype_name(DType::f64)),
+        PyUnicode_InternFromString(dtype_name(DType::f16)),
+        PyUnicode_InternFromString(dtype_name(DType::bf16))};
+    static const DType kinds[4] = {DType::f32, DType::f64, DType::f16, DType::bf16};
+    for (int k = 0; k < 4; ++k)
+        if (name == interned[k]) return kinds[k];
+    return dtype_from_name(py::handle(name).cast<std::string>());
+}
+
 ParsedInputs parse_raw(const py::sequence& items) {
     ParsedInputs out;
-    const std::size_t n = py::len(items);
-    out.views.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) {
-        auto t = items[i].cast<py::tuple>();
-        if (t.size() != 3) fail(PyExc_ValueError, "raw input must be (address, numel, dtype)");
+    // One step of a large model passes hundreds of entries: read them with the C API.
+    py::object fast = py::reinterpret_steal<py::object>(
+        PySequence_Fast(items.ptr(), "raw input must be a sequence of (address, numel, dtype)"));
+    if (!fast) throw py::error_already_set();
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
+    PyObject** entries = PySequence_Fast_ITEMS(fast.ptr());
+    out.views.reserve(static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject* t = entries[i];
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3)
+            fail(PyExc_ValueError, "raw input must be (address, numel, dtype)");
         TensorView v;
-        v.data = reinterpret_cast<const void*>(t[0].cast<std::uintptr_t>());
-        v.numel = t[1].cast<std::size_t>();
-        v.dtype = dtype_from_name(t[2].cast<std::string>());
+        const unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 0));
+        const unsigned long long numel = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 1));
+        if (PyErr_Occurred()) throw py::error_already_set();
+        v.data = reinterpret_cast<const void*>(static_cast<std::uintptr_t>(address));
+        v.numel = static_cast<std::size_t>(numel);
+        v.dtype = raw_dtype(PyTuple_GET_ITEM(t, 2));
         out.views.push_back(v);
     }
     return out;

@@ -38,5 +38,6 @@ ParsedInputs parse_raw(const py::sequence& items);
 DType dtype_from_name(const std::string& name);
 
 void register_tracker(py::module_& m);
+void register_detector(py::module_& m);
 
 }  // namespace zetaguard::bindings

@@ -598,3 +598,26 @@ def test_should_clip_gradients_follows_the_latest_norm() -> None:
     assert limit is not None
     assert guard.should_clip_gradients(grad_norm=10 * limit)
     assert not guard.should_clip_gradients(grad_norm=0.5 * limit)
+
+
+def test_numpy_arrays_rebound_each_step_are_what_a_rollback_restores() -> None:
+    """A NumPy loop that rebinds its arrays (w = w - lr * g) hands monitor() new objects each
+    step: the guard must snapshot and roll back those, not the first step's arrays."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=16)
+    guard = ZetaGuard(warmup_steps=10, snapshot_interval=2)
+    first = w
+    for step in range(60):
+        w = w - 0.01 * w + 0.001 * rng.normal(size=16)  # a new array every step
+        r = guard.monitor([w], loss=float(np.exp(-0.01 * step)))
+        assert r.status == "STABLE"
+    kept = w.copy()
+    w[:] = 1e6  # blow-up written into the current array in place
+    r = guard.monitor([w], loss=1e9)
+    assert r.status == "CRITICAL"
+    assert guard.recovery_reports, "the CRITICAL step must trigger recovery"
+    restored_step = guard.recovery_reports[-1].restored_step
+    assert restored_step is not None
+    assert np.all(np.abs(w) < 10)  # rolled back in place, into the array monitored now
+    assert not np.shares_memory(w, first)
+    assert np.linalg.norm(w - kept) < np.linalg.norm(kept)  # a recent state, not the start

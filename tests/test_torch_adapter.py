@@ -178,3 +178,47 @@ def test_any_parameter_set_matches_reference(
         assert row[0] == pytest.approx(ref["x2"], rel=1e-9)
         if ref["j2"] is not None:
             assert row[3] == pytest.approx(ref["j2"], rel=1e-6, abs=1e-12)
+
+
+def test_cached_layouts_follow_what_each_step_hands_over() -> None:
+    """The adapter caches by tensor identity: a fresh generator of the same parameters hits the
+    cache, a list with one tensor swapped for another misses it, and gradients that appear,
+    move to new storage or vanish are read as they are now (against a NumPy reference)."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    guard = ZetaGuard(auto_recover=False, group_by="tensor")
+    history: list[list[np.ndarray]] = []
+
+    def check(params: object, expect_grad: float | None) -> None:
+        r = guard.monitor(params)
+        history.append([_np(p) for p in model.parameters()])
+        for i, name in enumerate(r._group_names):
+            ref = channels([h[i] for h in history])
+            assert r._group_rows[i][0] == pytest.approx(ref["x2"], rel=1e-12), name
+        if expect_grad is None:
+            assert "grad_norm" not in r.channels
+        else:
+            assert r.channels["grad_norm"] == pytest.approx(expect_grad, rel=1e-12)
+
+    check(model.parameters(), None)  # a generator, no gradients yet
+    model(torch.randn(5, 3)).sum().backward()
+    grad = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+    check(model.parameters(), grad)  # gradients appeared
+    for p in model.parameters():
+        p.grad = p.grad * 2.0  # new gradient storage
+    check(list(model.parameters()), 2 * grad)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # an in-place step, same tensors
+    check(list(model.parameters()), 2 * grad)
+    for p in model.parameters():
+        p.grad = None
+    check(model.parameters(), None)
+
+
+def test_a_replaced_entry_in_the_same_list_is_read_afresh() -> None:
+    a, b, c = (torch.full((3,), v) for v in (1.0, 2.0, 7.0))
+    guard = ZetaGuard(auto_recover=False, group_by="tensor")
+    guard.monitor([a, b])
+    r = guard.monitor([a, c])  # same names (param.0, param.1), another tensor in slot 1
+    assert r._group_rows[1][0] == pytest.approx(3 * 49.0)
+    assert r._group_rows[1][1] == pytest.approx(3 * 25.0)  # ||c - b||^2

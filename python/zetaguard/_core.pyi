@@ -1,6 +1,6 @@
 # Stubs for the compiled engine (bindings/). tests/test_stubs.py keeps them in sync.
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -45,3 +45,51 @@ def _resolve_address(obj: Any) -> tuple[int, int, str]: ...
 def _sketch_buckets(
     isa: str, arrays: Sequence[Any], k: int, seed: int, tau: Sequence[float]
 ) -> npt.NDArray[np.float64]: ...
+
+# observe()'s result: status, zeta, raw_jar, smoothed_jar, confidence, channels (scores listed
+# again as "score_<name>"), scores, per-group zeta, non-finite count, in_warmup.
+ObserveResult = tuple[
+    Literal["STABLE", "DRIFT", "CRITICAL"], float, float | None, float | None, float, dict[str, float], dict[str, float],
+    npt.NDArray[np.float64], int, bool,
+]
+
+class Detector:
+    def __init__(
+        self,
+        drift_threshold: float,
+        snap_threshold: float,
+        alpha: float,
+        warmup_steps: int,
+        calibration: str = "auto",
+    ) -> None: ...
+    def observe(
+        self,
+        rows: npt.NDArray[np.float64],
+        history: int,
+        loss: float | None = None,
+        grad_norm: float | None = None,
+    ) -> ObserveResult: ...
+    def reset(self) -> None: ...
+    def restart_trajectory(self) -> None: ...
+    def confidence(self) -> float: ...
+    def get_state(self) -> dict[str, Any]: ...
+    def set_state(self, state: dict[str, Any]) -> None: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def in_warmup(self) -> bool: ...
+    @property
+    def drift_threshold(self) -> float: ...
+    @property
+    def snap_threshold(self) -> float: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def calibration(self) -> str: ...
+
+def group_rows(
+    rows: npt.NDArray[np.float64], group_of: npt.NDArray[np.int64], groups: int
+) -> npt.NDArray[np.float64]: ...
+def detector_constants() -> dict[str, Any]: ...

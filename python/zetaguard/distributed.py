@@ -124,8 +124,10 @@ def configure(
 
 def current(guard: ZetaGuard) -> DistributedContext | None:
     """The context ``guard`` should use this step, or None to stay single-process."""
+    if not active():
+        return None
     opts = _options.get(guard)
-    if (opts is not None and not opts.enabled) or not active():
+    if opts is not None and not opts.enabled:
         return None
     ctx = guard._dist
     if ctx is None:

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from zetaguard import _core, distributed, state
 from zetaguard.adapters import Snapshot, snapshot
-from zetaguard.detector import Calibration, Detector
+from zetaguard.detector import Calibration, Detector, Observation
 from zetaguard.recommend import recommendations
 from zetaguard.recovery.manager import RecoveryManager
 from zetaguard.results import STATUSES, RecoveryReport, StabilityResult, Status
@@ -223,9 +223,12 @@ class ZetaGuard:
     def _reset_tracking(self) -> None:
         self._tracker: _core.Tracker | DeviceTracker | None = None
         self._names: tuple[str, ...] = ()
+        self._names_seen: list[str] | None = None  # the last names list that matched _names
         self._group_names: tuple[str, ...] = ()
-        self._group_index: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
+        self._group_index: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._keep: list[int] | None = None
+        self._kept_names: list[str] = []
+        self._names_all_seen: list[str] | None = None
         self._names_all: tuple[str, ...] = ()
         self._detector.reset()
         self._step = 0
@@ -277,9 +280,10 @@ class ZetaGuard:
             params = self.model
         elif self.model is None:  # parameters alone: recovery rolls these back in place
             params = self._recovery.bind_params(params)
-        self._dist = distributed.current(self)
-        snap = self._dist.snapshot(params) if self._dist is not None else snapshot(params)
-        snap = self._route_device(snap)
+        dist = self._dist = distributed.current(self)
+        snap = dist.snapshot(params) if dist is not None else snapshot(params)
+        if self.device != "auto":
+            snap = self._route_device(snap)
         with self._lock:
             return self._monitor(snap, loss, grad_norm, step, batch_index)
 
@@ -296,14 +300,18 @@ class ZetaGuard:
                 "monitor() got no parameters: pass a model with trainable parameters, or a "
                 "non-empty list or dict of arrays"
             )
-        snap = self._apply_pattern(snap)
+        if self._pattern is not None:
+            snap = self._apply_pattern(snap)
         tracker = self._ensure_tracker(snap)
-        if snap.names and tuple(snap.names) != self._names:
+        names = snap.names
+        # Adapters hand back the same names list while the parameter set is unchanged.
+        if names is not self._names_seen and tuple(names) != self._names:
             raise ValueError(
                 "the monitored parameters changed names between steps "
                 f"({len(self._names)} before, {len(snap.names)} now); call guard.reset() "
                 "after changing the model"
             )
+        self._names_seen = names
         history = tracker.history
         grad_rows = None
         if snap.framework == _DEVICE_FRAMEWORK:  # parameters and gradients: one transfer
@@ -326,29 +334,31 @@ class ZetaGuard:
             group_rows, loss_value, grad_value = self._dist.reduce(
                 self, tracker, rows, loss_value, grad_value
             )
-        obs = self._detector.observe(group_rows, history, loss=loss_value, grad_norm=grad_value)
+        (status, zeta, raw_jar, smoothed_jar, confidence, channels, scores, group_zeta,
+         nonfinite, in_warmup) = self._detector.observe_tuple(group_rows, history, loss_value, grad_value)
         current = self._step if step is None else int(step)
         self._step = current + 1
         result = StabilityResult(
-            status=obs.status,
-            zeta_value=obs.zeta_value,
-            raw_jar=obs.raw_jar,
-            smoothed_jar=obs.smoothed_jar,
-            confidence=obs.confidence,
+            status=status,
+            zeta_value=zeta,
+            raw_jar=raw_jar,
+            smoothed_jar=smoothed_jar,
+            confidence=confidence,
             timestamp=time.time(),
             step=current,
-            channels=obs.channels,
-            nonfinite=obs.nonfinite,
-            in_warmup=obs.in_warmup,
+            channels=channels,
+            nonfinite=nonfinite,
+            in_warmup=in_warmup,
             _group_names=self._group_names,
             _group_rows=group_rows,
-            _group_zeta=obs.group_zeta,
+            _group_zeta=group_zeta,
             _thresholds=(self.drift_threshold, self.snap_threshold),
             _history=history,
         )
-        if obs.status != "STABLE":  # advice, and the worst group it names, only when needed
+        if status != "STABLE":  # advice, and the worst group it names, only when needed
+            obs = Observation(status, zeta, raw_jar, smoothed_jar, confidence, channels, scores,
+                              group_zeta, nonfinite, in_warmup)
             result.recommendations = recommendations(obs, result.worst_group)
-        result.channels.update({f"score_{k}": v for k, v in obs.scores.items()})
         if self._dist is not None:
             result.channels.update(self._dist.channels)
         self._book(result, grad_value, loss_value)
@@ -366,17 +376,21 @@ class ZetaGuard:
     def _apply_pattern(self, snap: Snapshot) -> Snapshot:
         if self._pattern is None:
             return snap
-        if self._keep is None or len(snap.names) != len(self._names_all):
+        if self._keep is None or (
+            snap.names is not self._names_all_seen and tuple(snap.names) != self._names_all
+        ):
             self._names_all = tuple(snap.names)
             self._keep = [i for i, n in enumerate(snap.names) if self._pattern.search(n)]
+            self._kept_names = [snap.names[i] for i in self._keep]
             if not self._keep:
                 raise ValueError(
                     f"monitor_pattern({self._pattern.pattern!r}) matches none of the "
                     f"{len(snap.names)} parameter names (e.g. {snap.names[:3]})"
                 )
+        self._names_all_seen = snap.names
         keep = self._keep
         return Snapshot(
-            names=[snap.names[i] for i in keep],
+            names=self._kept_names,
             tensors=[snap.tensors[i] for i in keep],
             raw=snap.raw,
             grads=snap.grads,
@@ -429,6 +443,7 @@ class ZetaGuard:
 
     def _set_names(self, names: list[str]) -> None:
         self._names = tuple(names)
+        self._names_seen = None
         layer_of = self._layer_of
         keys = [
             layer_of[n] if layer_of is not None and n in layer_of else _group_key(n, self.group_by)
@@ -438,16 +453,13 @@ class ZetaGuard:
         for k in keys:
             order.setdefault(k, len(order))
         self._group_names = tuple(order)
-        self._group_index = np.fromiter((order[k] for k in keys), dtype=np.intp, count=len(keys))
+        self._group_index = np.fromiter((order[k] for k in keys), dtype=np.int64, count=len(keys))
 
     def _aggregate(self, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         groups = len(self._group_names)
         if groups == len(rows):
             return rows
-        out = np.empty((groups, rows.shape[1]))
-        for c in range(rows.shape[1]):  # bincount keeps a NaN inside its own group
-            out[:, c] = np.bincount(self._group_index, weights=rows[:, c], minlength=groups)
-        return out
+        return _core.group_rows(rows, self._group_index, groups)
 
     def _book(self, result: StabilityResult, grad_norm: float | None, loss: float | None) -> None:
         self._last = result
@@ -563,10 +575,7 @@ class ZetaGuard:
         states from before and after it) but keep the calibration."""
         if self._tracker is not None:
             self._tracker.reset()
-        det = self._detector
-        det.smoothed_jar = None
-        if det.growth_base is not None:  # the growth average holds the blow-up just undone
-            det.growth = det.growth_base
+        self._detector.restart_trajectory()
 
     # ---- reading back ------------------------------------------------------------------
 
@@ -849,8 +858,8 @@ def _nbytes(snap: Snapshot) -> int:
 
 
 def _as_float(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
+    if value is None or type(value) is float:
+        return value
     detach = getattr(value, "detach", None)  # a loss tensor that still requires grad
     if callable(detach):
         value = detach()

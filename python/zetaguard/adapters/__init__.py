@@ -47,6 +47,7 @@ _ADAPTER_MODULES: dict[str, str] = {
 def register_adapter(root_module: str, adapter_module: str) -> None:
     """Route objects whose type lives under ``root_module`` to ``adapter_module``."""
     _ADAPTER_MODULES[root_module] = adapter_module
+    _adapter_of_type.clear()
 
 
 def framework_root(obj: Any, known: Collection[str]) -> str:
@@ -64,30 +65,57 @@ def _root(obj: Any) -> str:
     return framework_root(obj, _ADAPTER_MODULES)
 
 
-def _first_item(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return next(iter(obj.values()), None)
-    if isinstance(obj, (list, tuple)):
-        first = obj[0] if obj else None
-        if isinstance(first, tuple) and len(first) == 2 and isinstance(first[0], str):
-            return first[1]  # named pairs
-        return first
-    return None
+# type of the object (or of its first element) -> the adapter for it; monitor() asks every
+# step, and the answer never changes for a type.
+_adapter_of_type: dict[type, Adapter] = {}
+
+
+def _adapter_for(obj: Any) -> Adapter:
+    kind = type(obj)
+    adapter = _adapter_of_type.get(kind)
+    if adapter is None:
+        module = _ADAPTER_MODULES.get(_root(obj))
+        adapter = generic_snapshot if module is None else importlib.import_module(module).snapshot
+        _adapter_of_type[kind] = adapter
+    return adapter
+
+
+def _is_named_pair(item: Any) -> bool:
+    return type(item) is tuple and len(item) == 2 and isinstance(item[0], str)
 
 
 def snapshot(obj: Any) -> Snapshot:
     """Dispatch ``obj`` to the adapter of its framework (generators are materialised once)."""
-    if not isinstance(obj, (Mapping, list, tuple, np.ndarray)) and isinstance(obj, Iterable) and (
-        not hasattr(obj, "__dlpack__") and _root(obj) not in _ADAPTER_MODULES
+    kind = type(obj)
+    if kind is list or kind is tuple:
+        probe: Any = obj[0] if obj else None
+        if _is_named_pair(probe):
+            probe = probe[1]
+    elif kind is np.ndarray:
+        return generic_snapshot(obj)
+    elif isinstance(obj, Mapping):
+        probe = next(iter(obj.values()), None)
+    elif (
+        isinstance(obj, Iterable)
+        and not hasattr(obj, "__dlpack__")
+        and _root(obj) not in _ADAPTER_MODULES
     ):
         obj = list(obj)  # model.parameters() / named_parameters() generators
-    probe = _first_item(obj)
-    root = _root(probe if probe is not None else obj)
-    module = _ADAPTER_MODULES.get(root)
-    if module is not None:
-        adapter: Adapter = importlib.import_module(module).snapshot
-        return adapter(obj)
-    return generic_snapshot(obj)
+        return snapshot(obj)
+    else:
+        probe = None
+    return _adapter_for(probe if probe is not None else obj)(obj)
+
+
+_index_names: dict[int, list[str]] = {}
+
+
+def _names_for(count: int) -> list[str]:
+    """``["0", "1", ...]``, shared between steps (callers never modify it)."""
+    names = _index_names.get(count)
+    if names is None:
+        names = _index_names[count] = [str(i) for i in range(count)]
+    return names
 
 
 def generic_snapshot(obj: Any) -> Snapshot:
@@ -96,12 +124,12 @@ def generic_snapshot(obj: Any) -> Snapshot:
         names = [str(k) for k in obj]
         tensors = list(obj.values())
     elif isinstance(obj, (list, tuple)):
-        if obj and all(isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) for e in obj):
+        if obj and _is_named_pair(obj[0]) and all(map(_is_named_pair, obj)):
             names = [e[0] for e in obj]
             tensors = [e[1] for e in obj]
         else:
-            names = [str(i) for i in range(len(obj))]
-            tensors = list(obj)
+            names = _names_for(len(obj))
+            tensors = obj if isinstance(obj, list) else list(obj)
     else:
         names, tensors = ["0"], [obj]
     return Snapshot(names=names, tensors=tensors, keepalive=tensors)

@@ -76,11 +76,15 @@ class _Layout:
         self.torch_dtypes = [t.dtype for t in self.tensors]
         self.ptrs = [t.data_ptr() for t in self.tensors]
         self.devices = {t.device.type for t in self.tensors}
+        self.host = self.devices == {"cpu"}
+        # What the engine reads while nothing moved: (address, numel, dtype) per tensor.
+        self.raw = list(zip(self.ptrs, self.numels, self.dtypes, strict=True))
         # For a module: (the owning submodule's _parameters dict, the attribute name) per tensor.
         self.owners = owners
         # For a module: (parent._modules, name, child) edges and per-module container sizes.
         self.structure: tuple[list[Any], list[Any]] = ([], [])
         self.grad_ptrs: list[int] = []  # gradient addresses whose layout was last validated
+        self.grad_raw: list[tuple[int, int, str]] = []
 
     def still_owned(self) -> bool:
         owners = self.owners
@@ -107,9 +111,12 @@ class _Layout:
                 self.torch_dtypes[i] = t.dtype
         self.ptrs = ptrs
         self.devices = {t.device.type for t in self.tensors}
+        self.host = self.devices == {"cpu"}
+        self.raw = list(zip(self.ptrs, self.numels, self.dtypes, strict=True))
+        self.grad_ptrs = []  # gradients follow their parameters' dtype and size: check again
 
 
-_list_cache: dict[int, _Layout] = {}
+_list_cache: dict[tuple[Any, ...], _Layout] = {}
 _module_cache: dict[int, tuple[weakref.ref[torch.nn.Module], _Layout]] = {}
 _CACHE_LIMIT = 64
 
@@ -140,14 +147,38 @@ def _module_layout(module: torch.nn.Module) -> _Layout:
     return layout
 
 
-def _list_layout(named: list[tuple[str, torch.Tensor]]) -> _Layout:
-    ids = tuple(id(t) for _, t in named)
-    layout = _list_cache.get(hash(ids))
-    if layout is None or layout.ids != ids or layout.names != [n for n, _ in named]:
-        layout = _Layout(named)
-        if len(_list_cache) >= _CACHE_LIMIT:
-            _list_cache.clear()
-        _list_cache[hash(ids)] = layout
+_name_of = operator.itemgetter(0)
+_tensor_of = operator.itemgetter(1)
+
+
+def _list_layout(obj: Any) -> _Layout:
+    """A tensor, a list/tuple/generator of tensors or of ``(name, tensor)`` pairs, or a dict:
+    cached by the identity of its tensors (and their names, when named), so a step that hands
+    the same parameters again pays a few C-level maps, not a Python loop per tensor."""
+    names: list[str] | None
+    if isinstance(obj, torch.Tensor):
+        tensors: list[Any] = [obj]
+        names = ["0"]
+    elif isinstance(obj, dict):
+        tensors = list(obj.values())
+        names = list(map(str, obj))
+    else:
+        items = obj if isinstance(obj, list) else list(obj)
+        if items and isinstance(items[0], tuple):  # named pairs, checked in full on a miss
+            try:
+                names, tensors = list(map(_name_of, items)), list(map(_tensor_of, items))
+            except (TypeError, IndexError):
+                names, tensors = None, items
+        else:
+            names, tensors = None, items
+    key = (names is None, *map(id, tensors))
+    layout = _list_cache.get(key)
+    if layout is not None and (names is None or layout.names == names):
+        return layout
+    layout = _Layout(named_tensors(obj if isinstance(obj, (dict, torch.Tensor)) else items))
+    if len(_list_cache) >= _CACHE_LIMIT:
+        _list_cache.clear()
+    _list_cache[key] = layout
     return layout
 
 
@@ -155,7 +186,7 @@ def layout_of(obj: Any) -> _Layout:
     """The cached, validated layout of ``obj`` (a module or anything :func:`named_tensors` reads)."""
     if isinstance(obj, torch.nn.Module):
         return _module_layout(obj)
-    return _list_layout(named_tensors(obj))
+    return _list_layout(obj)
 
 
 def _dense_grad(g: torch.Tensor) -> torch.Tensor:
@@ -182,11 +213,16 @@ def _raw_grads(
         try:
             gptrs = list(map(_data_ptr, dense))
             # Addresses already validated last step need no new layout check.
-            if gptrs == layout.grad_ptrs or all(map(_is_contiguous, dense)):
+            if gptrs == layout.grad_ptrs:
+                return dense, layout.grad_raw
+            if all(map(_is_contiguous, dense)):
                 layout.grad_ptrs = gptrs
-                return dense, list(zip(gptrs, layout.numels, layout.dtypes, strict=True))
+                layout.grad_raw = list(zip(gptrs, layout.numels, layout.dtypes, strict=True))
+                return dense, layout.grad_raw
         except RuntimeError:  # sparse gradients have no data pointer or strides
             pass
+    if all(map(operator.is_, grads, repeat(None))):
+        return [], []
     kept = [(_dense_grad(g), i) for i, g in enumerate(grads) if g is not None]
     return [g for g, _ in kept], [
         (g.data_ptr(), g.numel(), check_tensor(f"gradient of {layout.names[i]}", g))
@@ -208,7 +244,7 @@ def snapshot(obj: Any) -> Snapshot:
     ):
         layout.revalidate(ptrs)
     all_grads = list(map(_grad_of, tensors))
-    if layout.devices != {"cpu"}:
+    if not layout.host:
         if "cpu" in layout.devices:
             raise ValueError(
                 f"parameters are split across devices {sorted(layout.devices)}; monitor each "
@@ -225,7 +261,7 @@ def snapshot(obj: Any) -> Snapshot:
     grads, grad_raw = _raw_grads(layout, all_grads)
     return Snapshot(
         names=layout.names,
-        tensors=list(zip(ptrs, layout.numels, layout.dtypes, strict=True)),
+        tensors=layout.raw,
         raw=True,
         grads=grad_raw or None,
         grads_raw=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -118,6 +119,9 @@ class RecoveryManager:
         rollback can write them back in place. Returns them (a generator made a list)."""
         if isinstance(params, Iterator):
             params = list(params)
+        if _same_items(params, self._params):  # the same tensors as last step: nothing to rebind
+            self._params = params
+            return params
         self._params = params
         backend = self._backend
         if backend is not None and self.guard.model is None:
@@ -467,3 +471,19 @@ def _critical_beyond(result: StabilityResult, allowed: frozenset[str]) -> bool:
         k for k, v in result.channels.items() if k.startswith("score_") and not v < 1.0
     }
     return not critical or bool(critical - allowed)
+
+
+def _same_items(new: Any, old: Any) -> bool:
+    """True when ``new`` holds the very objects ``old`` held (a fresh list of the same
+    parameters, as ``model.parameters()`` gives each step), compared by identity only."""
+    if new is old:
+        return True
+    if type(new) is not list or type(old) is not list or len(new) != len(old):
+        return False
+    if new and type(new[0]) is tuple:  # named pairs: the names must match, the values be the same
+        return all(
+            type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2
+            and a[0] == b[0] and a[1] is b[1]
+            for a, b in zip(new, old, strict=True)
+        )
+    return all(map(operator.is_, new, old))
