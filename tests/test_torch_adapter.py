@@ -222,3 +222,26 @@ def test_a_replaced_entry_in_the_same_list_is_read_afresh() -> None:
     r = guard.monitor([a, c])  # same names (param.0, param.1), another tensor in slot 1
     assert r._group_rows[1][0] == pytest.approx(3 * 49.0)
     assert r._group_rows[1][1] == pytest.approx(3 * 25.0)  # ||c - b||^2
+
+
+def test_grad_norm_matches_torch_on_every_path() -> None:
+    """The engine-read gradient norm (host tensors) against torch's own, and the fallbacks."""
+    from zetaguard.adapters.torch import grad_norm
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 2)).to(torch.bfloat16)
+    assert grad_norm(model) is None  # no gradients yet
+    model(torch.randn(4, 6, dtype=torch.bfloat16)).sum().backward()
+    want = float(torch.nn.utils.get_total_norm([p.grad.double() for p in model.parameters()]))
+    assert grad_norm(model) == pytest.approx(want, rel=1e-12)
+    assert grad_norm(list(model.parameters())) == pytest.approx(want, rel=1e-12)
+    model[1].bias.grad = None  # a missing gradient is left out
+    want = float(torch.nn.utils.get_total_norm(
+        [p.grad.double() for p in model.parameters() if p.grad is not None]))
+    assert grad_norm(model) == pytest.approx(want, rel=1e-12)
+    model[0].weight.grad[0, 0] = float("nan")
+    assert grad_norm(model) == math.inf
+    # A non-contiguous parameter is not engine-readable: torch's reduction takes over.
+    strided = torch.nn.Parameter(torch.randn(4, 6).t())
+    strided.grad = torch.ones(4, 6).t()
+    assert grad_norm([strided]) == pytest.approx(math.sqrt(24.0))

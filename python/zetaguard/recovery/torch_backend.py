@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -151,11 +150,9 @@ class TorchBackend:
         return [t for t in self.targets.values() if t.requires_grad]
 
     def grad_norm(self) -> float | None:
-        grads = [p.grad for p in self._params() if p.grad is not None]
-        if not grads:
-            return None
-        total = float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
-        return total if math.isfinite(total) else math.inf
+        from zetaguard.adapters.torch import grad_norm
+
+        return grad_norm(self._params())
 
     def zero_grad(self) -> None:
         if self.optimizer is not None:
