@@ -274,3 +274,31 @@ def test_a_new_variable_set_is_read_not_the_cached_one() -> None:
                 np.testing.assert_array_equal(np.from_dlpack(t), v.numpy())
     named = snapshot({"x": first[0], "y": first[1]})  # same variables, the user's names
     assert named.names == ["x", "y"]
+
+
+def test_many_variables_are_read_in_one_call_in_place() -> None:
+    """From eight variables on, one traced function reads them all: the values are the
+    variables' current ones, and the tensors it returns share the variables' buffers."""
+    from zetaguard import _core
+    from zetaguard.adapters.tensorflow import _cached_layout, read_variables
+
+    rng = np.random.default_rng(7)
+    variables = [
+        tf.Variable(rng.normal(size=(64, 32)).astype("float32"), name=f"v{i}") for i in range(10)
+    ]
+    guard = ZetaGuard(warmup_steps=3, group_by="tensor")
+    for step in range(6):
+        result = guard.monitor(variables)
+        for i, v in enumerate(variables):
+            expected = float(np.linalg.norm(v.numpy().astype(np.float64)))
+            assert result.groups[f"v{i}"].param_norm == pytest.approx(expected, rel=1e-6)
+        for v in variables:
+            v.assign_add(tf.fill(v.shape, 1e-3 * (step + 1)))
+    layout = _cached_layout(variables, None)
+    assert layout is not None
+    assert layout.read_all is not None  # the batched read is what the steps above used
+    reads = layout.read_all()
+    assert [_core._resolve_address(t)[0] for t in reads] == [buffer_address(v) for v in variables]
+    del reads
+    again = read_variables(variables)  # the helper recovery snapshots use
+    assert [_core._resolve_address(t)[0] for t in again] == [buffer_address(v) for v in variables]
