@@ -206,7 +206,7 @@ void Tracker::update(const std::vector<TensorView>& tensors, std::vector<Channel
     const int s1 = head_, s2 = (head_ + 2) % 3, s3 = (head_ + 1) % 3;
     std::vector<LaneSums> lane_sums(items.size());
     std::vector<Channels> partial(items.size());
-    std::vector<std::vector<double>> scratch(items.size());
+    std::vector<AlignedVector<double>> scratch(items.size());
 
     auto work = [&](std::size_t i) {
         const WorkItem& it = items[i];
@@ -234,7 +234,7 @@ void Tracker::update(const std::vector<TensorView>& tensors, std::vector<Channel
     run_items(items.size(), total, work);
 
     // Reduce in item order: the result never depends on which thread ran what.
-    std::vector<std::vector<double>> sketch_now(tensors.size());
+    std::vector<AlignedVector<double>> sketch_now(tensors.size());
     for (std::size_t i = 0; i < items.size(); ++i) {
         const std::size_t t = items[i].tensor;
         add_lanes(lane_sums[i], out[t]);

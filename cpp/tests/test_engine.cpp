@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "zetaguard/kernels.hpp"
+#include "zetaguard/sketch_map.hpp"
 #include "zetaguard/tracker.hpp"
 
 using namespace zetaguard;
@@ -213,8 +214,28 @@ static void test_state_errors() {
     CHECK(threw, "a dropped tensor must raise StateError");
 }
 
+// The division-free mapper must give chunk_map()'s rotation and sign for every chunk: the
+// device path and saved sketch states are defined by chunk_map().
+static void test_chunk_mapper_is_chunk_map() {
+    std::mt19937_64 rng(11);
+    std::vector<std::size_t> ks = {1, 2, 3, 7, 8, 9, 64, 88, 96, 4093, 16384, 1u << 20,
+                                   (std::size_t{1} << 33) + 8, (std::size_t{1} << 40) + 3};
+    for (int i = 0; i < 50; ++i) ks.push_back(1 + rng() % 100000);
+    for (std::size_t k : ks) {
+        const std::uint64_t seed = rng();
+        const ChunkMapper map(seed, k);
+        for (int c = 0; c < 2000; ++c) {
+            const std::size_t chunk = c < 1000 ? static_cast<std::size_t>(c) : rng() >> (rng() % 64);
+            const ChunkMap want = chunk_map(seed, chunk, k), got = map(chunk);
+            CHECK(want.offset == got.offset && want.sign == got.sign,
+                  "k=%zu chunk=%zu: offset %zu vs %zu", k, chunk, got.offset, want.offset);
+        }
+    }
+}
+
 int main() {
     std::printf("best ISA here: %s\n", isa_name(best_isa()));
+    test_chunk_mapper_is_chunk_map();
     test_lanes_match_scalar();
     for (int threads : {1, 2}) {
         test_tracker_matches_direct(threads, Mode::exact);

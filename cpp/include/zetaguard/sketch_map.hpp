@@ -35,4 +35,37 @@ inline ChunkMap chunk_map(std::uint64_t seed, std::size_t chunk, std::size_t k) 
     return {granule * static_cast<std::size_t>((h >> 1) % (k / granule)), (h & 1u) ? -1.0 : 1.0};
 }
 
+// chunk_map() for one tensor, without a hardware division per chunk: with ~100-element chunks
+// (a model of many tensors) two 64-bit divisions cost as much as the chunk's arithmetic.
+// The modulo is Lemire's exact fastmod (one 128-bit reciprocal, a few multiplies), so the map
+// is bit for bit chunk_map()'s (the device path and saved states depend on it).
+class ChunkMapper {
+public:
+    ChunkMapper(std::uint64_t seed, std::size_t k) noexcept
+        : seed_(seed),
+          granule_(k % kRotationGranule == 0 ? kRotationGranule : 1),
+          rotations_(k / granule_),
+          reciprocal_(~static_cast<unsigned __int128>(0) / rotations_ + 1) {}
+
+    ChunkMap operator()(std::size_t chunk) const noexcept {
+        const std::uint64_t h = splitmix64(seed_ ^ (0xa0761d6478bd642fULL * (chunk + 1)));
+        return {granule_ * static_cast<std::size_t>(fastmod(h >> 1)), (h & 1u) ? -1.0 : 1.0};
+    }
+
+private:
+    // a % rotations_ for any 64-bit a (Lemire, Kaser, Kurz 2019, "Faster remainder by direct
+    // computation"): the top 64 bits of (reciprocal * a mod 2^128) * rotations_.
+    std::uint64_t fastmod(std::uint64_t a) const noexcept {
+        const unsigned __int128 low = reciprocal_ * a;
+        const unsigned __int128 bottom = (low & ~std::uint64_t{0}) * static_cast<unsigned __int128>(rotations_) >> 64;
+        const unsigned __int128 top = (low >> 64) * static_cast<unsigned __int128>(rotations_);
+        return static_cast<std::uint64_t>((bottom + top) >> 64);
+    }
+
+    std::uint64_t seed_;
+    std::size_t granule_;
+    std::uint64_t rotations_;
+    unsigned __int128 reciprocal_;
+};
+
 }  // namespace zetaguard

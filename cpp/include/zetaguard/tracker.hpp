@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "zetaguard/aligned.hpp"
 #include "zetaguard/dtype.hpp"
 #include "zetaguard/kernels.hpp"
 #include "zetaguard/thread_pool.hpp"
@@ -62,8 +63,8 @@ struct TensorState {
     std::size_t buckets = 0;  // 0: exact ring in `dtype`; else a k-bucket sketch ring
     std::uint64_t seed = 0;
     std::vector<std::uint8_t> ring[3];   // exact mode: numel * dtype_size bytes each
-    std::vector<double> sketch[3];       // sketch mode: `buckets` doubles each
-    std::vector<float> tau;              // sketch mode: the per-position signs
+    AlignedVector<double> sketch[3];     // sketch mode: `buckets` doubles each
+    AlignedVector<float> tau;            // sketch mode: the per-position signs
     std::size_t state_bytes() const noexcept;
 };
 
