@@ -4,8 +4,11 @@ Three measurements:
 
 1. adapter cost: fixed cost of one ``monitor()`` and cost per tensor (a model of many tiny
    tensors, so the engine's arithmetic is negligible and the Python path shows);
-2. a 25M-parameter plain loop (MLP, Adam): step time with the guard (exact and sketch mode)
-   over step time without, blocks interleaved so machine noise hits both alike;
+2. a 25M-parameter plain loop (MLP, Adam) at batch 32 and at batch 512: step time with the
+   guard (exact and sketch mode) over step time without, blocks interleaved so machine noise
+   hits every arm alike. The guard reads every parameter (and gradient) once per step whatever
+   the batch, so its share shrinks as the step does more work per parameter: batch 32 is the
+   worst case (the step itself is mostly memory traffic), batch 512 a step with real compute;
 3. a tiny GPT-2 in the Hugging Face Trainer: ``train()`` time with ``ZetaGuardCallback`` over
    ``train()`` without.
 
@@ -74,14 +77,14 @@ def _mlp(params: int) -> torch.nn.Module:
     return torch.nn.Sequential(*layers[:-1])
 
 
-def plain_loop(params: int, steps: int, blocks: int) -> None:
-    print(f"\n== 2. plain loop, {params / 1e6:.0f}M-parameter MLP, Adam, batch 32 ==")
+def plain_loop(params: int, steps: int, blocks: int, batch: int = 32) -> None:
+    print(f"\n== 2. plain loop, {params / 1e6:.0f}M-parameter MLP, Adam, batch {batch} ==")
     torch.manual_seed(0)
     model = _mlp(params)
     n = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     width = model[0].in_features
-    x = torch.randn(32, width)
+    x = torch.randn(batch, width)
     guards = {
         "exact": ZetaGuard(mode="exact", warmup_steps=5, auto_recover=False),
         "sketch": ZetaGuard(mode="sketch", warmup_steps=5, auto_recover=False),
@@ -208,11 +211,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--params", type=float, default=25e6)
+    ap.add_argument("--batches", default="32,512", help="plain-loop batch sizes")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f} (other processes share this machine)")
     adapter_cost()
-    plain_loop(int(args.params), steps=3 if args.quick else 5, blocks=3 if args.quick else 5)
+    for batch in (int(b) for b in args.batches.split(",")):
+        plain_loop(int(args.params), steps=3 if args.quick else 5, blocks=3 if args.quick else 5,
+                   batch=batch)
     hf_trainer(steps=40 if args.quick else 80, repeats=2 if args.quick else 3)
     return 0
 

@@ -325,7 +325,8 @@ class ZetaGuard:
             g = grad_rows if grad_rows is not None else (
                 host.norms_raw(snap.grads) if snap.grads_raw else host.norms(snap.grads)
             )
-            grad_norm = math.sqrt(float(g[:, 0].sum())) if g[:, 4].sum() == 0 else math.inf
+            sums = g.sum(axis=0)  # squared norm, ..., non-finite count
+            grad_norm = math.sqrt(float(sums[0])) if sums[4] == 0 else math.inf
         loss_value = _as_float(loss, "loss")
         grad_value = _as_float(grad_norm, "grad_norm")
         if self._dist is None:
