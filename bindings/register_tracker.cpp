@@ -73,6 +73,34 @@ public:
         return run_norms(in);
     }
 
+    // Sum of squares over all tensors (in tensor order) and the non-finite count: what a
+    // gradient-norm channel needs, without a per-tensor table.
+    py::tuple total_norm(const py::sequence& tensors) {
+        ParsedInputs in = parse_inputs(tensors, "tensor");
+        return run_total(in);
+    }
+
+    py::tuple total_norm_raw(const py::sequence& pointers) {
+        ParsedInputs in = parse_raw(pointers);
+        return run_total(in);
+    }
+
+    py::tuple run_total(ParsedInputs& in) {
+        std::vector<Channels> rows;
+        {
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            tracker_.norms(in.views, rows);
+        }
+        double x2 = 0.0;
+        std::uint64_t nonfinite = 0;
+        for (const Channels& r : rows) {
+            x2 += r.x2;
+            nonfinite += r.nonfinite;
+        }
+        return py::make_tuple(x2, nonfinite);
+    }
+
     py::array_t<double> run_norms(ParsedInputs& in) {
         std::vector<Channels> rows;
         {
@@ -274,6 +302,8 @@ void register_tracker(py::module_& m) {
         .def("update_raw", &PyTracker::update_raw, py::arg("pointers"))
         .def("norms", &PyTracker::norms, py::arg("tensors"))
         .def("norms_raw", &PyTracker::norms_raw, py::arg("pointers"))
+        .def("total_norm", &PyTracker::total_norm, py::arg("tensors"))
+        .def("total_norm_raw", &PyTracker::total_norm_raw, py::arg("pointers"))
         .def("reset", &PyTracker::reset)
         .def("get_state", &PyTracker::get_state)
         .def("set_state", &PyTracker::set_state, py::arg("state"))

@@ -124,3 +124,18 @@ def test_changed_set_of_tensors_is_a_clear_error() -> None:
         tracker.update([np.zeros(4, np.float32)])
     with pytest.raises(ValueError, match="float64"):
         tracker.update([np.zeros(4, np.float64), np.zeros(2, np.float32)])
+
+
+def test_total_norm_is_the_sum_of_the_per_tensor_norms() -> None:
+    rng = np.random.default_rng(9)
+    arrays = [rng.normal(size=n).astype(np.float32) for n in (1, 7, 300, 70_000)]
+    tracker = _core.Tracker(threads=2)
+    rows = tracker.norms(arrays)
+    squares, nonfinite = tracker.total_norm(arrays)
+    assert squares == pytest.approx(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays),
+                                    rel=1e-12)
+    assert squares == pytest.approx(float(rows[:, 0].sum()), rel=1e-15)
+    assert nonfinite == 0
+    arrays[2][[5, 9]] = [np.nan, np.inf]
+    raw = [(a.ctypes.data, a.size, "float32") for a in arrays]
+    assert tracker.total_norm_raw(raw)[1] == 2

@@ -8,7 +8,7 @@ import os
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -36,6 +36,7 @@ DevicePath = Literal["auto", "cpu", "cuda"]
 _DEVICE_FRAMEWORK = "torch-device"
 
 _LEVEL: dict[Status, int] = {s: i for i, s in enumerate(STATUSES)}
+_GRAD_NORMS_KEPT = 1000  # the recent gradient norms a saved state carries
 
 
 def _default_threads() -> int:
@@ -236,7 +237,7 @@ class ZetaGuard:
         self._status_counts: Counter[str] = Counter()
         self._zeta_sum = 0.0
         self._zeta_max = 0.0
-        self._grad_norms: list[float] = []
+        self._grad_norms: deque[float] = deque(maxlen=_GRAD_NORMS_KEPT)
         self._last_grad_norm: float | None = None
         self._last_loss: float | None = None
         self._history: list[tuple[int, str, float]] = []
@@ -322,11 +323,14 @@ class ZetaGuard:
             host = cast(_core.Tracker, tracker)
             rows = host.update_raw(snap.tensors) if snap.raw else host.update(snap.tensors)
         if grad_norm is None and snap.grads:
-            g = grad_rows if grad_rows is not None else (
-                host.norms_raw(snap.grads) if snap.grads_raw else host.norms(snap.grads)
-            )
-            sums = g.sum(axis=0)  # squared norm, ..., non-finite count
-            grad_norm = math.sqrt(float(sums[0])) if sums[4] == 0 else math.inf
+            if grad_rows is not None:
+                sums = grad_rows.sum(axis=0)  # squared norm, ..., non-finite count
+                grad_sq, grad_bad = float(sums[0]), int(sums[4])
+            elif snap.grads_raw:
+                grad_sq, grad_bad = host.total_norm_raw(snap.grads)
+            else:
+                grad_sq, grad_bad = host.total_norm(snap.grads)
+            grad_norm = math.sqrt(grad_sq) if grad_bad == 0 else math.inf
         loss_value = _as_float(loss, "loss")
         grad_value = _as_float(grad_norm, "grad_norm")
         if self._dist is None:
@@ -474,8 +478,6 @@ class ZetaGuard:
         self._last_loss = loss
         if grad_norm is not None and math.isfinite(grad_norm):
             self._grad_norms.append(grad_norm)
-            if len(self._grad_norms) > 1000:
-                del self._grad_norms[:-1000]
         # Under torch.distributed rank 0 writes the run store for every rank.
         if self._store is None and self.run_dir is not None and (
             self._dist is None or self._dist.rank == 0
@@ -745,7 +747,7 @@ class ZetaGuard:
                 "status_counts": dict(self._status_counts),
                 "zeta_sum": self._zeta_sum,
                 "zeta_max": self._zeta_max,
-                "grad_norms": self._grad_norms,
+                "grad_norms": list(self._grad_norms),
             }
             meta, arrays = state.pack(meta, engine)
             state.save(path, meta, arrays)
@@ -787,7 +789,7 @@ class ZetaGuard:
                 Counter({str(k): int(v) for k, v in meta["status_counts"].items()}),
                 float(meta["zeta_sum"]),
                 float(meta["zeta_max"]),
-                [float(g) for g in meta["grad_norms"]],
+                deque((float(g) for g in meta["grad_norms"]), maxlen=_GRAD_NORMS_KEPT),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError,
                 re.error) as e:

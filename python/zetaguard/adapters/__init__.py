@@ -93,6 +93,8 @@ def snapshot(obj: Any) -> Snapshot:
             probe = probe[1]
     elif kind is np.ndarray:
         return generic_snapshot(obj)
+    elif (seen := _adapter_of_type.get(kind)) is not None and seen is not generic_snapshot:
+        return seen(obj)  # a framework object of a type seen before (a module, a Keras model)
     elif isinstance(obj, Mapping):
         probe = next(iter(obj.values()), None)
     elif (

@@ -305,8 +305,8 @@ def grad_norm(parameters: Any) -> float | None:
                 return None
             if not _norm_engine:
                 _norm_engine.append(_core.Tracker(threads=max(1, min(4, os.cpu_count() or 1))))
-            rows = _norm_engine[0].norms_raw(raw)
-            return math.inf if rows[:, 4].any() else math.sqrt(float(rows[:, 0].sum()))
+            squares, nonfinite = _norm_engine[0].total_norm_raw(raw)
+            return math.inf if nonfinite else math.sqrt(squares)
     params = parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters
     grads = [g.coalesce().values() if g.is_sparse else g
              for p in params if (g := p.grad) is not None]

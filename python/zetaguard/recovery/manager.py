@@ -117,6 +117,8 @@ class RecoveryManager:
     def bind_params(self, params: Any) -> Any:
         """Remember the parameters handed to ``monitor()`` when no model is attached, so a
         rollback can write them back in place. Returns them (a generator made a list)."""
+        if params is self._params:  # the same object as last step (the common loop)
+            return params
         if isinstance(params, Iterator):
             params = list(params)
         if _same_items(params, self._params):  # the same tensors as last step: nothing to rebind
