@@ -196,3 +196,15 @@ def test_recommendations_name_the_channel() -> None:
         Observation(status="STABLE", zeta_value=0.1, raw_jar=1.0, smoothed_jar=1.0,
                     confidence=1.0, channels={}, scores={"loss": 0.07}, group_zeta=np.zeros(1),
                     nonfinite=0, in_warmup=False), None) == []
+
+
+def test_recommendations_survive_an_exploded_channel() -> None:
+    """A growth score in the hundreds (16 ** 300 overflows a float) still gives advice."""
+    from zetaguard.detector import Observation
+    from zetaguard.recommend import recommendations
+
+    obs = Observation(status="CRITICAL", zeta_value=500.0, raw_jar=1.0, smoothed_jar=1.0,
+                      confidence=1.0, channels={}, scores={"growth": 300.0, "update": 400.0},
+                      group_zeta=np.zeros(1), nonfinite=0, in_warmup=False)
+    tips = recommendations(obs, "layer1")
+    assert any("e+" in t for t in tips)  # '1e+50x'-style factors, not an OverflowError

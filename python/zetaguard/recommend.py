@@ -43,9 +43,9 @@ def recommendations(obs: Observation, worst_group: str | None) -> list[str]:
             )
         elif name == "growth":
             tips.append(
-                f"The parameter norm grows {GROWTH_RATIO**score:.1f}x faster than during "
-                "warm-up: a runaway learning rate or exploding gradients; lower the learning "
-                "rate or clip gradients before the loss turns."
+                f"The parameter norm grows {_times(GROWTH_RATIO ** min(score, 50.0))} faster "
+                "than during warm-up: a runaway learning rate or exploding gradients; lower the "
+                "learning rate or clip gradients before the loss turns."
             )
     if obs.status == "CRITICAL" and not tips:
         tips.append("Training is unstable: roll back to the last stable state and lower the LR.")
