@@ -172,6 +172,9 @@ class KerasBackend:
         if self.optimizer is None:
             return []
         self._sync()
+        lr = self._lr_variable()
+        if lr is not None:  # a plain rate: one variable read (a schedule is evaluated below)
+            return [float(_host_copy(lr))]
         return [float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))]
 
     def scale_lr(self, factor: float) -> None:
