@@ -139,3 +139,38 @@ def test_total_norm_is_the_sum_of_the_per_tensor_norms() -> None:
     arrays[2][[5, 9]] = [np.nan, np.inf]
     raw = [(a.ctypes.data, a.size, "float32") for a in arrays]
     assert tracker.total_norm_raw(raw)[1] == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(1, 5000),
+    bad=st.lists(st.tuples(st.integers(0, 4999), st.sampled_from([np.nan, np.inf, -np.inf])),
+                 max_size=6),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+    huge=st.booleans(),
+)
+def test_nonfinite_counts_in_norm_and_sketch_passes(
+    size: int, bad: list[tuple[int, float]], dtype: type, huge: bool
+) -> None:
+    """The norm and sketch kernels count non-finite values only when a lane's sum of squares is
+    non-finite; the count must still be exact, and finite values whose squares overflow
+    (float64 near 1e200) must count as zero."""
+    x = np.random.default_rng(size).normal(size=size).astype(dtype)
+    if huge and dtype == np.float64:
+        x[size // 2] = 1e200  # its square overflows to inf; it is still finite
+    for pos, value in bad:
+        x[pos % size] = value
+    want = int(np.count_nonzero(~np.isfinite(x)))
+    assert int(_core.Tracker(threads=1).norms([x])[0, 4]) == want
+    assert _core.Tracker(threads=1).total_norm([x])[1] == want
+    sketch = _core.Tracker(mode="sketch", sketch_buckets=64, min_buckets=8, threads=1)
+    assert int(sketch.update([x])[0, 4]) == want
+
+
+def test_nonfinite_counts_across_work_items() -> None:
+    """A large tensor is split into work items; each counts its own range."""
+    x = np.ones(3_000_001, dtype=np.float32)
+    x[[0, 1_500_000, 2_999_999, 3_000_000]] = [np.nan, np.inf, -np.inf, np.nan]
+    for mode in ("exact", "sketch"):
+        assert int(_core.Tracker(mode=mode, threads=2).update([x])[0, 4]) == 4
+    assert _core.Tracker(threads=2).total_norm([x])[1] == 4

@@ -29,6 +29,21 @@ inline bool scalar_nonfinite(double x) noexcept {
     return z != z;
 }
 
+// The non-finite count of x[0, n), given the lane sums of x^2 over the same values. A NaN or an
+// infinity makes its lane's sum non-finite (squares are never negative, so nothing cancels),
+// so finite sums prove the count is 0: the norm and sketch loops skip a compare-and-count per
+// vector and only a tensor that has non-finite values (or squares past 1e308) is scanned again.
+template <class T>
+std::uint64_t count_if_nonfinite(const T* x, std::size_t n, const double* lane_x2,
+                                 int lanes) noexcept {
+    bool finite = true;
+    for (int l = 0; l < lanes; ++l) finite = finite && std::isfinite(lane_x2[l]);
+    if (finite) return 0;
+    std::uint64_t nf = 0;
+    for (std::size_t i = 0; i < n; ++i) nf += scalar_nonfinite(to_double(x[i]));
+    return nf;
+}
+
 template <class Ops, class T>
 void fused_body(const T* cur, const T* s1, const T* s2, const T* s3, T* out, std::size_t n,
                 LaneSums& acc) noexcept {
@@ -85,12 +100,10 @@ void norm_body(const T* x, std::size_t n, LaneSums& acc) noexcept {
     using V = typename Ops::V;
     constexpr int L = Ops::L;
     V x2 = Ops::zero();
-    std::uint64_t nf = 0;
     std::size_t i = 0;
     for (; i + L <= n; i += L) {
         const V x0 = Ops::load(x + i);
         x2 = Ops::add(x2, Ops::mul(x0, x0));
-        nf += Ops::count_nonfinite(x0);
     }
     double lx2[L], zero[L] = {};
     store_lanes<Ops>(x2, lx2);
@@ -98,9 +111,8 @@ void norm_body(const T* x, std::size_t n, LaneSums& acc) noexcept {
         const int l = static_cast<int>(i % L);
         const double x0 = to_double(x[i]);
         lx2[l] = lx2[l] + x0 * x0;
-        nf += scalar_nonfinite(x0);
     }
-    flush<Ops>(lx2, zero, zero, zero, nf, acc);
+    flush<Ops>(lx2, zero, zero, zero, count_if_nonfinite(x, n, lx2, L), acc);
 }
 
 // buckets[p + shift] += sign * tau[p] * x[p] for p in [p0, p1). The x^2 and non-finite
@@ -112,7 +124,7 @@ void norm_body(const T* x, std::size_t n, LaneSums& acc) noexcept {
 template <class Ops, class T>
 __attribute__((always_inline)) inline void sketch_segment(const T* x, const float* tau, double sign, double* buckets,
                     std::ptrdiff_t shift, std::size_t p0, std::size_t p1, typename Ops::V& x2,
-                    std::uint64_t& nf, double& tail_x2) noexcept {
+                    double& tail_x2) noexcept {
     using V = typename Ops::V;
     constexpr int L = Ops::L;
     const V s = Ops::set1(sign);
@@ -120,7 +132,6 @@ __attribute__((always_inline)) inline void sketch_segment(const T* x, const floa
     // bucket stores may alias them and round-trips them through memory every vector, a
     // store-to-load chain that made the loop ~2x slower than the arithmetic.
     V acc = x2;
-    std::uint64_t count = nf;
     double tail = tail_x2;
     std::size_t p = p0;
     for (; p + L <= p1; p += L) {
@@ -130,17 +141,14 @@ __attribute__((always_inline)) inline void sketch_segment(const T* x, const floa
         Ops::store(dst, Ops::add(Ops::load(static_cast<const double*>(dst)),
                                  Ops::mul(Ops::mul(tv, xv), s)));
         acc = Ops::add(acc, Ops::mul(xv, xv));
-        count += Ops::count_nonfinite(xv);
     }
     for (; p < p1; ++p) {
         const double xv = to_double(x[p]);
         double& dst = buckets[static_cast<std::ptrdiff_t>(p) + shift];
         dst = dst + (static_cast<double>(tau[p]) * xv) * sign;
         tail = tail + xv * xv;
-        count += scalar_nonfinite(xv);
     }
     x2 = acc;
-    nf = count;
     tail_x2 = tail;
 }
 
@@ -152,13 +160,11 @@ __attribute__((always_inline)) inline void sketch_segment(const T* x, const floa
 template <class Ops, class T>
 __attribute__((always_inline)) inline void sketch_rotated_chunk(
     const T* x, const float* tau, double sign, double* buckets, std::size_t offset,
-    std::size_t k, std::size_t len, typename Ops::V& x2, std::uint64_t& nf,
-    double& tail_x2) noexcept {
+    std::size_t k, std::size_t len, typename Ops::V& x2, double& tail_x2) noexcept {
     using V = typename Ops::V;
     constexpr int L = Ops::L;
     const V s = Ops::set1(sign);
     V acc = x2;  // locals: see sketch_segment()
-    std::uint64_t count = nf;
     double tail = tail_x2;
     const std::size_t vec_end = len - len % L;
     std::size_t p = 0;
@@ -170,7 +176,6 @@ __attribute__((always_inline)) inline void sketch_rotated_chunk(
         Ops::store(buckets + b, Ops::add(Ops::load(static_cast<const double*>(buckets + b)),
                                          Ops::mul(Ops::mul(tv, xv), s)));
         acc = Ops::add(acc, Ops::mul(xv, xv));
-        count += Ops::count_nonfinite(xv);
     }
     for (; p < len; ++p) {
         std::size_t b = p + offset;
@@ -178,10 +183,8 @@ __attribute__((always_inline)) inline void sketch_rotated_chunk(
         const double xv = to_double(x[p]);
         buckets[b] = buckets[b] + (static_cast<double>(tau[p]) * xv) * sign;
         tail = tail + xv * xv;
-        count += scalar_nonfinite(xv);
     }
     x2 = acc;
-    nf = count;
     tail_x2 = tail;
 }
 
@@ -190,7 +193,6 @@ void sketch_body(const T* x, std::size_t begin, std::size_t end, std::size_t k, 
                  std::uint64_t seed, double* buckets, LaneSums& acc) noexcept {
     constexpr int L = Ops::L;
     typename Ops::V x2 = Ops::zero();
-    std::uint64_t nf = 0;
     double tail_x2 = 0.0;
     const ChunkMapper map(seed, k);
     const bool whole_vectors = k % kRotationGranule == 0 && kRotationGranule % L == 0;
@@ -200,22 +202,22 @@ void sketch_body(const T* x, std::size_t begin, std::size_t end, std::size_t k, 
         const ChunkMap m = map(chunk);
         const T* xs = x + start;
         if (whole_vectors) {
-            sketch_rotated_chunk<Ops>(xs, tau, m.sign, buckets, m.offset, k, len, x2, nf, tail_x2);
+            sketch_rotated_chunk<Ops>(xs, tau, m.sign, buckets, m.offset, k, len, x2, tail_x2);
             continue;
         }
         const std::size_t wrap = k - m.offset;  // first position that wraps to bucket 0
         const std::size_t first_end = len < wrap ? len : wrap;
         sketch_segment<Ops>(xs, tau, m.sign, buckets, static_cast<std::ptrdiff_t>(m.offset), 0,
-                            first_end, x2, nf, tail_x2);
+                            first_end, x2, tail_x2);
         if (len > wrap) {
             sketch_segment<Ops>(xs, tau, m.sign, buckets, -static_cast<std::ptrdiff_t>(wrap), wrap,
-                                len, x2, nf, tail_x2);
+                                len, x2, tail_x2);
         }
     }
     double lx2[L], zero[L] = {};
     store_lanes<Ops>(x2, lx2);
     lx2[0] = lx2[0] + tail_x2;
-    flush<Ops>(lx2, zero, zero, zero, nf, acc);
+    flush<Ops>(lx2, zero, zero, zero, count_if_nonfinite(x + begin, end - begin, lx2, L), acc);
 }
 
 template <class Ops>

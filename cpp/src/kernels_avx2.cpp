@@ -2,6 +2,7 @@
 // dispatcher calls them only after the CPU reports both features.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 

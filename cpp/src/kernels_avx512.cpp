@@ -2,6 +2,7 @@
 // the dispatcher calls them only after the CPU reports those features.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 

@@ -1,5 +1,6 @@
 // Portable kernels: L lanes emulated with plain doubles. Built without any SIMD target flags,
 // they are the fallback on every CPU and the reference the SIMD variants are tested against.
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
