@@ -38,7 +38,7 @@ class GroupResult:
     nonfinite: int
 
 
-@dataclass
+@dataclass(slots=True)
 class StabilityResult:
     """What one ``monitor()`` call saw.
 

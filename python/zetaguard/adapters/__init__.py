@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 
-@dataclass
+@dataclass(slots=True)
 class Snapshot:
     """One step's view of the monitored tensors.
 
