@@ -9,18 +9,9 @@
 
 #include "zetaguard/detector.hpp"
 
-using namespace zetaguard;
+#include "check.hpp"
 
-static int failures = 0;
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            ++failures;                                               \
-            std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            std::fprintf(stderr, __VA_ARGS__);                        \
-            std::fprintf(stderr, "\n");                               \
-        }                                                             \
-    } while (0)
+using namespace zetaguard;
 
 // One group's row for a calm trajectory: norm ~10, updates ~1e-3 with noise.
 static std::vector<double> calm_row(std::mt19937_64& rng, double update_scale = 1.0) {

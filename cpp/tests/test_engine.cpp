@@ -10,18 +10,9 @@
 #include "zetaguard/sketch_map.hpp"
 #include "zetaguard/tracker.hpp"
 
-using namespace zetaguard;
+#include "check.hpp"
 
-static int failures = 0;
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            ++failures;                                               \
-            std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            std::fprintf(stderr, __VA_ARGS__);                        \
-            std::fprintf(stderr, "\n");                               \
-        }                                                             \
-    } while (0)
+using namespace zetaguard;
 
 static std::uint16_t float_to_bf16(float f) {
     std::uint32_t b;
