@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from zetaguard import _core, distributed, state
-from zetaguard.adapters import Snapshot, snapshot
+from zetaguard.adapters import Snapshot, default_threads, snapshot
 from zetaguard.detector import Calibration, Detector, Observation
 from zetaguard.recommend import recommendations
 from zetaguard.recovery.manager import RecoveryManager
@@ -37,10 +37,6 @@ _DEVICE_FRAMEWORK = "torch-device"
 
 _LEVEL: dict[Status, int] = {s: i for i, s in enumerate(STATUSES)}
 _GRAD_NORMS_KEPT = 1000  # the recent gradient norms a saved state carries
-
-
-def _default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _group_key(name: str, group_by: GroupBy) -> str:
@@ -143,7 +139,7 @@ class ZetaGuard:
         self.sketch_buckets = int(sketch_buckets)
         self.exact_memory_budget = int(exact_memory_budget)
         self.group_by: GroupBy = group_by
-        self.threads = int(threads) if threads is not None else _default_threads()
+        self.threads = int(threads) if threads is not None else default_threads()
         self.seed = int(seed)
         self.run_dir = run_dir
         self.run_name = run_name

@@ -8,6 +8,7 @@ torch or TensorFlow and a framework is only touched when the user already handed
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,12 @@ class Snapshot:
 
 
 Adapter = Callable[[Any], Snapshot]
+
+
+def default_threads() -> int:
+    """Engine threads when the caller does not say: the cores, at most 4 (the passes are
+    memory-bound; more threads than that only contend for bandwidth)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 # Root module of an object's type -> adapter module with a `snapshot(obj) -> Snapshot`.
 _ADAPTER_MODULES: dict[str, str] = {

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import weakref
 from itertools import repeat
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from zetaguard import _core
-from zetaguard.adapters import Snapshot
+from zetaguard.adapters import Snapshot, default_threads
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32",
@@ -304,7 +303,7 @@ def grad_norm(parameters: Any) -> float | None:
             if not raw:
                 return None
             if not _norm_engine:
-                _norm_engine.append(_core.Tracker(threads=max(1, min(4, os.cpu_count() or 1))))
+                _norm_engine.append(_core.Tracker(threads=default_threads()))
             squares, nonfinite = _norm_engine[0].total_norm_raw(raw)
             return math.inf if nonfinite else math.sqrt(squares)
     params = parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters
