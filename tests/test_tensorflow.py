@@ -296,7 +296,7 @@ def test_many_variables_are_read_in_one_call_in_place() -> None:
             v.assign_add(tf.fill(v.shape, 1e-3 * (step + 1)))
     layout = _cached_layout(variables, None)
     assert layout is not None
-    assert layout.read_all is not None  # the batched read is what the steps above used
+    assert layout.read_all.traced is not None  # the batched read is what the steps above used
     reads = layout.read_all()
     assert [_core._resolve_address(t)[0] for t in reads] == [buffer_address(v) for v in variables]
     del reads

@@ -119,8 +119,7 @@ class _Layout:
         self.names = names
         self.framework = framework
         if framework == "tensorflow":
-            self.reads = [(b.handle, b.dtype) for b in backing]
-            self.read_all = _batched_read(self.reads)
+            self.read_all = _Reader([(b.handle, b.dtype) for b in backing])
         elif framework == "torch":
             self.backing = [weakref.ref(b) for b in backing]
 
@@ -144,11 +143,7 @@ class _Layout:
             import tensorflow as tf
 
             _eager(tf)
-            if self.read_all is not None:
-                tensors = list(self.read_all())
-            else:
-                read = tf.raw_ops.ReadVariableOp
-                tensors = [read(resource=h, dtype=d) for h, d in self.reads]
+            tensors = self.read_all()
             return Snapshot(
                 names=self.names, tensors=tensors, keepalive=tensors, framework="tensorflow"
             )
@@ -163,25 +158,30 @@ class _Layout:
 _BATCHED_READ_MIN = 8
 
 
-def _batched_read(reads: list[tuple[Any, Any]]) -> Any:
-    """A concrete function returning every variable's current value, or None for few
-    variables. Its outputs share the variables' buffers, like the eager reads."""
-    if len(reads) < _BATCHED_READ_MIN:
-        return None
-    import tensorflow as tf
+class _Reader:
+    """Reads a fixed set of resource variables, returning eager tensors that share their
+    buffers: one traced call from ``_BATCHED_READ_MIN`` variables on, one eager op each below."""
 
-    read = tf.raw_ops.ReadVariableOp
+    def __init__(self, reads: list[tuple[Any, Any]]) -> None:
+        import tensorflow as tf
 
-    def read_all() -> list[Any]:
-        return [read(resource=h, dtype=d) for h, d in reads]
+        self.reads = reads
+        self.op = tf.raw_ops.ReadVariableOp
+        self.traced: Any = None  # the concrete function, when reading in one call
+        if len(reads) >= _BATCHED_READ_MIN:
+            try:
+                self.traced = tf.function(self._eager, autograph=False).get_concrete_function()
+            except (TypeError, ValueError):  # a handle a graph cannot capture: stay eager
+                self.traced = None
 
-    try:
-        return tf.function(read_all, autograph=False).get_concrete_function()
-    except (TypeError, ValueError):  # a handle a graph cannot capture: stay eager
-        return None
+    def _eager(self) -> list[Any]:
+        return [self.op(resource=h, dtype=d) for h, d in self.reads]
+
+    def __call__(self) -> list[Any]:
+        return list(self.traced()) if self.traced is not None else self._eager()
 
 
-_readers: dict[tuple[int, ...], tuple[list[weakref.ref[Any]], Any]] = {}
+_readers: dict[tuple[int, ...], tuple[list[weakref.ref[Any]], _Reader]] = {}
 
 
 def read_variables(variables: list[Any]) -> list[Any]:
@@ -194,7 +194,7 @@ def read_variables(variables: list[Any]) -> list[Any]:
     key = tuple(map(id, variables))
     hit = _readers.get(key)
     if hit is None or any(r() is not v for r, v in zip(hit[0], variables, strict=True)):
-        reader = _batched_read([(v.handle, v.dtype) for v in variables])
+        reader = _Reader([(v.handle, v.dtype) for v in variables])
         try:
             hit = ([weakref.ref(v) for v in variables], reader)
         except TypeError:  # no weak references: do not cache
@@ -203,11 +203,7 @@ def read_variables(variables: list[Any]) -> list[Any]:
             if len(_readers) >= 16:
                 _readers.clear()
             _readers[key] = hit
-    reader = hit[1]
-    if reader is not None:
-        return list(reader())
-    read = tf.raw_ops.ReadVariableOp
-    return [read(resource=v.handle, dtype=v.dtype) for v in variables]
+    return hit[1]()
 
 
 _layouts: dict[tuple[int, ...], _Layout] = {}
