@@ -298,7 +298,7 @@ class ZetaGuard:
                 "non-empty list or dict of arrays"
             )
         if self._pattern is not None:
-            snap = self._apply_pattern(snap)
+            snap = self._apply_pattern(snap, self._pattern)
         tracker = self._ensure_tracker(snap)
         names = snap.names
         # Adapters hand back the same names list while the parameter set is unchanged.
@@ -374,18 +374,16 @@ class ZetaGuard:
         self._recovery.after_step(result, batch_index)
         return result
 
-    def _apply_pattern(self, snap: Snapshot) -> Snapshot:
-        if self._pattern is None:
-            return snap
+    def _apply_pattern(self, snap: Snapshot, pattern: re.Pattern[str]) -> Snapshot:
         if self._keep is None or (
             snap.names is not self._names_all_seen and tuple(snap.names) != self._names_all
         ):
             self._names_all = tuple(snap.names)
-            self._keep = [i for i, n in enumerate(snap.names) if self._pattern.search(n)]
+            self._keep = [i for i, n in enumerate(snap.names) if pattern.search(n)]
             self._kept_names = [snap.names[i] for i in self._keep]
             if not self._keep:
                 raise ValueError(
-                    f"monitor_pattern({self._pattern.pattern!r}) matches none of the "
+                    f"monitor_pattern({pattern.pattern!r}) matches none of the "
                     f"{len(snap.names)} parameter names (e.g. {snap.names[:3]})"
                 )
         self._names_all_seen = snap.names
