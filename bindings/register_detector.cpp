@@ -6,7 +6,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <mutex>
 #include <string>
 
 #include "tensor_input.hpp"
@@ -70,7 +69,9 @@ Calibration calibration_from(const std::string& name) {
     throw py::value_error("calibration must be 'auto' or 'none', got '" + name + "'");
 }
 
-// The Python-visible detector: the C++ one plus a lock (a guard may be shared by threads).
+// The Python-visible detector. Every call holds the GIL throughout (the work is a few scalar
+// operations per group, not worth releasing it for), so calls are already serialised and the
+// reused Observation is never read while another call writes it.
 class PyDetector {
 public:
     PyDetector(double drift, double snap, double alpha, int warmup, const std::string& calibration)
@@ -83,10 +84,7 @@ public:
         if (rows.ndim() != 2 || rows.shape(1) != static_cast<py::ssize_t>(kRowWidth))
             throw py::value_error("rows must have shape (groups, 5): x2, v2, a2, j2, nonfinite");
         const auto groups = static_cast<std::size_t>(rows.shape(0));
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            detector_.observe(rows.data(), groups, history, loss, grad_norm, obs_);
-        }
+        detector_.observe(rows.data(), groups, history, loss, grad_norm, obs_);
         const Keys& k = keys();
         py::dict channels, scores;
         for (std::size_t i = 0; i < kChannels; ++i)
@@ -105,15 +103,9 @@ public:
             obs_.nonfinite, obs_.in_warmup);
     }
 
-    void reset() {
-        std::lock_guard<std::mutex> lock(mutex_);
-        detector_.reset();
-    }
+    void reset() { detector_.reset(); }
 
-    void restart_trajectory() {
-        std::lock_guard<std::mutex> lock(mutex_);
-        detector_.restart_trajectory();
-    }
+    void restart_trajectory() { detector_.restart_trajectory(); }
 
     const DetectorConfig& config() const { return detector_.config(); }
     std::int64_t steps() const { return detector_.state().steps; }
@@ -195,7 +187,6 @@ public:
         } catch (const py::cast_error& e) {
             throw StateError(std::string("corrupt guard state (detector): ") + e.what());
         }
-        std::lock_guard<std::mutex> lock(mutex_);
         detector_.state() = std::move(s);
     }
 
@@ -217,7 +208,6 @@ private:
 
     Detector detector_;
     Observation obs_;  // reused: observe() allocates nothing in steady state
-    std::mutex mutex_;
 };
 
 // Per-tensor rows summed into per-group rows (group_of[i] names tensor i's group).
