@@ -71,6 +71,9 @@ def test_sketch_map_matches_engine_state() -> None:
     assert offsets.max() < st_["buckets"]
     assert set(signs) <= {-1.0, 1.0}
     assert buckets_for(20, 5020, 100, 64) == 0  # no bigger than its share: tracked exactly
+    # Sketched only when that compresses the tensor at least 8x (else exact is cheaper).
+    assert buckets_for(512, 1024, 128, 8) == 64
+    assert buckets_for(511, 1022, 128, 8) == 0
 
 
 def test_exact_mode_matches_numpy_reference() -> None:

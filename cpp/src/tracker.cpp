@@ -15,6 +15,7 @@ namespace {
 constexpr std::size_t kExactChunk = std::size_t{1} << 16;
 constexpr std::size_t kSketchPartElems = std::size_t{1} << 18;
 constexpr std::size_t kMaxSketchParts = 8;
+constexpr std::size_t kSketchMinCompression = 8;
 
 template <class T>
 void partial_exact_typed(const T* cur, const T* s1, const T* s2, T* out, std::size_t n, int history,
@@ -73,6 +74,39 @@ void add_lanes(const LaneSums& s, Channels& c) noexcept {
     c.nonfinite += s.nonfinite;
 }
 
+// ||v||^2, ||a||^2, ||j||^2 of a tensor's sketch ring holding `History` earlier sketches.
+// Local accumulators in four chains: accumulating straight into `c` made every bucket a store
+// and a reload (as far as the compiler knows, `c` may alias the ring).
+template <int History>
+void sketch_differences(const double* x0, const double* x1, const double* x2, const double* x3,
+                        std::size_t k, Channels& c) noexcept {
+    constexpr std::size_t kChains = 4;
+    double v2[kChains] = {}, a2[kChains] = {}, j2[kChains] = {};
+    auto bucket = [&](std::size_t b, std::size_t l) {
+        const double d1 = x0[b] - x1[b];
+        v2[l] += d1 * d1;
+        if constexpr (History >= 2) {
+            const double d2 = x1[b] - x2[b];
+            const double a = d1 - d2;
+            a2[l] += a * a;
+            if constexpr (History >= 3) {
+                const double jerk = a - (d2 - (x2[b] - x3[b]));
+                j2[l] += jerk * jerk;
+            }
+        }
+    };
+    std::size_t b = 0;
+    for (; b + kChains <= k; b += kChains) {
+        for (std::size_t l = 0; l < kChains; ++l) bucket(b + l, l);
+    }
+    for (; b < k; ++b) bucket(b, 0);
+    for (std::size_t l = 0; l < kChains; ++l) {
+        c.v2 += v2[l];
+        c.a2 += a2[l];
+        c.j2 += j2[l];
+    }
+}
+
 template <class Byte>
 Byte* at(std::vector<std::uint8_t>& v, std::size_t offset) noexcept {
     return reinterpret_cast<Byte*>(v.data() + offset);
@@ -101,7 +135,11 @@ std::size_t Tracker::buckets_for(std::size_t numel, std::size_t total,
         static_cast<long double>(config.sketch_buckets) * numel / static_cast<long double>(total);
     std::size_t k = std::max<std::size_t>(config.min_buckets, static_cast<std::size_t>(share));
     k = (k + kRotationGranule - 1) / kRotationGranule * kRotationGranule;  // whole SIMD vectors
-    return k >= numel ? 0 : k;  // a tensor no bigger than its share is cheaper to keep exactly
+    // Sketching streams all k buckets once per chunk of k elements: it only beats the exact
+    // ring (five streams of the tensor) once it compresses by several times, so a tensor whose
+    // share is over an eighth of its size is kept exactly (its ring is then at most ~3.5x the
+    // sketch it replaces, and state stays O(sketch_buckets)).
+    return k * kSketchMinCompression > numel ? 0 : k;
 }
 
 void Tracker::reset() noexcept {
@@ -258,24 +296,11 @@ void Tracker::update(const std::vector<TensorView>& tensors, std::vector<Channel
         if (s.buckets == 0) continue;
         auto& now = sketch_now[t];
         if (now.empty()) now.assign(s.buckets, 0.0);  // an empty tensor
-        Channels& c = out[t];
-        for (std::size_t b = 0; b < s.buckets; ++b) {
-            const double x0 = now[b];
-            if (h >= 1) {
-                const double x1 = s.sketch[s1][b];
-                const double d1 = x0 - x1;
-                c.v2 += d1 * d1;
-                if (h >= 2) {
-                    const double y2 = s.sketch[s2][b];
-                    const double a = d1 - (x1 - y2);
-                    c.a2 += a * a;
-                    if (h >= 3) {
-                        const double j = a - ((x1 - y2) - (y2 - s.sketch[s3][b]));
-                        c.j2 += j * j;
-                    }
-                }
-            }
-        }
+        const double *x1 = s.sketch[s1].data(), *x2 = s.sketch[s2].data(),
+                     *x3 = s.sketch[s3].data();
+        if (h == 1) sketch_differences<1>(now.data(), x1, x2, x3, s.buckets, out[t]);
+        if (h == 2) sketch_differences<2>(now.data(), x1, x2, x3, s.buckets, out[t]);
+        if (h == 3) sketch_differences<3>(now.data(), x1, x2, x3, s.buckets, out[t]);
         s.sketch[w] = std::move(now);
     }
     head_ = w;

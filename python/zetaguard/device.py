@@ -44,6 +44,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _TAU_MUL = 0xD1B54A32D192ED03
 _CHUNK_MUL = 0xA0761D6478BD642F
 _ROTATION_GRANULE = 8  # kRotationGranule
+_SKETCH_MIN_COMPRESSION = 8  # kSketchMinCompression (tracker.cpp)
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "float32",
@@ -126,7 +127,7 @@ def buckets_for(numel: int, total: int, sketch_buckets: int, min_buckets: int) -
         return 0
     k = max(min_buckets, sketch_buckets * numel // total)
     k = -(-k // _ROTATION_GRANULE) * _ROTATION_GRANULE  # whole SIMD vectors, as the engine
-    return 0 if k >= numel else k
+    return 0 if k * _SKETCH_MIN_COMPRESSION > numel else k  # as the engine: sketch only when it pays
 
 
 class _Sketch:

@@ -41,7 +41,7 @@ enum class Mode : std::uint8_t { exact = 0, sketch = 1 };
 struct TrackerConfig {
     Mode mode = Mode::exact;
     // Sketch mode: buckets shared by all tensors, split in proportion to size (at least
-    // min_buckets each; a tensor no larger than its share is tracked exactly).
+    // min_buckets each; a tensor less than 8 times its share is tracked exactly).
     std::size_t sketch_buckets = 16384;
     std::size_t min_buckets = 64;
     int threads = 1;
