@@ -36,7 +36,9 @@ VETO_NAN_STEP = 4  # rank 1 alone vetoes this step
 def build_model() -> torch.nn.Module:
     torch.manual_seed(0)  # the same initial weights on every rank
     return torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
+        # Wide enough that sketch mode sketches the first layer's shards (a tensor is only
+        # sketched when that compresses it 8x; smaller ones are tracked exactly).
+        torch.nn.Linear(16, 128), torch.nn.Tanh(), torch.nn.Linear(128, 4)
     ).double()
 
 

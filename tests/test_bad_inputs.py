@@ -239,7 +239,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 
 def trajectory(n_steps: int, dtype: torch.dtype, seed: int = 0) -> list[list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    x = [torch.randn(300, generator=gen, dtype=torch.float64),
+    x = [torch.randn(600, generator=gen, dtype=torch.float64),  # sketched in sketch mode
          torch.randn(40, generator=gen, dtype=torch.float64)]
     out = []
     for _ in range(n_steps):

@@ -12,7 +12,7 @@ from zetaguard import StateFileError, ZetaGuard
 
 def _steps(seed: int, n: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    w = {"l1.weight": rng.standard_normal((20, 10)).astype(np.float32), "l2.bias": rng.standard_normal(7)}
+    w = {"l1.weight": rng.standard_normal((40, 20)).astype(np.float32), "l2.bias": rng.standard_normal(7)}
     out = []
     for t in range(n):
         lr = 0.01 if t < 25 else 0.01 * 1.4 ** (t - 25)  # a ramp so later steps alarm

@@ -24,7 +24,8 @@ def _raw(ts: list[torch.Tensor]) -> list[tuple[int, int, str]]:
 
 
 def _compare(mode: str, shapes: list[int], dtype: torch.dtype, steps: int, seed: int,
-             buckets: int = 256) -> None:
+             buckets: int = 256) -> list[int]:
+    """Runs both engines side by side; returns the buckets each tensor got (0: exact)."""
     gen = torch.Generator().manual_seed(seed)
     ts = [torch.randn(n, generator=gen).to(dtype) for n in shapes]
     host = _core.Tracker(mode=mode, sketch_buckets=buckets, seed=seed)
@@ -37,12 +38,15 @@ def _compare(mode: str, shapes: list[int], dtype: torch.dtype, steps: int, seed:
         assert dev.history == host.history
         np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-30)
     assert dev.buckets == host.buckets
+    return list(host.buckets)
 
 
 @pytest.mark.parametrize("mode", ["exact", "sketch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_device_path_reproduces_host_engine(mode: str, dtype: torch.dtype) -> None:
-    _compare(mode, [3000, 7, 640, 129], dtype, steps=6, seed=11)
+    buckets = _compare(mode, [3000, 7, 640, 129], dtype, steps=6, seed=11)
+    if mode == "sketch":  # both paths of sketch mode: sketched tensors and small exact ones
+        assert [k > 0 for k in buckets] == [True, False, True, False]
 
 
 @settings(max_examples=20, deadline=None)
