@@ -99,6 +99,46 @@ def test_rollback_restores_parameters_and_optimizer_state_bit_for_bit(make_opt) 
     _assert_same_state(model.state_dict(), twin.state_dict())
 
 
+def test_captures_reuse_the_buffers_of_dropped_snapshots_and_never_of_held_ones() -> None:
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, opt, 2)
+    backend = make_backend(model, opt)
+
+    def tensors(snap) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+        return [*snap.params.values(),
+                *(v for s in snap.optimizer_state["state"].values() for v in s.values())]
+
+    def pointers(snap) -> set[int]:  # type: ignore[no-untyped-def]
+        return {t.data_ptr() for t in tensors(snap)}
+
+    held = backend.capture(step=2)
+    held_model = copy.deepcopy(held.params)
+    held_opt = copy.deepcopy(held.optimizer_state)
+    _train(model, opt, 1)
+    second = backend.capture(step=3)
+    assert not pointers(second) & pointers(held)  # a held snapshot is never written to
+    second_buffers = tensors(second)
+    del second  # the keeper drops it: its buffers serve the next capture
+    _train(model, opt, 1)
+    third = backend.capture(step=4)
+    assert all(a is b for a, b in zip(tensors(third), second_buffers, strict=True))
+    _assert_same_state(third.params, {k: v.detach() for k, v in model.state_dict().items()})
+    _assert_same_state(third.optimizer_state, opt.state_dict())
+    _assert_same_state(held.params, held_model)  # untouched by the two later captures
+    _assert_same_state(held.optimizer_state, held_opt)
+
+    # A different layout (a parameter group added) gets fresh buffers of the right shapes.
+    extra = torch.nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [extra]})
+    extra.grad = torch.ones(3)
+    opt.step()
+    del third
+    fourth = backend.capture(step=5)
+    _assert_same_state(fourth.optimizer_state, opt.state_dict())
+
+
 def test_restore_keeps_the_current_learning_rate() -> None:
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,17 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return obj
 
 
-def _to_host(obj: Any) -> Any:
-    """A deep copy of ``obj`` with every tensor cloned to CPU memory (never aliasing)."""
-    return map_tensors(obj, lambda t: t.detach().to("cpu", copy=True))
+def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    """The tensors inside ``obj``, in the order :func:`map_tensors` visits them."""
+    leaves: list[torch.Tensor] = []
+    map_tensors(obj, leaves.append)
+    return leaves
+
+
+def _same_layout(buffers: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
+    return len(buffers) == len(sources) and all(
+        b.shape == s.shape and b.dtype == s.dtype for b, s in zip(buffers, sources, strict=True)
+    )
 
 
 def _clone(obj: Any) -> Any:
@@ -36,14 +45,6 @@ def _clone(obj: Any) -> Any:
     return map_tensors(obj, lambda t: t.clone())
 
 
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
 
 
 def _named_targets(model: Any) -> dict[str, torch.Tensor]:
@@ -77,6 +78,7 @@ class TorchBackend:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.targets = _named_targets(model)
+        self._spare: list[list[torch.Tensor]] = []  # buffers of dropped snapshots
 
     def set_params(self, params: Any) -> None:
         """Point at a new parameter set (used when only parameters were handed to monitor())."""
@@ -86,21 +88,41 @@ class TorchBackend:
     # ---- snapshots -----------------------------------------------------------------------
 
     def capture(self, step: int, data_position: Any = None) -> StateSnapshot:
-        params = {name: _to_host(t) for name, t in self.targets.items()}
-        opt_state = _to_host(self.optimizer.state_dict()) if self.optimizer is not None else None
+        opt_state = self.optimizer.state_dict() if self.optimizer is not None else None
+        live = (self.targets, opt_state)
+        sources = _tensor_leaves(live)
+        buffers = self._spare_buffers(sources)
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, sources)  # one call for every tensor, not one each
+        copied = iter(buffers)
+        params, opt_state = map_tensors(live, lambda _: next(copied))
         rng = capture_host_rng()
         rng["torch"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return StateSnapshot(
+        snap = StateSnapshot(
             step=step,
             params=params,
             optimizer_state=opt_state,
             rng=rng,
             data_position=data_position,
-            nbytes=_nbytes(params) + _nbytes(opt_state),
+            nbytes=sum(b.numel() * b.element_size() for b in buffers),
             has_optimizer_state=opt_state is not None,
         )
+        # Once the keeper lets this snapshot go, its host buffers serve the next capture:
+        # allocating a fresh copy of model and optimizer state every few steps costs page
+        # faults (on a 25M-parameter Adam run, 300 MB: 2x the time of the copy itself).
+        weakref.finalize(snap, self._spare.append, buffers).atexit = False
+        return snap
+
+    def _spare_buffers(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host buffers for a capture: those of a snapshot no one holds any more when they fit
+        (at most one such set is kept), fresh ones otherwise."""
+        spare = self._spare.pop() if self._spare else None
+        self._spare.clear()
+        if spare is not None and _same_layout(spare, sources):
+            return spare
+        return [torch.empty(t.shape, dtype=t.dtype, device="cpu") for t in sources]
 
     def restore(self, snapshot: StateSnapshot) -> None:
         saved: dict[str, torch.Tensor] = snapshot.params
