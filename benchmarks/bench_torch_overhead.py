@@ -5,7 +5,7 @@ Three measurements:
 1. adapter cost: fixed cost of one ``monitor()`` and cost per tensor (a model of many tiny
    tensors, so the engine's arithmetic is negligible and the Python path shows);
 2. a 25M-parameter plain loop (MLP, Adam) at batch 32 and at batch 512: step time with the
-   guard (exact and sketch mode) over step time without, blocks interleaved so machine noise
+   guard (exact and sketch mode, monitoring alone and with recovery on) over step time without, blocks interleaved so machine noise
    hits every arm alike. The guard reads every parameter (and gradient) once per step whatever
    the batch, so its share shrinks as the step does more work per parameter: batch 32 is the
    worst case (the step itself is mostly memory traffic), batch 512 a step with real compute;
@@ -77,6 +77,16 @@ def _mlp(params: int) -> torch.nn.Module:
     return torch.nn.Sequential(*layers[:-1])
 
 
+# The arms every workload runs: monitoring alone, and monitoring with recovery on (the default:
+# verified snapshots of model and optimizer every 10 stable steps, ready for a rollback).
+ARMS = {
+    "exact": {"mode": "exact", "auto_recover": False},
+    "sketch": {"mode": "sketch", "auto_recover": False},
+    "exact+recovery": {"mode": "exact", "auto_recover": True},
+    "sketch+recovery": {"mode": "sketch", "auto_recover": True},
+}
+
+
 def plain_loop(params: int, steps: int, blocks: int, batch: int = 32) -> None:
     print(f"\n== 2. plain loop, {params / 1e6:.0f}M-parameter MLP, Adam, batch {batch} ==")
     torch.manual_seed(0)
@@ -85,12 +95,13 @@ def plain_loop(params: int, steps: int, blocks: int, batch: int = 32) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     width = model[0].in_features
     x = torch.randn(batch, width)
-    guards = {
-        "exact": ZetaGuard(mode="exact", warmup_steps=5, auto_recover=False),
-        "sketch": ZetaGuard(mode="sketch", warmup_steps=5, auto_recover=False),
-    }
+    guards = {name: ZetaGuard(warmup_steps=5, **kw) for name, kw in ARMS.items()}
+    for g in guards.values():
+        if g.auto_recover:
+            g.attach(model=model, optimizer=opt)
 
-    in_run: dict[str, float] = {"exact": 0.0, "sketch": 0.0}
+    in_run = dict.fromkeys(guards, 0.0)
+    current = [""]
 
     def step(guard: ZetaGuard | None) -> None:
         opt.zero_grad()
@@ -100,15 +111,17 @@ def plain_loop(params: int, steps: int, blocks: int, batch: int = 32) -> None:
         if guard is not None:
             t = time.perf_counter()
             guard.monitor(model, loss=loss.item())
-            in_run[guard.mode] += time.perf_counter() - t
+            in_run[current[0]] += time.perf_counter() - t
 
-    for g in (None, *guards.values()):
+    for name in ("none", *guards):
+        current[0] = name
         for _ in range(3):
-            step(g)  # warm caches, allocate rings
-    times: dict[str, list[float]] = {"none": [], "exact": [], "sketch": []}
-    in_run.update(exact=0.0, sketch=0.0)
+            step(guards.get(name))  # warm caches, allocate rings
+    times: dict[str, list[float]] = {name: [] for name in ("none", *guards)}
+    in_run = dict.fromkeys(guards, 0.0)
     for _ in range(blocks):  # interleaved: noise from other processes hits every arm
-        for name in ("none", "exact", "sketch"):
+        for name in times:
+            current[0] = name
             g = guards.get(name)
             t = time.perf_counter()
             for _ in range(steps):
@@ -116,18 +129,24 @@ def plain_loop(params: int, steps: int, blocks: int, batch: int = 32) -> None:
             times[name].append((time.perf_counter() - t) / steps)
     base = statistics.median(times["none"])
     print(f"parameters: {n:,}; torch threads: {torch.get_num_threads()}")
-    print(f"{'arm':10}{'step (ms)':>12}{'overhead':>12}{'in-run share':>14}")
-    print(f"{'no guard':10}{base * 1e3:12.2f}")
-    for name in ("exact", "sketch"):
+    print(f"{'arm':18}{'step (ms)':>11}{'overhead':>10}{'in-run share':>14}")
+    print(f"{'no guard':18}{base * 1e3:11.2f}")
+    for name in guards:
         t = statistics.median(times[name])
         total = sum(times[name]) * steps
         share = in_run[name] / (total - in_run[name])
-        print(f"{name:10}{t * 1e3:12.2f}{(t / base - 1) * 100:11.1f}%{share * 100:13.1f}%")
+        print(f"{name:18}{t * 1e3:11.2f}{(t / base - 1) * 100:9.1f}%{share * 100:13.1f}%")
     print("in-run share: time inside monitor() over the rest of the same steps")
-    for name, g in guards.items():
+    for name in ("exact", "sketch"):
+        g = guards[name]
         direct = best_of(lambda g=g: g.monitor(model), 3, 3)  # type: ignore[misc]
         print(f"monitor() alone, {name}: {direct * 1e3:.2f} ms "
               f"({n * 4 / direct / 1e9:.1f} GB/s of parameters)")
+    # The floor of any monitor that looks at every parameter and gradient: reading both once.
+    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    floor = best_of(lambda: [t.sum() for t in tensors], 3, 3)
+    print(f"floor: reading parameters and gradients once (torch.sum, {torch.get_num_threads()} "
+          f"threads) {floor * 1e3:.2f} ms = {floor / base * 100:.1f}% of the step")
     print("targets: exact <= 5%, sketch <= 2%")
 
 
@@ -160,9 +179,7 @@ def hf_trainer(steps: int, repeats: int) -> None:
                                  per_device_train_batch_size=16, learning_rate=1e-3,
                                  logging_steps=10**6, save_strategy="no", report_to=[],
                                  use_cpu=True, disable_tqdm=True)
-        callbacks = [] if mode is None else [
-            _Timed(mode=mode, warmup_steps=10, auto_recover=False)
-        ]
+        callbacks = [] if mode is None else [_Timed(warmup_steps=10, **ARMS[mode])]
         trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens(),
                           callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # keep the table readable
@@ -190,19 +207,19 @@ def hf_trainer(steps: int, repeats: int) -> None:
             self.spent += time.perf_counter() - t
             return out
 
-    shares: dict[str, list[float]] = {"exact": [], "sketch": []}
+    shares: dict[str, list[float]] = {name: [] for name in ARMS}
     run(None)  # warm imports
-    times: dict[str, list[float]] = {"none": [], "exact": [], "sketch": []}
+    times: dict[str, list[float]] = {name: [] for name in ("none", *ARMS)}
     for _ in range(repeats):
-        for name in ("none", "exact", "sketch"):
+        for name in times:
             times[name].append(run(None if name == "none" else name))
     base = statistics.median(times["none"])
-    print(f"{'arm':10}{'step (ms)':>12}{'overhead':>12}{'in-run share':>14}")
-    print(f"{'no guard':10}{base * 1e3:12.2f}")
-    for name in ("exact", "sketch"):
+    print(f"{'arm':18}{'step (ms)':>11}{'overhead':>10}{'in-run share':>14}")
+    print(f"{'no guard':18}{base * 1e3:11.2f}")
+    for name in ARMS:
         t = statistics.median(times[name])
         share = statistics.median(shares[name])
-        print(f"{name:10}{t * 1e3:12.2f}{(t / base - 1) * 100:11.1f}%{share * 100:13.1f}%")
+        print(f"{name:18}{t * 1e3:11.2f}{(t / base - 1) * 100:9.1f}%{share * 100:13.1f}%")
     print("in-run share: time inside the guard's hooks over the rest of the same train()")
     print("targets: exact <= 5%, sketch <= 2%")
 

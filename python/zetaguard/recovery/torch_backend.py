@@ -18,12 +18,15 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        return {k: map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [map_tensors(v, fn) for v in obj]
+        return {k: map_tensors(v, fn) if isinstance(v, _CONTAINERS) else v for k, v in obj.items()}
+    if isinstance(obj, list):  # e.g. a param group's "params": hundreds of ints, no call each
+        return [map_tensors(v, fn) if isinstance(v, _CONTAINERS) else v for v in obj]
     if isinstance(obj, tuple):
-        return tuple(map_tensors(v, fn) for v in obj)
+        return tuple(map_tensors(v, fn) if isinstance(v, _CONTAINERS) else v for v in obj)
     return obj
+
+
+_CONTAINERS = (torch.Tensor, dict, list, tuple)
 
 
 def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
