@@ -4,8 +4,10 @@
    zero-copy reads) against ``[w.numpy() for w in model.trainable_weights]`` (a copy of every
    weight), for the digits MLP and a larger MLP. Also the full step (read + engine pass).
 2. Per-batch overhead of ``model.fit`` on sklearn's digits with ``ZetaKeras()`` (defaults:
-   monitoring, recovery snapshots) against the same fit without it, and against a no-op
-   callback (Keras dispatches callbacks synchronously once one overrides a batch hook).
+   monitoring, recovery snapshots) against the same fit without it. Three more arms split the
+   cost: a no-op callback (Keras dispatches callbacks synchronously once one overrides a batch
+   hook), a callback that only reads the weights the way the guard does (the floor of any
+   per-batch watcher), and ``ZetaKeras(auto_recover=False)`` (monitoring without snapshots).
 
     python benchmarks/bench_keras.py                      # the backend KERAS_BACKEND names
     python benchmarks/bench_keras.py --backends tensorflow,torch,jax
@@ -70,9 +72,18 @@ def bench_fit(keras: Any, epochs: int, repeats: int) -> dict[str, tuple[float, f
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype("float32")
 
+    from zetaguard.adapters import snapshot
+
     class NoOp(keras.callbacks.Callback):  # type: ignore[misc]
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             return None
+
+    class ReadOnly(keras.callbacks.Callback):  # type: ignore[misc]
+        """The floor of any per-batch watcher: reach the weights (the guard's zero-copy read)
+        and do nothing with them."""
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            snapshot(self.model)
 
     model = mlp(keras, [64, 128, 10])
     model.compile(
@@ -83,6 +94,8 @@ def bench_fit(keras: Any, epochs: int, repeats: int) -> dict[str, tuple[float, f
     arms: dict[str, Any] = {
         "none": lambda: [],
         "no-op callback": lambda: [NoOp()],
+        "read weights only": lambda: [ReadOnly()],
+        "ZetaKeras(auto_recover=False)": lambda: [ZetaKeras(auto_recover=False)],
         "ZetaKeras()": lambda: [ZetaKeras()],
         "ZetaKeras(every_n_batches=10)": lambda: [ZetaKeras(every_n_batches=10)],
     }
