@@ -339,6 +339,49 @@ def test_persistent_trouble_climbs_every_rung_then_stops() -> None:
     assert all(b - a == ladder.cooldown + 1 for a, b in itertools.pairwise(steps))
 
 
+def _feed(guard: ZetaGuard, steps: list[tuple[int, str, float, float]]) -> list[object]:
+    """Each step: the pre-step veto on its gradient norm, then the ladder on its status. What
+    the guard decided, without the rollback targets (those depend on the snapshots held)."""
+    out: list[object] = []
+    for step, status, zeta, grad in steps:
+        vetoed = guard.should_skip_step(grad_norm=grad)
+        result = _result(step, status, zeta)
+        result.channels.update(grad_norm=grad, loss=1.0)
+        report = guard.recovery.after_step(result)
+        out.append((vetoed, None if report is None else (report.message, report.stopped)))
+    return out
+
+
+def test_saved_state_resumes_the_ladder_the_budget_and_the_veto_history(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(3)
+    cooldown = LADDERS["balanced"].cooldown
+    steps = []
+    for step in range(160):
+        trouble = step >= 40 and (step - 40) % (cooldown + 15) == 0  # outside the cooldown
+        status, zeta = ("CRITICAL", 3.0) if trouble else ("STABLE", 0.1)
+        grad = float(rng.lognormal(0.0, 0.2)) * (30.0 if step in (70, 130) else 1.0)
+        steps.append((step, status, zeta, grad))
+    first, rest = steps[:100], steps[100:]
+
+    def fresh() -> ZetaGuard:
+        guard = ZetaGuard(recovery_mode="balanced")
+        guard.recovery.bind_params([np.zeros(3)])
+        return guard
+
+    original = fresh()
+    _feed(original, first)
+    assert original.recovery.episode >= 2  # mid-episode, several rungs up
+    path = tmp_path / "guard.npz"
+    original.save_state(path)
+    resumed = fresh()
+    resumed.load_state(path)
+    assert resumed.recovery.counters() == original.recovery.counters()
+    expected = _feed(original, rest)
+    assert _feed(resumed, rest) == expected
+    assert _feed(fresh(), rest) != expected  # a guard that forgot would decide otherwise
+    assert any(vetoed for vetoed, _ in expected)  # the veto history was exercised too
+
+
 def test_calm_period_restarts_the_ladder() -> None:
     guard = ZetaGuard(recovery_mode="balanced")
     guard.recovery.bind_params([np.zeros(2)])

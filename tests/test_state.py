@@ -91,3 +91,47 @@ def test_failed_save_leaves_previous_file_intact(tmp_path: Path, monkeypatch: py
         guard.save_state(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temp file left behind
+
+
+def _rewrite_meta(path: Path, edit: object) -> None:
+    """Rewrite the JSON header of a state file (the checksum covers the arrays, not it)."""
+    import json
+
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {name: z[name] for name in z.files}
+    meta = json.loads(bytes(arrays.pop("meta")).decode())
+    edit(meta)  # type: ignore[operator]
+    blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, allow_pickle=False, meta=blob, **arrays)
+
+
+def test_files_without_recovery_counters_still_load(tmp_path: Path) -> None:
+    guard = ZetaGuard(warmup_steps=5, auto_recover=False)
+    for p in _steps(1, 12):
+        guard.monitor(p)
+    guard.recovery.total = 2  # as if two recoveries had run
+    path = tmp_path / "old.npz"
+    guard.save_state(path)
+    _rewrite_meta(path, lambda meta: meta.pop("recovery"))  # what earlier versions wrote
+    resumed = ZetaGuard(auto_recover=False)
+    resumed.load_state(path)
+    assert resumed.step == guard.step
+    assert resumed.recovery.total == 0  # nothing saved: the ladder starts afresh
+
+
+def test_malformed_recovery_counters_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    guard = ZetaGuard(warmup_steps=5, auto_recover=False)
+    for p in _steps(2, 12):
+        guard.monitor(p)
+    path = tmp_path / "bad.npz"
+    guard.save_state(path)
+    _rewrite_meta(path, lambda meta: meta["recovery"].update(episode=-1))
+    target = ZetaGuard(warmup_steps=5, auto_recover=False)
+    for p in _steps(3, 4):
+        target.monitor(p)
+    target.recovery.total = 1
+    with pytest.raises(StateFileError, match="inconsistent guard state"):
+        target.load_state(path)
+    assert target.step == 4  # all or nothing: the refused file changed nothing
+    assert target.recovery.total == 1

@@ -723,8 +723,9 @@ class ZetaGuard:
 
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
-        """Write the trajectory and calibration to ``path`` atomically (an ``.npz`` archive,
-        no pickle). A guard that loads it gives the same next results as this one."""
+        """Write the trajectory, the calibration and the recovery ladder's counters to ``path``
+        atomically (an ``.npz`` archive, no pickle). A guard that loads it gives the same next
+        results, vetoes and recovery decisions as this one (snapshots are not saved)."""
         with self._lock:
             engine = (
                 self._tracker.get_state()
@@ -742,6 +743,7 @@ class ZetaGuard:
                 "zeta_sum": self._zeta_sum,
                 "zeta_max": self._zeta_max,
                 "grad_norms": list(self._grad_norms),
+                "recovery": self._recovery.counters(),
             }
             meta, arrays = state.pack(meta, engine)
             state.save(path, meta, arrays)
@@ -785,6 +787,11 @@ class ZetaGuard:
                 float(meta["zeta_max"]),
                 deque((float(g) for g in meta["grad_norms"]), maxlen=_GRAD_NORMS_KEPT),
             )
+            # Files written before recovery counters were saved leave the ladder as it is.
+            saved_recovery = meta.get("recovery")
+            recovery = (
+                RecoveryManager.parse_counters(saved_recovery) if saved_recovery is not None else None
+            )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError,
                 re.error) as e:
             # RuntimeError: pybind11's cast errors for a field of the wrong type.
@@ -814,6 +821,8 @@ class ZetaGuard:
                 self._zeta_max,
                 self._grad_norms,
             ) = counters
+            if recovery is not None:
+                self._recovery.restore_counters(recovery)
 
 def _is_device_tracker(tracker: Any) -> bool:
     return not isinstance(tracker, _core.Tracker)

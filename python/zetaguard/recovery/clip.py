@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,23 @@ class RobustHistory:
         self._refresh()
         assert self._median is not None
         return math.exp(self._median)
+
+    def state(self) -> dict[str, Any]:
+        """Everything the next decisions depend on, cached median included (JSON-able)."""
+        return {"logs": list(self.logs), "stale": self._stale, "median": self._median,
+                "spread": self._spread}
+
+    @classmethod
+    def from_state(cls, saved: Mapping[str, Any]) -> RobustHistory:
+        """The inverse of :meth:`state`; raises ``KeyError``/``TypeError``/``ValueError`` on a
+        malformed entry."""
+        history = cls()
+        history.logs.extend(float(v) for v in saved["logs"])
+        history._stale = int(saved["stale"])
+        median = saved["median"]
+        history._median = None if median is None else float(median)
+        history._spread = float(saved["spread"])
+        return history
 
     def clip_value(self) -> float | None:
         if len(self.logs) < CLIP_MIN_SAMPLES:

@@ -97,6 +97,43 @@ class RecoveryManager:
         self.grad_norms = clip.RobustHistory()
         self.last_report: RecoveryReport | None = None
 
+    # ---- persistence (save_state) ---------------------------------------------------------
+
+    def counters(self) -> dict[str, Any]:
+        """Where the ladder stands and how much of the run's recovery budget is used, plus the
+        loss and gradient-norm histories the veto and the clip value read, for ``save_state``.
+        Snapshots are not saved (a resumed run takes new ones), nor is a stop: a run the guard
+        stopped can be resumed on purpose."""
+        return {
+            "episode": self.episode,
+            "total": self.total,
+            "since_action": self.since_action,
+            "calm": self.calm,
+            "skips": self.skips,
+            "consecutive_skips": self.consecutive_skips,
+            "losses": self.losses.state(),
+            "grad_norms": self.grad_norms.state(),
+        }
+
+    @staticmethod
+    def parse_counters(saved: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`counters` output checked and typed; raises ``KeyError``, ``TypeError`` or
+        ``ValueError`` on a malformed entry (``load_state`` checks before it changes anything)."""
+        parsed: dict[str, Any] = {
+            key: int(saved[key]) for key in ("episode", "total", "calm", "skips", "consecutive_skips")
+        }
+        parsed["since_action"] = float(saved["since_action"])
+        if min(parsed.values()) < 0:
+            raise ValueError(f"negative recovery counter in {dict(saved)}")
+        parsed["losses"] = clip.RobustHistory.from_state(saved["losses"])
+        parsed["grad_norms"] = clip.RobustHistory.from_state(saved["grad_norms"])
+        return parsed
+
+    def restore_counters(self, parsed: Mapping[str, Any]) -> None:
+        """Apply what :meth:`parse_counters` returned."""
+        for key, value in parsed.items():
+            setattr(self, key, value)
+
     @property
     def ladder(self) -> Ladder:
         return LADDERS[self.guard.recovery_mode]
