@@ -139,6 +139,28 @@ def test_captures_reuse_the_buffers_of_dropped_snapshots_and_never_of_held_ones(
     _assert_same_state(fourth.optimizer_state, opt.state_dict())
 
 
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation.*:UserWarning")
+def test_sparse_and_quantized_state_is_captured_and_restored() -> None:
+    model = torch.nn.Linear(3, 3)
+    model.register_buffer("mask", torch.eye(3).to_sparse())
+    model.register_buffer("q", torch.quantize_per_tensor(torch.ones(4), 0.5, 0, torch.qint8))
+    backend = make_backend(model)
+    snap = backend.capture(step=0)
+    assert snap.params["mask"].is_sparse
+    assert snap.params["q"].is_quantized
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.mask.mul_(2.0)
+    del snap
+    again = backend.capture(step=1)  # reuses the dense buffers, copies the others afresh
+    assert torch.equal(again.params["mask"].to_dense(), 2 * torch.eye(3))
+    assert torch.equal(again.params["weight"], model.weight.detach())
+    with torch.no_grad():
+        model.mask.mul_(3.0)
+    backend.restore(again)
+    assert torch.equal(model.mask.to_dense(), 2 * torch.eye(3))
+
+
 def test_restore_keeps_the_current_learning_rate() -> None:
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

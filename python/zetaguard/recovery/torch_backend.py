@@ -36,6 +36,10 @@ def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
     return leaves
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    return t.layout == torch.strided and not t.is_quantized
+
+
 def _same_layout(buffers: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
     return len(buffers) == len(sources) and all(
         b.shape == s.shape and b.dtype == s.dtype for b, s in zip(buffers, sources, strict=True)
@@ -96,7 +100,14 @@ class TorchBackend:
         sources = _tensor_leaves(live)
         buffers = self._spare_buffers(sources)
         with torch.no_grad():
-            torch._foreach_copy_(buffers, sources)  # one call for every tensor, not one each
+            if all(map(_is_dense, sources)):
+                torch._foreach_copy_(buffers, sources)  # one call for every tensor, not one each
+            else:  # a sparse or quantized tensor cannot be copied into a dense buffer
+                for i, t in enumerate(sources):
+                    if _is_dense(t):
+                        buffers[i].copy_(t)
+                    else:
+                        buffers[i] = t.detach().to("cpu", copy=True)
         copied = iter(buffers)
         params, opt_state = map_tensors(live, lambda _: next(copied))
         rng = capture_host_rng()
