@@ -296,11 +296,13 @@ void Tracker::update(const std::vector<TensorView>& tensors, std::vector<Channel
         if (s.buckets == 0) continue;
         auto& now = sketch_now[t];
         if (now.empty()) now.assign(s.buckets, 0.0);  // an empty tensor
-        const double *x1 = s.sketch[s1].data(), *x2 = s.sketch[s2].data(),
-                     *x3 = s.sketch[s3].data();
-        if (h == 1) sketch_differences<1>(now.data(), x1, x2, x3, s.buckets, out[t]);
-        if (h == 2) sketch_differences<2>(now.data(), x1, x2, x3, s.buckets, out[t]);
-        if (h == 3) sketch_differences<3>(now.data(), x1, x2, x3, s.buckets, out[t]);
+        if (h >= 1) {  // the ring holds h earlier sketches (head_ is -1 before the first)
+            const double *x1 = s.sketch[s1].data(), *x2 = s.sketch[s2].data(),
+                         *x3 = s.sketch[s3].data();
+            if (h == 1) sketch_differences<1>(now.data(), x1, x2, x3, s.buckets, out[t]);
+            if (h == 2) sketch_differences<2>(now.data(), x1, x2, x3, s.buckets, out[t]);
+            if (h == 3) sketch_differences<3>(now.data(), x1, x2, x3, s.buckets, out[t]);
+        }
         s.sketch[w] = std::move(now);
     }
     head_ = w;
