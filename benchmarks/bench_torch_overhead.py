@@ -9,8 +9,8 @@ Three measurements:
    hits every arm alike. The guard reads every parameter (and gradient) once per step whatever
    the batch, so its share shrinks as the step does more work per parameter: batch 32 is the
    worst case (the step itself is mostly memory traffic), batch 512 a step with real compute;
-3. a tiny GPT-2 in the Hugging Face Trainer: ``train()`` time with ``ZetaGuardCallback`` over
-   ``train()`` without.
+3. a tiny GPT-2 in the Hugging Face Trainer: ``train()`` time with ``ZetaGuardCallback``
+   (added with ``install(trainer)``) over ``train()`` without.
 
 Targets (issue #5): <= 30 us fixed + <= 2 us per tensor; overhead <= 5% exact, <= 2% sketch.
 
@@ -180,8 +180,9 @@ def hf_trainer(steps: int, repeats: int) -> None:
                                  logging_steps=10**6, save_strategy="no", report_to=[],
                                  use_cpu=True, disable_tqdm=True)
         callbacks = [] if mode is None else [_Timed(warmup_steps=10, **ARMS[mode])]
-        trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens(),
-                          callbacks=callbacks)
+        trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens())
+        for cb in callbacks:
+            cb.install(trainer)  # the documented way: first in line, pre-clip gradient norm
         trainer.remove_callback(PrinterCallback)  # keep the table readable
         t = time.perf_counter()
         trainer.train()

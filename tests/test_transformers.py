@@ -55,7 +55,8 @@ class _BlowUp(TrainerCallback):  # type: ignore[misc]
             self.lr_blown = optimizer.param_groups[0]["lr"]
 
 
-def _train(tmp: Path, steps: int, callbacks: list, seed: int = 0) -> Trainer:  # type: ignore[type-arg]
+def _train(tmp: Path, steps: int, callbacks: list, seed: int = 0,  # type: ignore[type-arg]
+           installed: ZetaGuardCallback | None = None, max_grad_norm: float = 1.0) -> Trainer:
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
                         bos_token_id=0, eos_token_id=0)
@@ -63,10 +64,12 @@ def _train(tmp: Path, steps: int, callbacks: list, seed: int = 0) -> Trainer:  #
         output_dir=str(tmp), max_steps=steps, per_device_train_batch_size=16,
         learning_rate=3e-3, lr_scheduler_type="linear", warmup_steps=0, logging_steps=5,
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=seed,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, max_grad_norm=max_grad_norm,
     )
     trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=_Tokens(),
                       callbacks=callbacks)
+    if installed is not None:
+        installed.install(trainer)
     trainer.train()
     return trainer
 
@@ -103,3 +106,25 @@ def test_lr_blow_up_is_caught_and_the_cut_persists(tmp_path: Path) -> None:
     assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
     if cb.guard.should_stop:
         assert trainer.state.global_step < 50  # control.should_training_stop ended the run
+
+
+@pytest.mark.parametrize("install", [True, False])
+def test_installed_callback_sees_the_gradient_norm_before_clipping(
+    tmp_path: Path, install: bool
+) -> None:
+    """The Trainer clips before on_pre_optimizer_step, so a norm read there is capped at
+    max_grad_norm. Installed, the callback records the Trainer's own pre-clip norm, which the
+    Trainer also logs: the two must agree (and a callback only passed in `callbacks=` sees the
+    clipped one)."""
+    cb = ZetaGuardCallback(warmup_steps=10)
+    clip = 1e-3  # far below this model's gradient norms: every step is clipped
+    trainer = _train(tmp_path, 20, [] if install else [cb], installed=cb if install else None,
+                     max_grad_norm=clip)
+    logged = [h for h in trainer.state.log_history if "grad_norm" in h and "loss" in h]
+    assert len(logged) == 4
+    for entry in logged:
+        assert entry["grad_norm"] > 10 * clip
+        if install:
+            assert entry["zetaguard/grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-5)
+        else:
+            assert entry["zetaguard/grad_norm"] == pytest.approx(clip, rel=1e-3)
