@@ -45,15 +45,25 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: 
         return cls(schedule, config["factor"])
 
 
+def _backend_value(v: Any) -> Any:
+    """What holds a variable's data: a Keras variable's backend value; tf.Variables as they are."""
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+def _is_tf_resource(value: Any) -> bool:
+    return getattr(value, "handle", None) is not None and type(value).__module__.startswith(
+        "tensorflow"
+    )
+
+
 def _host_copy(v: Any) -> np.ndarray[Any, Any]:
-    value = v.value if isinstance(v, keras.Variable) else v  # tf.Variables read as they are
-    handle = getattr(value, "handle", None)
-    if handle is not None and type(value).__module__.startswith("tensorflow"):
+    value = _backend_value(v)
+    if _is_tf_resource(value):
         # One buffer-sharing read and one copy; keras.ops.convert_to_numpy costs ~20x more
         # per variable on a small model. The shared view is gone when this returns.
         import tensorflow as tf
 
-        read = tf.raw_ops.ReadVariableOp(resource=handle, dtype=value.dtype)
+        read = tf.raw_ops.ReadVariableOp(resource=value.handle, dtype=value.dtype)
         return np.array(np.asarray(read), copy=True)
     return np.array(keras.ops.convert_to_numpy(value), copy=True)
 
@@ -61,11 +71,8 @@ def _host_copy(v: Any) -> np.ndarray[Any, Any]:
 def _host_copies(variables: dict[Any, Any]) -> dict[Any, np.ndarray[Any, Any]]:
     """Host copies of many variables: TensorFlow variables through one batched read (each
     eager read costs ~30 us; a snapshot of a small model reads a dozen), others one by one."""
-    values = [v.value if isinstance(v, keras.Variable) else v for v in variables.values()]
-    if values and all(
-        getattr(x, "handle", None) is not None and type(x).__module__.startswith("tensorflow")
-        for x in values
-    ):
+    values = [_backend_value(v) for v in variables.values()]
+    if values and all(map(_is_tf_resource, values)):
         from zetaguard.adapters.tensorflow import read_variables
 
         reads = read_variables(values)

@@ -52,8 +52,6 @@ def _clone(obj: Any) -> Any:
     return map_tensors(obj, lambda t: t.clone())
 
 
-
-
 def _named_targets(model: Any) -> dict[str, torch.Tensor]:
     """Every tensor a rollback writes: a module's state_dict (parameters and buffers, as live
     references), or the given parameters."""
