@@ -136,6 +136,26 @@ void norm_body(const T* x, std::size_t n, LaneSums& acc) noexcept {
     flush<Ops>(lx2, zero, zero, zero, count_if_nonfinite(x, n, lx2, L), acc);
 }
 
+// One whole SIMD vector of the sketch: dst[0, L) += sign * tau[0, L) * x[0, L); x^2 into acc.
+template <class Ops, class T>
+__attribute__((always_inline)) inline void sketch_vector(const T* x, const float* tau,
+                                                         const typename Ops::V& sign, double* dst,
+                                                         typename Ops::V& acc) noexcept {
+    const auto xv = Ops::load(x);
+    const auto tv = Ops::load(tau);
+    Ops::store(dst, Ops::add(Ops::load(static_cast<const double*>(dst)),
+                             Ops::mul(Ops::mul(tv, xv), sign)));
+    acc = Ops::add(acc, Ops::mul(xv, xv));
+}
+
+// The same for one element (a tail shorter than a vector), in the same arithmetic order.
+template <class T>
+inline void sketch_element(T x, float tau, double sign, double& dst, double& tail_x2) noexcept {
+    const double xv = to_double(x);
+    dst = dst + (static_cast<double>(tau) * xv) * sign;
+    tail_x2 = tail_x2 + xv * xv;
+}
+
 // buckets[p + shift] += sign * tau[p] * x[p] for p in [p0, p1). The x^2 and non-finite
 // accumulators run across every segment of a call and are flushed once by sketch_body: with
 // many small tensors a chunk is only ~100 elements, and a flush per segment would cost more
@@ -155,20 +175,10 @@ __attribute__((always_inline)) inline void sketch_segment(const T* x, const floa
     V acc = x2;
     double tail = tail_x2;
     std::size_t p = p0;
-    for (; p + L <= p1; p += L) {
-        const V xv = Ops::load(x + p);
-        const V tv = Ops::load(tau + p);
-        double* dst = buckets + (static_cast<std::ptrdiff_t>(p) + shift);
-        Ops::store(dst, Ops::add(Ops::load(static_cast<const double*>(dst)),
-                                 Ops::mul(Ops::mul(tv, xv), s)));
-        acc = Ops::add(acc, Ops::mul(xv, xv));
-    }
-    for (; p < p1; ++p) {
-        const double xv = to_double(x[p]);
-        double& dst = buckets[static_cast<std::ptrdiff_t>(p) + shift];
-        dst = dst + (static_cast<double>(tau[p]) * xv) * sign;
-        tail = tail + xv * xv;
-    }
+    for (; p + L <= p1; p += L)
+        sketch_vector<Ops>(x + p, tau + p, s, buckets + (static_cast<std::ptrdiff_t>(p) + shift), acc);
+    for (; p < p1; ++p)
+        sketch_element(x[p], tau[p], sign, buckets[static_cast<std::ptrdiff_t>(p) + shift], tail);
     x2 = acc;
     tail_x2 = tail;
 }
@@ -190,20 +200,12 @@ __attribute__((always_inline)) inline void sketch_rotated_chunk(
     const std::size_t vec_end = len - len % L;
     std::size_t p = 0;
     for (; p < vec_end; p += L) {
-        std::size_t b = p + offset;
-        b = b >= k ? b - k : b;
-        const V xv = Ops::load(x + p);
-        const V tv = Ops::load(tau + p);
-        Ops::store(buckets + b, Ops::add(Ops::load(static_cast<const double*>(buckets + b)),
-                                         Ops::mul(Ops::mul(tv, xv), s)));
-        acc = Ops::add(acc, Ops::mul(xv, xv));
+        const std::size_t b = p + offset;
+        sketch_vector<Ops>(x + p, tau + p, s, buckets + (b >= k ? b - k : b), acc);
     }
     for (; p < len; ++p) {
-        std::size_t b = p + offset;
-        b = b >= k ? b - k : b;
-        const double xv = to_double(x[p]);
-        buckets[b] = buckets[b] + (static_cast<double>(tau[p]) * xv) * sign;
-        tail = tail + xv * xv;
+        const std::size_t b = p + offset;
+        sketch_element(x[p], tau[p], sign, buckets[b >= k ? b - k : b], tail);
     }
     x2 = acc;
     tail_x2 = tail;
