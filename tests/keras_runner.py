@@ -259,7 +259,18 @@ def mirrored_scenario() -> dict[str, Any]:
         fit_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn)
     cb = ZetaKeras(warmup_steps=10)
     hist = fit_model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[cb])
+
+    # Variables on two devices: the batched read refuses them, and the reader falls back.
+    from zetaguard.adapters.tensorflow import read_variables
+
+    placed = []
+    for i, device in enumerate(["/cpu:0", "/cpu:1", "/cpu:0"]):
+        with tf.device(device):
+            placed.append(tf.Variable(tf.fill([3 + i], float(i + 1))))
+    reads = read_variables(placed)
     return {
+        "two_device_reads": [np.asarray(t).tolist() for t in reads],
+        "two_device_expected": [v.numpy().tolist() for v in placed],
         "replicas": strategy.num_replicas_in_sync,
         "n_vars": n_vars,
         "names": names,

@@ -261,6 +261,7 @@ def test_mirrored_strategy_counts_variables_once_and_agrees_per_replica() -> Non
     assert out["statuses"][0] == out["statuses"][1] == out["statuses"][2]
     assert out["fit_status_counts"]["CRITICAL"] == 0
     assert len(out["fit_history_zeta"]) == 2
+    assert out["two_device_reads"] == out["two_device_expected"]
 
 
 def test_a_new_variable_set_is_read_not_the_cached_one() -> None:
@@ -277,8 +278,8 @@ def test_a_new_variable_set_is_read_not_the_cached_one() -> None:
 
 
 def test_many_variables_are_read_in_one_call_in_place() -> None:
-    """From eight variables on, one traced function reads them all: the values are the
-    variables' current ones, and the tensors it returns share the variables' buffers."""
+    """One batched op reads all the variables: the values are the variables' current ones,
+    and the tensors it returns share the variables' buffers."""
     from zetaguard import _core
     from zetaguard.adapters.tensorflow import _cached_layout, read_variables
 
@@ -296,7 +297,7 @@ def test_many_variables_are_read_in_one_call_in_place() -> None:
             v.assign_add(tf.fill(v.shape, 1e-3 * (step + 1)))
     layout = _cached_layout(variables, None)
     assert layout is not None
-    assert layout.read_all.traced is not None  # the batched read is what the steps above used
+    assert layout.read_all.batched  # the batched read is what the steps above used
     reads = layout.read_all()
     assert [_core._resolve_address(t)[0] for t in reads] == [buffer_address(v) for v in variables]
     del reads
