@@ -65,11 +65,17 @@ class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
         self._batches = 0
         self._epoch_zeta = -math.inf
         self._epoch_level = 0
+        self._watched: Any = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         # Binding captures the state before the first step as the last-resort snapshot.
         self.guard.attach(model=self.model, optimizer=getattr(self.model, "optimizer", None))
         self._batches = 0
+        # `model.trainable_weights` walks every layer (~50 us inside fit) and the compiled step
+        # fixes the set for the whole fit, so take it once. On JAX the model itself is watched:
+        # the adapter reads the live arrays from the trainer's state through it.
+        weights = [] if keras.backend.backend() == "jax" else list(self.model.trainable_weights)
+        self._watched = weights or self.model
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch_zeta = -math.inf
@@ -81,7 +87,7 @@ class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
             return
         reports = len(self.guard.recovery_reports)
         loss = logs.get("loss") if logs else None
-        result = self.guard.monitor(self.model, loss=loss, batch_index=batch)
+        result = self.guard.monitor(self._watched, loss=loss, batch_index=batch)
         self.last_result = result
         level = STATUS_LEVEL[result.status]
         self._epoch_zeta = max(self._epoch_zeta, result.zeta_value)
