@@ -248,6 +248,39 @@ def test_lr_cut_persists_through_a_schedule(tf_keras: Any) -> None:
     assert float(again(steps)) == pytest.approx(backend.get_lrs()[0], rel=1e-6)
 
 
+def test_snapshot_holds_every_variable_and_the_rate_it_was_taken_at(tf_keras: Any) -> None:
+    """A capture reads the weights, the optimizer's variables and the learning rate in one
+    batched read; slots the optimizer builds after a capture are in the next one, and every
+    copy equals the variable at capture time, not later."""
+    keras = tf_keras
+    from zetaguard.recovery.backend import make_backend
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.Adam(0.02)
+    model.compile(optimizer=optimizer, loss="mse")
+    backend = make_backend(model, optimizer)
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    before = backend.capture(step=0)  # may precede the optimizer's slots
+    model.fit(x, x[:, :2], batch_size=8, epochs=1, verbose=0)
+    snap = backend.capture(step=8)
+    assert snap.lrs == [pytest.approx(0.02)]
+    expected_params = {v.path: v.numpy() for v in model.weights}
+    lr = optimizer._learning_rate
+    expected_opt = {v.path: v.numpy() for v in optimizer.variables if v is not lr}
+    assert set(snap.params) == set(expected_params)
+    assert set(snap.optimizer_state) == set(expected_opt)
+    assert len(expected_opt) >= 2 * len(model.trainable_weights)  # Adam's moments are there
+    for saved, expected in ((snap.params, expected_params), (snap.optimizer_state, expected_opt)):
+        for path, value in expected.items():
+            np.testing.assert_array_equal(saved[path], value)
+    optimizer.learning_rate.assign(0.5)
+    model.fit(x, x[:, :2], batch_size=8, epochs=1, verbose=0)
+    for path, value in expected_params.items():  # the copies did not follow the variables
+        np.testing.assert_array_equal(snap.params[path], value)
+    assert backend.capture(step=16).lrs == [pytest.approx(0.5)]
+    assert before.lrs == [pytest.approx(0.02)]
+
+
 @pytest.mark.slow
 def test_mirrored_strategy_counts_variables_once_and_agrees_per_replica() -> None:
     out = run_in_subprocess("mirrored", "tensorflow")

@@ -68,8 +68,8 @@ class StateSnapshot:
 
     ``params`` and ``optimizer_state`` are framework-specific (the backend that captured the
     snapshot is the one that restores it); ``nbytes`` is the host memory they hold, which the
-    snapshot keeper checks against its budget; ``lrs`` is filled in by the keeper (a backend
-    need not set it).
+    snapshot keeper checks against its budget; ``lrs`` is filled in by the keeper when the
+    backend left it empty (a backend that reads the learning rate with the state sets it).
     """
 
     step: int

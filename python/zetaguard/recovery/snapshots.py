@@ -61,7 +61,8 @@ class SnapshotKeeper:
         if self.disabled:
             return None
         snap = backend.capture(step, data_position)
-        snap.lrs = backend.get_lrs()  # the LR the state was stable at (see lr_factor)
+        if not snap.lrs:  # the LR the state was stable at (see lr_factor)
+            snap.lrs = backend.get_lrs()
         self.captures += 1
         if snap.nbytes > self.memory_budget:
             self.disabled = True
