@@ -198,6 +198,25 @@ def fit_scenarios() -> dict[str, Any]:
             "tb_epoch_loss": b"epoch_loss" in events,
             "tb_batch_zeta": b"batch_zeta" in events,
         }
+
+    # 5. the same model fitted twice, with a different one of two same-shaped layers frozen
+    # each time (and compiled again): the second callback watches what is trainable now, under
+    # the right names, though the variable count and shapes are the same as before.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((64,))] + [keras.layers.Dense(16, activation="relu") for _ in range(3)]
+        + [keras.layers.Dense(10)]
+    )
+    watched = []
+    for frozen in (1, 2):
+        for i, layer in enumerate(model.layers):
+            layer.trainable = i != frozen
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+        cb = ZetaKeras(warmup_steps=5, auto_recover=False)
+        model.fit(x[:256], y[:256], batch_size=32, epochs=1, verbose=0, callbacks=[cb])
+        assert cb.last_result is not None
+        watched.append(sorted(cb.last_result.groups))
+    out["refit"] = {"watched": watched, "layers": [layer.name for layer in model.layers]}
     return out
 
 

@@ -100,3 +100,22 @@ def test_beside_early_stopping_checkpoint_and_tensorboard(fit_run: dict[str, Any
     assert cbs["tb_batch_zeta"]  # TensorBoard took our entries as scalars
     # Wherever this Keras/TensorBoard pair writes epoch scalars, zeta is among them.
     assert cbs["tb_epoch_zeta"] == cbs["tb_epoch_loss"]
+
+
+@pytest.mark.slow
+def test_refit_with_another_layer_frozen_watches_what_is_trainable(
+    fit_run: dict[str, Any],
+) -> None:
+    """On JAX the model's layout is kept between the steps of a fit; after freezing another
+    layer of the same shape and compiling again, the next fit must not read under the old
+    names."""
+    refit = fit_run["refit"]
+    first, second = refit["watched"]
+    layers = refit["layers"]
+    assert len(first) == len(second) == 3
+    frozen_first = [g for g in first if layers[1] in g or layers[2] in g]
+    frozen_second = [g for g in second if layers[1] in g or layers[2] in g]
+    assert frozen_first == [g for g in first if layers[2] in g]
+    assert len(frozen_first) == 1
+    assert frozen_second == [g for g in second if layers[1] in g]
+    assert len(frozen_second) == 1

@@ -21,6 +21,7 @@ Monitoring must run eagerly (between steps, never inside a ``tf.function``).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -235,19 +236,30 @@ def _cached_layout(variables: list[Any], names: list[str] | None) -> _Layout | N
     return layout if layout is not None and layout.matches(variables, names) else None
 
 
-def _remember(variables: list[Any], names: list[str], backing: list[Any], framework: str) -> None:
+def _remember(
+    variables: list[Any], names: list[str], backing: list[Any], framework: str
+) -> _Layout | None:
     if framework == "tensorflow":
         if not all(hasattr(b, "handle") and hasattr(b, "assign") for b in backing):
-            return  # plain tensors: nothing to resolve
+            return None  # plain tensors: nothing to resolve
     elif not all(_is_keras_variable(v) for v in variables):
-        return  # only a Keras variable's `.value` is known to lead back to its data
+        return None  # only a Keras variable's `.value` is known to lead back to its data
     try:
         layout = _Layout(variables, names, backing, framework)
     except TypeError:  # an object without weak references
-        return
+        return None
     if len(_layouts) >= 16:
         _layouts.clear()
     _layouts[tuple(map(id, variables))] = layout
+    return layout
+
+
+# Inside a JAX fit the arrays come from the trainer's state, whose variable list is fixed while
+# the model keeps its compiled train function (changing what is trainable takes a compile()):
+# the layout is also kept by model and train function, so the layers are not walked every step.
+_live_layouts: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], _Layout]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _torch_snapshot(named: list[tuple[str, Any]]) -> Snapshot:
@@ -264,6 +276,10 @@ def _eager(tf: Any) -> None:
             "monitor() was called inside a tf.function; call it eagerly between training "
             "steps (outside the decorated step function)"
         )
+
+
+def _train_function(model: Any) -> Any:
+    return getattr(model, "train_function", None)
 
 
 def _jax_fit_state(obj: Any) -> list[Any] | None:
@@ -304,8 +320,13 @@ def _read_tf(v: Any, read: Any) -> Any:
 
 
 def snapshot(obj: Any) -> Snapshot:
-    given, variables = _items(obj)
     live = _jax_fit_state(obj)
+    if live is not None:
+        compiled, known = _live_layouts.get(obj, (None, None))
+        snap = known.read([], live) if known is not None else None
+        if snap is not None and compiled is not None and compiled() is _train_function(obj):
+            return snap
+    given, variables = _items(obj)
     layout = _cached_layout(variables, given)
     cached = layout.read(variables, live) if layout is not None else None
     if cached is not None:  # the steady state of a training loop
@@ -340,5 +361,8 @@ def snapshot(obj: Any) -> Snapshot:
         return Snapshot(names=names, tensors=tensors, keepalive=tensors, framework="tensorflow")
     tensors = [b for _, b in backing]  # JAX arrays and anything else with DLPack/buffers
     names = [n for n, _ in backing]
-    _remember(variables, names, tensors, root)
+    remembered = _remember(variables, names, tensors, root)
+    if live is not None and remembered is not None:
+        with contextlib.suppress(TypeError):  # no weak references: walk the model every step
+            _live_layouts[obj] = (weakref.ref(_train_function(obj)), remembered)
     return Snapshot(names=names, tensors=tensors, keepalive=tensors, framework=root)
