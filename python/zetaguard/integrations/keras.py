@@ -33,6 +33,16 @@ from zetaguard.results import STATUSES, RecoveryReport, StabilityResult
 STATUS_LEVEL = {s: i for i, s in enumerate(STATUSES)}
 
 
+def weights_to_watch(model: Any) -> Any:
+    """What the callback hands ``monitor()`` each batch of a fit: the model's trainable weights,
+    listed once (``model.trainable_weights`` walks every layer, ~50 us inside ``fit``, and the
+    compiled step fixes the set for the whole fit). On JAX, the model itself: the adapter reads
+    the live arrays from the trainer's state through it (``Callback.model`` would write that
+    state back to the variables first, on every access)."""
+    weights = [] if keras.backend.backend() == "jax" else list(model.trainable_weights)
+    return weights or model
+
+
 class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
     """Watch ``model.fit`` with zetaguard.
 
@@ -71,11 +81,7 @@ class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
         # Binding captures the state before the first step as the last-resort snapshot.
         self.guard.attach(model=self.model, optimizer=getattr(self.model, "optimizer", None))
         self._batches = 0
-        # `model.trainable_weights` walks every layer (~50 us inside fit) and the compiled step
-        # fixes the set for the whole fit, so take it once. On JAX the model itself is watched:
-        # the adapter reads the live arrays from the trainer's state through it.
-        weights = [] if keras.backend.backend() == "jax" else list(self.model.trainable_weights)
-        self._watched = weights or self.model
+        self._watched = weights_to_watch(self.model)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch_zeta = -math.inf
