@@ -8,7 +8,9 @@
    monitoring, recovery snapshots) against the same fit without it. Three more arms split the
    cost: a no-op callback (Keras dispatches callbacks synchronously once one overrides a batch
    hook), a callback that only reads the weights the way the guard does (the floor of any
-   per-batch watcher), and ``ZetaKeras(auto_recover=False)`` (monitoring without snapshots).
+   per-batch watcher), one that also runs the engine pass and the detector on them (the floor
+   of a per-batch JAR watcher: zetaguard's C++ parts without the guard's Python), and
+   ``ZetaKeras(auto_recover=False)`` (monitoring without snapshots).
    Each round fits every arm once, in a new order; "vs none" is the median over rounds of an
    arm's time over the same round's plain fit, and the in-run share is the time inside the
    added callback over the rest of the same fit (the steadier figure on a shared machine).
@@ -106,8 +108,9 @@ def timed_callback(keras: Any, cls: Any, **kwargs: Any) -> Any:
 
 def bench_fit(keras: Any, epochs: int, rounds: int) -> tuple[list[Arm], int]:
     from sklearn.datasets import load_digits
-    from zetaguard import ZetaKeras
+    from zetaguard import ZetaGuard, ZetaKeras, _core
     from zetaguard.adapters import snapshot
+    from zetaguard.detector import Detector
     from zetaguard.integrations.keras import weights_to_watch
 
     x, y = load_digits(return_X_y=True)
@@ -127,6 +130,28 @@ def bench_fit(keras: Any, epochs: int, rounds: int) -> tuple[list[Arm], int]:
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             snapshot(self.watched)
 
+    class EngineOnly(ReadOnly):
+        """The least a synchronous per-batch JAR watcher costs: the read, the engine pass and
+        the detector (zetaguard's C++ parts), without the guard's Python around them."""
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            super().on_train_begin(logs)
+            defaults = ZetaGuard()
+            self.tracker = _core.Tracker(mode="exact")
+            self.detector = Detector(
+                drift_threshold=defaults.drift_threshold,
+                snap_threshold=defaults.snap_threshold,
+                alpha=defaults.alpha,
+                warmup_steps=defaults.warmup_steps,
+            )
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            snap = snapshot(self.watched)
+            update = self.tracker.update_raw if snap.raw else self.tracker.update
+            rows = update(snap.tensors)
+            loss = (logs or {}).get("loss")
+            self.detector.observe_tuple(rows, self.tracker.history, loss, None)
+
     model = mlp(keras, [64, 128, 10])
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
@@ -137,6 +162,7 @@ def bench_fit(keras: Any, epochs: int, rounds: int) -> tuple[list[Arm], int]:
         Arm("none", lambda: []),
         Arm("no-op callback", lambda: [timed_callback(keras, NoOp)]),
         Arm("read weights only", lambda: [timed_callback(keras, ReadOnly)]),
+        Arm("read + engine + detector", lambda: [timed_callback(keras, EngineOnly)]),
         Arm(
             "ZetaKeras(auto_recover=False)",
             lambda: [timed_callback(keras, ZetaKeras, auto_recover=False)],
