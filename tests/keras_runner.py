@@ -280,13 +280,13 @@ def mirrored_scenario() -> dict[str, Any]:
     hist = fit_model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[cb])
 
     # Variables on two devices: the batched read refuses them, and the reader falls back.
-    from zetaguard.adapters.tensorflow import read_variables
+    from zetaguard.adapters.tensorflow import VariableReader
 
     placed = []
     for i, device in enumerate(["/cpu:0", "/cpu:1", "/cpu:0"]):
         with tf.device(device):
             placed.append(tf.Variable(tf.fill([3 + i], float(i + 1))))
-    reads = read_variables(placed)
+    reads = VariableReader(placed)()
     return {
         "two_device_reads": [np.asarray(t).tolist() for t in reads],
         "two_device_expected": [v.numpy().tolist() for v in placed],

@@ -123,7 +123,7 @@ class _Layout:
         self.names = names
         self.framework = framework
         if framework == "tensorflow":
-            self.read_all = _Reader([(b.handle, b.dtype) for b in backing])
+            self.read_all = VariableReader(backing)
         elif framework == "torch":
             self.backing = [weakref.ref(b) for b in backing]
 
@@ -144,9 +144,6 @@ class _Layout:
                 names=self.names, tensors=arrays, keepalive=arrays, framework=self.framework
             )
         if self.framework == "tensorflow":
-            import tensorflow as tf
-
-            _eager(tf)
             tensors = self.read_all()
             return Snapshot(
                 names=self.names, tensors=tensors, keepalive=tensors, framework="tensorflow"
@@ -157,10 +154,12 @@ class _Layout:
         return _torch_snapshot(list(zip(self.names, backing, strict=True)))
 
 
-class _Reader:
-    """Reads a fixed set of resource variables, returning eager tensors that share their
-    buffers: all of them in one ``_ReadVariablesOp`` (TensorFlow's batched read) where it runs,
-    one ``ReadVariableOp`` each where it does not.
+class VariableReader:
+    """Reads a fixed set of TensorFlow resource variables, returning eager tensors that share
+    their buffers (drop them before the next ``assign``): all of them in one
+    ``_ReadVariablesOp`` (TensorFlow's batched read) where it runs, one ``ReadVariableOp`` each
+    where it does not. Keep one while the same variables come back (monitoring layouts and
+    recovery snapshots do).
 
     Inside ``model.fit`` an eager op costs ~45 us whatever it reads (the first one after the
     compiled step over 100 us), so one op for all the variables is the cheapest read there is;
@@ -168,13 +167,15 @@ class _Reader:
     refuses the set (variables on different devices), the reader falls back for good.
     """
 
-    def __init__(self, reads: list[tuple[Any, Any]]) -> None:
+    def __init__(self, variables: list[Any]) -> None:
         import tensorflow as tf
 
-        self.handles = [h for h, _ in reads]
-        self.dtypes = [d for _, d in reads]
+        self.tf = tf
+        self.handles = [v.handle for v in variables]
+        self.dtypes = [v.dtype for v in variables]
         self.read_one = tf.raw_ops.ReadVariableOp
-        self.attrs = ("N", len(reads), "dtypes", [tf.as_dtype(d).as_datatype_enum for d in self.dtypes])
+        enums = [tf.as_dtype(d).as_datatype_enum for d in self.dtypes]
+        self.attrs = ("N", len(variables), "dtypes", enums)
         self.refusals = (tf.errors.OpError, TypeError, ValueError)  # e.g. a device mismatch
         try:
             from tensorflow.python.eager import context, execute
@@ -183,9 +184,10 @@ class _Reader:
         except ImportError:  # the private module moved
             self.batched = False
         else:
-            self.batched = len(reads) > 1
+            self.batched = len(variables) > 1
 
     def __call__(self) -> list[Any]:
+        _eager(self.tf)
         if self.batched:
             try:
                 return list(
@@ -201,31 +203,6 @@ class _Reader:
                 self.batched = False
         reads = zip(self.handles, self.dtypes, strict=True)
         return [self.read_one(resource=h, dtype=d) for h, d in reads]
-
-
-_readers: dict[tuple[int, ...], tuple[list[weakref.ref[Any]], _Reader]] = {}
-
-
-def read_variables(variables: list[Any]) -> list[Any]:
-    """The current values of TensorFlow resource variables as eager tensors that share the
-    variables' buffers (drop them before the next ``assign``), read in one op. Used for
-    recovery snapshots."""
-    import tensorflow as tf
-
-    _eager(tf)
-    key = tuple(map(id, variables))
-    hit = _readers.get(key)
-    if hit is None or any(r() is not v for r, v in zip(hit[0], variables, strict=True)):
-        reader = _Reader([(v.handle, v.dtype) for v in variables])
-        try:
-            hit = ([weakref.ref(v) for v in variables], reader)
-        except TypeError:  # no weak references: do not cache
-            hit = ([], reader)
-        else:
-            if len(_readers) >= 16:
-                _readers.clear()
-            _readers[key] = hit
-    return hit[1]()
 
 
 _layouts: dict[tuple[int, ...], _Layout] = {}

@@ -80,7 +80,6 @@ def _host_copy(v: Any) -> np.ndarray[Any, Any]:
     return np.array(keras.ops.convert_to_numpy(value), copy=True)
 
 
-
 class _HostCopier:
     """Host copies of a set of variables, keyed as given. TensorFlow variables are read in one
     batched op (an eager op costs ~45 us inside ``fit`` whatever it reads; a small model's
@@ -89,7 +88,7 @@ class _HostCopier:
 
     def __init__(self) -> None:
         self.variables: list[Any] = []
-        self.resources: list[Any] | None = None  # the tf.Variables, when all of them are
+        self.reader: Any = None  # a VariableReader, when all of them are tf.Variables
 
     def __call__(self, variables: dict[Any, Any]) -> dict[Any, np.ndarray[Any, Any]]:
         given = list(variables.values())
@@ -97,13 +96,14 @@ class _HostCopier:
             a is not b for a, b in zip(given, self.variables, strict=True)
         ):
             values = [_backend_value(v) for v in given]
-            tf_only = bool(values) and all(map(_is_tf_resource, values))
-            self.variables, self.resources = given, values if tf_only else None
-        if self.resources is None:
-            return {name: _host_copy(v) for name, v in variables.items()}
-        from zetaguard.adapters.tensorflow import read_variables
+            self.variables, self.reader = given, None
+            if values and all(map(_is_tf_resource, values)):
+                from zetaguard.adapters.tensorflow import VariableReader
 
-        reads = read_variables(self.resources)
+                self.reader = VariableReader(values)
+        if self.reader is None:
+            return {name: _host_copy(v) for name, v in variables.items()}
+        reads = self.reader()
         return {
             name: np.array(np.asarray(t), copy=True)
             for name, t in zip(variables, reads, strict=True)
