@@ -5,8 +5,8 @@ Three measurements:
 1. adapter cost: fixed cost of one ``monitor()`` and cost per tensor (a model of many tiny
    tensors, so the engine's arithmetic is negligible and the Python path shows);
 2. a 25M-parameter plain loop (MLP, Adam) at batch 32 and at batch 512: step time with the
-   guard (exact and sketch mode, monitoring alone and with recovery on) over step time without, blocks interleaved so machine noise
-   hits every arm alike. The guard reads every parameter (and gradient) once per step whatever
+   guard (exact and sketch mode, monitoring alone and with recovery on) over step time
+   without, blocks interleaved so machine noise hits every arm alike. The guard reads every parameter (and gradient) once per step whatever
    the batch, so its share shrinks as the step does more work per parameter: batch 32 is the
    worst case (the step itself is mostly memory traffic), batch 512 a step with real compute;
 3. a tiny GPT-2 in the Hugging Face Trainer: ``train()`` time with ``ZetaGuardCallback``
@@ -87,6 +87,16 @@ ARMS = {
 }
 
 
+def print_arms(base: float, steps: dict[str, float], shares: dict[str, float]) -> None:
+    """The table both workloads print: each arm's step time, its overhead over the step
+    without a guard (``base``) and its in-run share."""
+    print(f"{'arm':18}{'step (ms)':>11}{'overhead':>10}{'in-run share':>14}")
+    print(f"{'no guard':18}{base * 1e3:11.2f}")
+    for name, t in steps.items():
+        share = shares[name] * 100
+        print(f"{name:18}{t * 1e3:11.2f}{(t / base - 1) * 100:9.1f}%{share:13.1f}%")
+
+
 def plain_loop(params: int, steps: int, blocks: int, batch: int = 32) -> None:
     print(f"\n== 2. plain loop, {params / 1e6:.0f}M-parameter MLP, Adam, batch {batch} ==")
     torch.manual_seed(0)
@@ -129,13 +139,11 @@ def plain_loop(params: int, steps: int, blocks: int, batch: int = 32) -> None:
             times[name].append((time.perf_counter() - t) / steps)
     base = statistics.median(times["none"])
     print(f"parameters: {n:,}; torch threads: {torch.get_num_threads()}")
-    print(f"{'arm':18}{'step (ms)':>11}{'overhead':>10}{'in-run share':>14}")
-    print(f"{'no guard':18}{base * 1e3:11.2f}")
+    shares = {}
     for name in guards:
-        t = statistics.median(times[name])
         total = sum(times[name]) * steps
-        share = in_run[name] / (total - in_run[name])
-        print(f"{name:18}{t * 1e3:11.2f}{(t / base - 1) * 100:9.1f}%{share * 100:13.1f}%")
+        shares[name] = in_run[name] / (total - in_run[name])
+    print_arms(base, {name: statistics.median(times[name]) for name in guards}, shares)
     print("in-run share: time inside monitor() over the rest of the same steps")
     for name in ("exact", "sketch"):
         g = guards[name]
@@ -215,12 +223,11 @@ def hf_trainer(steps: int, repeats: int) -> None:
         for name in times:
             times[name].append(run(None if name == "none" else name))
     base = statistics.median(times["none"])
-    print(f"{'arm':18}{'step (ms)':>11}{'overhead':>10}{'in-run share':>14}")
-    print(f"{'no guard':18}{base * 1e3:11.2f}")
-    for name in ARMS:
-        t = statistics.median(times[name])
-        share = statistics.median(shares[name])
-        print(f"{name:18}{t * 1e3:11.2f}{(t / base - 1) * 100:9.1f}%{share * 100:13.1f}%")
+    print_arms(
+        base,
+        {name: statistics.median(times[name]) for name in ARMS},
+        {name: statistics.median(shares[name]) for name in ARMS},
+    )
     print("in-run share: time inside the guard's hooks over the rest of the same train()")
     print("targets: exact <= 5%, sketch <= 2%")
 
