@@ -122,9 +122,10 @@ def train(
         logits = model(x_test)
         outcome.final_loss = float(loss_fn(logits, y_test))
         outcome.accuracy = float((logits.argmax(1) == y_test).float().mean())
-    if guard is not None and guard._store is not None:
-        outcome.run_path = str(getattr(guard._store, "path", run_dir))
-        guard._store.close()
+    store = guard.run_store if guard is not None else None
+    if guard is not None and store is not None:
+        outcome.run_path = str(getattr(store, "path", run_dir))
+        guard.close()
     return outcome
 
 

@@ -32,12 +32,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from zetaguard.adapters import Snapshot
+from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
 
 log = logging.getLogger("zetaguard")
-
-# Marks a Snapshot whose tensors are torch tensors for DeviceTracker (not host addresses).
-DEVICE_FRAMEWORK = "torch-device"
 
 _U64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15

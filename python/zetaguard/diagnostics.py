@@ -18,12 +18,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from zetaguard.results import Status
+from zetaguard.results import StabilityResult, Status
 
-if TYPE_CHECKING:
-    from zetaguard.guard import ZetaGuard
+
+class DiagnosticsSource(Protocol):
+    """What the table reads from a guard (``ZetaGuard`` is one)."""
+
+    @property
+    def last_result(self) -> StabilityResult | None: ...
+    @property
+    def monitored_names(self) -> tuple[str, ...]: ...
+    @property
+    def monitored_layers(self) -> dict[str, Any] | None: ...
+    def group_of(self, name: str) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,7 @@ class Diagnostics:
         return f"Diagnostics(step={self.step}, status={self.status!r}, layers={len(self.layers)})"
 
 
-def _grad_stats(guard: ZetaGuard, model: Any) -> tuple[dict[str, float], dict[str, int]]:
+def _grad_stats(guard: DiagnosticsSource, model: Any) -> tuple[dict[str, float], dict[str, int]]:
     """Per-group squared gradient norms and non-finite counts from a torch-like model."""
     sq: dict[str, float] = {}
     bad: dict[str, int] = {}
@@ -132,9 +141,9 @@ def _grad_stats(guard: ZetaGuard, model: Any) -> tuple[dict[str, float], dict[st
     named_parameters = getattr(model, "named_parameters", None)
     if not callable(named_parameters):
         return sq, bad
-    monitored = set(guard._names)
+    monitored = set(guard.monitored_names)
     # monitor_layers names parameters "<layer>.<name>": find them by identity instead.
-    by_id = {id(t): n for n, t in (guard._layers or {}).items()}
+    by_id = {id(t): n for n, t in (guard.monitored_layers or {}).items()}
     for name, p in named_parameters():
         key = by_id.get(id(p), name)
         grad = getattr(p, "grad", None)
@@ -151,7 +160,7 @@ def _grad_stats(guard: ZetaGuard, model: Any) -> tuple[dict[str, float], dict[st
     return sq, bad
 
 
-def full_diagnostics(guard: ZetaGuard, model: Any = None) -> Diagnostics:
+def full_diagnostics(guard: DiagnosticsSource, model: Any = None) -> Diagnostics:
     """Build the per-layer table of ``guard``'s latest step (see the module docstring)."""
     result = guard.last_result
     if result is None:

@@ -46,10 +46,10 @@ import shutil
 import sys
 import weakref
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -59,7 +59,6 @@ from zetaguard.adapters import Snapshot, snapshot
 from zetaguard.recovery.backend import register_backend
 
 if TYPE_CHECKING:
-    from zetaguard.guard import ZetaGuard
     from zetaguard.recovery.backend import StateSnapshot
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -95,16 +94,20 @@ class _Options:
         self.timeout_s = timeout_s
 
 
-_options: weakref.WeakKeyDictionary[ZetaGuard, _Options] = weakref.WeakKeyDictionary()
+# Per guard (any weak-referenceable object), without touching its attributes.
+_options: weakref.WeakKeyDictionary[Any, _Options] = weakref.WeakKeyDictionary()
+_contexts: weakref.WeakKeyDictionary[Any, DistributedContext] = weakref.WeakKeyDictionary()
+
+_Guard = TypeVar("_Guard")
 
 
 def configure(
-    guard: ZetaGuard,
+    guard: _Guard,
     *,
     enabled: bool = True,
     group: Any = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> ZetaGuard:
+) -> _Guard:
     """Set how ``guard`` talks to the other ranks. Returns the guard.
 
     Args:
@@ -118,21 +121,21 @@ def configure(
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
     _options[guard] = _Options(enabled, group, float(timeout_s))
-    guard._dist = None  # rebuilt with the new options on the next step
+    _contexts.pop(guard, None)  # rebuilt with the new options on the next step
     return guard
 
 
-def current(guard: ZetaGuard) -> DistributedContext | None:
+def current(guard: object) -> DistributedContext | None:
     """The context ``guard`` should use this step, or None to stay single-process."""
     if not active():
         return None
     opts = _options.get(guard)
     if opts is not None and not opts.enabled:
         return None
-    ctx = guard._dist
+    ctx = _contexts.get(guard)
     if ctx is None:
         opts = opts or _Options(True, None, DEFAULT_TIMEOUT_S)
-        ctx = guard._dist = DistributedContext(group=opts.group, timeout_s=opts.timeout_s)
+        ctx = _contexts[guard] = DistributedContext(group=opts.group, timeout_s=opts.timeout_s)
     return ctx
 
 
@@ -326,7 +329,8 @@ class DistributedContext:
 
     def reduce(
         self,
-        guard: ZetaGuard,
+        names: tuple[str, ...],
+        aggregate: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]],
         tracker: Any,  # the host engine (_core.Tracker) or the device one (device.DeviceTracker)
         rows: npt.NDArray[np.float64],
         loss: float | None,
@@ -335,8 +339,8 @@ class DistributedContext:
         """Per-tensor rows of this rank -> global group rows, mean loss, global grad norm.
 
         One all-reduce (plus one more the first time a layout is seen, to check that every
-        rank monitors the same tensors in the same engine mode)."""
-        names = guard._names
+        rank monitors the same tensors in the same engine mode). ``names`` are the monitored
+        tensors in row order; ``aggregate`` sums per-tensor rows into group rows."""
         if self._checked != (names, tracker.mode):
             self._check_layout(names, tracker.mode)
         if self._weights_for != names:
@@ -350,7 +354,7 @@ class DistributedContext:
             self._row_weights = np.array([self._weights[n] for n in names], dtype=np.float64)
             self._weights_for = names
         weighted = rows * self._row_weights[:, None]
-        groups = guard._aggregate(weighted)
+        groups = aggregate(weighted)
         grad_sq = grad_nonfinite = None
         if grad_norm is None and self._grads is not None:
             g = (

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from zetaguard import _core, distributed, state
-from zetaguard.adapters import Snapshot, default_threads, snapshot
+from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot, default_threads, snapshot
 from zetaguard.detector import Calibration, Detector, Observation
 from zetaguard.recommend import recommendations
 from zetaguard.recovery.manager import RecoveryManager
@@ -25,6 +25,7 @@ from zetaguard.results import STATUSES, RecoveryReport, StabilityResult, Status
 if TYPE_CHECKING:
     from zetaguard.device import DeviceTracker
     from zetaguard.diagnostics import Diagnostics
+    from zetaguard.store import RunStore
 
 log = logging.getLogger("zetaguard")
 
@@ -32,8 +33,6 @@ EngineMode = Literal["auto", "exact", "sketch"]
 GroupBy = Literal["layer", "tensor", "none"]
 RecoveryMode = Literal["conservative", "balanced", "aggressive"]
 DevicePath = Literal["auto", "cpu", "cuda"]
-# zetaguard.device.DEVICE_FRAMEWORK: a snapshot of torch tensors for the device path.
-_DEVICE_FRAMEWORK = "torch-device"
 
 _LEVEL: dict[Status, int] = {s: i for i, s in enumerate(STATUSES)}
 _GRAD_NORMS_KEPT = 1000  # the recent gradient norms a saved state carries
@@ -153,7 +152,7 @@ class ZetaGuard:
             calibration=calibration,
         )
         self._lock = threading.RLock()
-        self._store: Any = None
+        self._store: RunStore | None = None
         self._pattern: re.Pattern[str] | None = None
         # Recovery (zetaguard.recovery): snapshots, the ladder, the pre-step veto.
         self._recovery = RecoveryManager(
@@ -311,7 +310,7 @@ class ZetaGuard:
         self._names_seen = names
         history = tracker.history
         grad_rows = None
-        if snap.framework == _DEVICE_FRAMEWORK:  # parameters and gradients: one transfer
+        if snap.framework == DEVICE_FRAMEWORK:  # parameters and gradients: one transfer
             rows, grad_rows = cast("DeviceTracker", tracker).update_with_grads(
                 snap.tensors, snap.grads if grad_norm is None else None
             )
@@ -333,7 +332,7 @@ class ZetaGuard:
             group_rows = self._aggregate(rows)
         else:  # one all-reduce: every rank's detector then sees the same global numbers
             group_rows, loss_value, grad_value = self._dist.reduce(
-                self, tracker, rows, loss_value, grad_value
+                self._names, self._aggregate, tracker, rows, loss_value, grad_value
             )
         (status, zeta, raw_jar, smoothed_jar, confidence, channels, scores, group_zeta,
          nonfinite, in_warmup) = self._detector.observe_tuple(group_rows, history, loss_value, grad_value)
@@ -402,7 +401,7 @@ class ZetaGuard:
         """Send torch tensors to the device path when ``device`` asks for it."""
         if self.device == "auto":
             return snap
-        if self.device == "cuda" and snap.framework != _DEVICE_FRAMEWORK:
+        if self.device == "cuda" and snap.framework != DEVICE_FRAMEWORK:
             raise ValueError(
                 f"ZetaGuard(device='cuda') got {snap.framework} parameters in host memory; move "
                 "the model to the GPU, or use device='auto'"
@@ -412,7 +411,7 @@ class ZetaGuard:
         return device_snapshot(snap)
 
     def _ensure_tracker(self, snap: Snapshot) -> _core.Tracker | DeviceTracker:
-        on_device = snap.framework == _DEVICE_FRAMEWORK
+        on_device = snap.framework == DEVICE_FRAMEWORK
         # A tracker holding no tensors saw only refused steps: start afresh, so fixing the
         # input does not read as the parameter set having changed.
         if self._tracker is not None and self._tracker.tensor_count > 0:
@@ -567,7 +566,7 @@ class ZetaGuard:
         log scale; docs/recovery.md), or None until 20 norms have been seen."""
         return self._recovery.clip_value()
 
-    def _reset_trajectory(self) -> None:
+    def reset_trajectory(self) -> None:
         """After a rollback: forget the finite-difference history (the engine ring must not mix
         states from before and after it) but keep the calibration."""
         if self._tracker is not None:
@@ -593,6 +592,31 @@ class ZetaGuard:
     @property
     def recovery_reports(self) -> list[RecoveryReport]:
         return list(self._reports)
+
+    def add_report(self, report: RecoveryReport) -> None:
+        """Record a recovery (the manager's, or an integration's own stop) in
+        :attr:`recovery_reports`; :attr:`recovery_triggered` becomes True."""
+        self._reports.append(report)
+
+    @property
+    def run_store(self) -> RunStore | None:
+        """The open run store (``run_dir``), or None: not yet opened, closed, or none asked."""
+        return self._store
+
+    @property
+    def rank(self) -> int | None:
+        """This process's rank while the guard reduces over torch.distributed, else None."""
+        return None if self._dist is None else self._dist.rank
+
+    @property
+    def monitored_names(self) -> tuple[str, ...]:
+        """The names of the monitored tensors, in engine order (empty before the first step)."""
+        return self._names
+
+    @property
+    def monitored_layers(self) -> dict[str, Any] | None:
+        """What :meth:`monitor_layers` chose, by full parameter name, or None."""
+        return self._layers
 
     def config(self) -> dict[str, Any]:
         return {

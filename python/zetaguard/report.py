@@ -17,20 +17,28 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from zetaguard._atomic import atomic_write
-from zetaguard.store import DB_NAME, RunReader, StoreError, find_runs
+from zetaguard.results import RecoveryReport
+from zetaguard.store import DB_NAME, RunReader, RunStore, StoreError, find_runs
 
-if TYPE_CHECKING:
-    from zetaguard.guard import ZetaGuard
+
+class ReportSource(Protocol):
+    """What the report reads from a guard (``ZetaGuard`` is one)."""
+
+    @property
+    def run_store(self) -> RunStore | None: ...
+    @property
+    def recovery_reports(self) -> list[RecoveryReport]: ...
+    def get_statistics(self) -> dict[str, Any]: ...
 
 STATUS_COLORS = {"STABLE": "#059669", "DRIFT": "#d97706", "CRITICAL": "#dc2626"}
 
 
-def _resolve_run(guard: ZetaGuard | None, run_dir: str | os.PathLike[str] | None) -> Path | None:
+def _resolve_run(guard: ReportSource | None, run_dir: str | os.PathLike[str] | None) -> Path | None:
     if run_dir is not None:
         p = Path(run_dir)
         if p.is_file():
@@ -41,7 +49,7 @@ def _resolve_run(guard: ZetaGuard | None, run_dir: str | os.PathLike[str] | None
         if not runs:
             raise StoreError(f"no run store under {str(p)!r}")
         return runs[0]
-    store = getattr(guard, "_store", None) if guard is not None else None
+    store = guard.run_store if guard is not None else None
     if store is not None:
         store.flush()
         return Path(store.path)
@@ -207,7 +215,7 @@ def _img(b64: str | None, alt: str) -> str:
 
 
 def generate_report(
-    guard: ZetaGuard | None = None,
+    guard: ReportSource | None = None,
     path: str | os.PathLike[str] | None = None,
     run_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
@@ -253,7 +261,7 @@ def generate_report(
             "<p>No run store: create the guard with <code>ZetaGuard(run_dir=...)</code> (or pass "
             "<code>run_dir=</code>) for plots of the whole run.</p>"
         )
-        reports = [r.to_dict() for r in getattr(guard, "_reports", [])]
+        reports = [r.to_dict() for r in guard.recovery_reports] if guard is not None else []
         sections.append(
             "<h2>Recoveries</h2>"
             + _table(

@@ -5,13 +5,25 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from zetaguard import _core
+
 Status = Literal["STABLE", "DRIFT", "CRITICAL"]
 STATUSES: tuple[Status, ...] = ("STABLE", "DRIFT", "CRITICAL")
+
+# The epsilon of JAR as specified, ||j|| / (||a|| + eps): the engine's own constant.
+JAR_EPS: float = _core.detector_constants()["jar_eps"]
+
+_Norm = TypeVar("_Norm", float, "npt.NDArray[np.float64]")
+
+
+def jar(j_norm: _Norm, a_norm: _Norm) -> _Norm:
+    """JAR as specified, ``||j|| / (||a|| + eps)``, from the two norms (floats or arrays)."""
+    return j_norm / (a_norm + JAR_EPS)
 
 
 def status_for(zeta: float, drift_threshold: float, snap_threshold: float) -> Status:
@@ -42,7 +54,7 @@ class GroupResult:
 class StabilityResult:
     """What one ``monitor()`` call saw.
 
-    ``raw_jar`` is the seed's jerk-to-acceleration ratio ``||j|| / (||a|| + eps)`` over all
+    ``raw_jar`` is the specified jerk-to-acceleration ratio (JAR) ``||j|| / (||a|| + eps)`` over all
     monitored parameters (``None`` until three earlier snapshots exist); ``smoothed_jar`` its
     exponential average; ``zeta_value`` the calibrated score the status is decided on (see
     ``docs/detection.md``); ``confidence`` how much calibration stands behind the status (0..1).
@@ -81,13 +93,13 @@ class StabilityResult:
             x2, v2, a2, j2, nf = (float(v) for v in rows[i])
             x = math.sqrt(x2) if math.isfinite(x2) else math.inf
             v = math.sqrt(v2) if self._history >= 1 else None
-            jar = math.sqrt(j2) / (math.sqrt(a2) + JAR_EPS) if self._history >= 3 else None
+            g_jar = jar(math.sqrt(j2), math.sqrt(a2)) if self._history >= 3 else None
             z = float(zetas[i])
             out[name] = GroupResult(
                 name=name,
                 status=status_for(z, drift, snap),
                 zeta_value=z,
-                raw_jar=jar,
+                raw_jar=g_jar,
                 update_norm=v,
                 param_norm=x,
                 update_ratio=(v / x) if v is not None and x > 0 else None,
@@ -124,10 +136,6 @@ class StabilityResult:
             "in_warmup": self.in_warmup,
             "worst_group": self.worst_group,
         }
-
-
-# The epsilon of the seed's JAR formula ||j|| / (||a|| + eps).
-JAR_EPS = 1e-12
 
 
 @dataclass

@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from zetaguard.results import JAR_EPS, RecoveryReport, StabilityResult
+from zetaguard.results import RecoveryReport, StabilityResult, jar
 
 DEFAULT_RUN_DIR = "zetaguard_runs"
 DB_NAME = "run.sqlite"
 
 _NUMBER = re.compile(r"[-+]?\d[\d.]*(?:e[-+]?\d+)?")
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # Each entry upgrades the schema by one version; a database records what it has applied in
 # schema_migrations, and opening it applies the rest in order.
@@ -133,16 +133,17 @@ def _finite_or_none(x: Any) -> float | None:
 
 def _dumps(obj: Any) -> str:
     # Non-finite numbers become null: the JSON is read by browsers, whose parser rejects NaN.
-    return json.dumps(_clean(obj), separators=(",", ":"))
+    return json.dumps(json_safe(obj), separators=(",", ":"))
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats as None and tuples as lists: what strict JSON holds."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -197,9 +198,9 @@ def _decode_blob(
     with np.errstate(divide="ignore", invalid="ignore"):
         x = np.sqrt(rows[:, 0])
         v = np.sqrt(rows[:, 1])
-        jar = np.sqrt(rows[:, 3]) / (np.sqrt(rows[:, 2]) + JAR_EPS) if history >= 3 else nan
+        jars = jar(np.sqrt(rows[:, 3]), np.sqrt(rows[:, 2])) if history >= 3 else nan
         ratio = np.where(x > 0, v / x, np.nan) if history >= 1 else nan
-    return zeta, jar, ratio
+    return zeta, jars, ratio
 
 
 class RunStore:
@@ -218,7 +219,7 @@ class RunStore:
         flush_rows: int = 256,
         flush_interval: float = 1.0,
     ) -> None:
-        if run_name is not None and not _NAME_OK.match(run_name):
+        if run_name is not None and not RUN_NAME_PATTERN.match(run_name):
             raise ValueError(
                 f"run_name {run_name!r} must be 1-128 characters of letters, digits, '.', '_' "
                 "or '-', starting with a letter or digit (it names a directory)"
@@ -613,7 +614,7 @@ class RunReader:
             args.append(int(limit))
         out = []
         for row in self._query(sql, args):
-            d = {k: _clean(row[k]) for k in _STEP_COLUMNS}
+            d = {k: json_safe(row[k]) for k in _STEP_COLUMNS}
             d["in_warmup"] = bool(d["in_warmup"])
             d["channels"] = {}
             if row["channel_set"] is not None:
@@ -697,7 +698,7 @@ class RunReader:
         out = []
         for row in self._query("SELECT * FROM incidents WHERE id > ? ORDER BY id", (since_id,)):
             d = dict(zip(row.keys(), tuple(row), strict=False))
-            d["channels"] = _clean(json.loads(d["channels"]))
+            d["channels"] = json_safe(json.loads(d["channels"]))
             out.append(d)
         return out
 

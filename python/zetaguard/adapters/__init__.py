@@ -36,6 +36,10 @@ class Snapshot:
 
 Adapter = Callable[[Any], Snapshot]
 
+# Snapshot.framework of torch tensors for the device path (zetaguard.device.DeviceTracker):
+# the tensors themselves, not host addresses.
+DEVICE_FRAMEWORK = "torch-device"
+
 
 def default_threads() -> int:
     """Engine threads when the caller does not say: the cores, at most 4 (the passes are

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from zetaguard import _core
-from zetaguard.adapters import Snapshot, default_threads
+from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot, default_threads
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32",
@@ -31,7 +31,6 @@ _DTYPES: dict[torch.dtype, str] = {
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
 }
-DEVICE_FRAMEWORK = "torch-device"  # zetaguard.device.DEVICE_FRAMEWORK, without importing it
 
 
 def named_tensors(obj: Any) -> list[tuple[str, torch.Tensor]]:

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from zetaguard.cli import fail
-from zetaguard.store import _clean
+from zetaguard.store import json_safe
 
 REFERENCE_LR = 0.01  # the default probe LR: a common plain-SGD fine-tuning rate
 WEIGHTS = {
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         print("zeta-test: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(_clean(asdict(report)), indent=2, allow_nan=False))
+        print(json.dumps(json_safe(asdict(report)), indent=2, allow_nan=False))
     else:
         _print(report)
     return 0

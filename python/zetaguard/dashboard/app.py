@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from zetaguard.store import _NAME_OK, DB_NAME, RunReader, StoreError, list_runs
+from zetaguard.store import DB_NAME, RUN_NAME_PATTERN, RunReader, StoreError, list_runs
 
 # name -> content type: the only files this server ever sends.
 STATIC_FILES = {
@@ -83,7 +83,7 @@ class Dashboard:
         self.root = root
 
     def run_path(self, name: str) -> Path:
-        if not _NAME_OK.match(name) or (self.single is not None and name != self.single):
+        if not RUN_NAME_PATTERN.match(name) or (self.single is not None and name != self.single):
             raise KeyError(name)
         path = self.root / name / DB_NAME
         if path.parent.resolve().parent != self.root or not path.is_file():

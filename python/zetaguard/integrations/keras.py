@@ -110,7 +110,7 @@ class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
             self.model.stop_training = True
         elif not self.guard.auto_recover and self.stop_on_critical:
             self.model.stop_training = True
-            self.guard._reports.append(
+            self.guard.add_report(
                 RecoveryReport(
                     step=result.step,
                     status=result.status,

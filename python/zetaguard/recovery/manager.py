@@ -14,8 +14,9 @@ import math
 import operator
 import shutil
 from collections.abc import Iterator, Mapping
+from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from zetaguard.checkpoint import checkpoint_stem
 from zetaguard.recovery import clip
@@ -32,8 +33,34 @@ from zetaguard.recovery.ladder import (
 from zetaguard.recovery.snapshots import SnapshotKeeper
 from zetaguard.results import RecoveryReport, StabilityResult
 
-if TYPE_CHECKING:
-    from zetaguard.guard import ZetaGuard
+
+class RecoveryHost(Protocol):
+    """What the manager needs from its guard (``ZetaGuard`` is one), and nothing more."""
+
+    @property
+    def model(self) -> Any: ...
+    @property
+    def optimizer(self) -> Any: ...
+    @property
+    def recovery_mode(self) -> str: ...
+    @property
+    def auto_recover(self) -> bool: ...
+    @property
+    def recovery_protocol(self) -> Any: ...
+    @property
+    def checkpoint_dir(self) -> str | PathLike[str] | None: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def last_result(self) -> StabilityResult | None: ...
+    @property
+    def run_store(self) -> Any: ...
+    @property
+    def rank(self) -> int | None: ...
+    def config(self) -> dict[str, Any]: ...
+    def save_state(self, path: str | PathLike[str]) -> None: ...
+    def reset_trajectory(self) -> None: ...
+    def add_report(self, report: RecoveryReport) -> None: ...
 
 log = logging.getLogger("zetaguard")
 
@@ -64,7 +91,7 @@ class RecoveryManager:
 
     def __init__(
         self,
-        guard: ZetaGuard,
+        guard: RecoveryHost,
         *,
         snapshot_interval: int = 10,
         snapshot_memory_budget: int = 1 << 30,
@@ -299,7 +326,7 @@ class RecoveryManager:
         finally:
             snap.rng = rng
         self.keeper.after_rollback(snap)
-        self.guard._reset_trajectory()
+        self.guard.reset_trajectory()
         report.restored_step = snap.step
         report.actions.append(f"rollback to step {snap.step}")
 
@@ -322,8 +349,7 @@ class RecoveryManager:
         try:
             paths = backend.save_checkpoint(directory, stem, guard_state)
             # Under torch.distributed every rank's engine state differs: one file per rank.
-            dist = self.guard._dist
-            rank = "" if dist is None else f".rank{dist.rank}"
+            rank = "" if self.guard.rank is None else f".rank{self.guard.rank}"
             self.guard.save_state(directory / f"{stem}.zetaguard{rank}.npz")
         except OSError as e:  # a full disk must not kill the run the guard is saving
             log.error("zetaguard: emergency checkpoint failed: %s", e)
@@ -412,7 +438,7 @@ class RecoveryManager:
         self, report: RecoveryReport, result: StabilityResult | None, batch_index: int | None
     ) -> None:
         self.last_report = report
-        self.guard._reports.append(report)
+        self.guard.add_report(report)
         action = ", ".join(report.actions) or "none"
         channels = dict(result.channels) if result is not None else {}
         self._store_incident(
@@ -430,7 +456,7 @@ class RecoveryManager:
             report.lr_after,
             f"; {report.message}" if report.message else "",
         )
-        store = self.guard._store
+        store = self.guard.run_store
         if store is not None and hasattr(store, "record_recovery"):
             store.record_recovery(report)
 
@@ -456,7 +482,7 @@ class RecoveryManager:
         batch_index: int | None,
         action: str,
     ) -> None:
-        store = self.guard._store
+        store = self.guard.run_store
         if store is not None and hasattr(store, "record_incident"):
             store.record_incident(
                 step=step,
