@@ -1,6 +1,6 @@
 """From engine sums to a calibrated score: ``raw_jar``, ``smoothed_jar`` and ``zeta_value``.
 
-The seed's JAR (``||j|| / (||a|| + eps)``) is computed exactly and reported (``raw_jar``,
+JAR as specified (``||j|| / (||a|| + eps)``) is computed exactly and reported (``raw_jar``,
 ``smoothed_jar``), but it is not the decision rule: healthy noisy training already sits near
 JAR 1.3-1.7 and a diverging run can sit below 1 (JAR is scale-invariant). On the scenario
 suite (``benchmarks/detection``) a JAR-excess channel was the source of nearly every false
@@ -41,7 +41,7 @@ it is a handful of scalar operations per group, independent of model size, and c
 microseconds where NumPy on arrays of a few elements cost tens. ``tests/reference_detector.py``
 states the same rule in NumPy and the tests hold the two together.
 
-``calibration="none"`` gives the seed-literal rule instead: ``zeta_value = smoothed_jar``
+``calibration="none"`` gives the literal rule of the specification instead: ``zeta_value = smoothed_jar``
 compared with the same fixed thresholds.
 """
 
@@ -93,8 +93,9 @@ class Observation:
 class Detector:
     """Turns per-group engine sums into a status. Knows no framework.
 
-    :meth:`observe` returns an :class:`Observation`; the guard's hot path calls
-    :meth:`observe_tuple`, the same result as a plain tuple, to skip building it.
+    :meth:`observe` returns one :class:`Observation`, which the guard's
+    :class:`zetaguard.StabilityResult` wraps (``observe_tuple`` is the same result as a plain
+    tuple, for benchmarks that time the bare rule).
     """
 
     def __init__(

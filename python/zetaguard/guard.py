@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from zetaguard import _core, distributed, state
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot, default_threads, snapshot
-from zetaguard.detector import Calibration, Detector, Observation
+from zetaguard.detector import Calibration, Detector
 from zetaguard.recommend import recommendations
 from zetaguard.recovery.manager import RecoveryManager
 from zetaguard.results import STATUSES, RecoveryReport, StabilityResult, Status
@@ -66,7 +66,7 @@ class ZetaGuard:
         recovery_protocol: an :class:`zetaguard.protocols.EmergencyProtocol` run on CRITICAL.
         model, optimizer: what recovery acts on (also settable with :meth:`attach`).
         checkpoint_dir: where emergency checkpoints go.
-        calibration: ``"auto"`` (calibrated zeta, the default) or ``"none"`` (seed-literal:
+        calibration: ``"auto"`` (calibrated zeta, the default) or ``"none"`` (JAR as specified:
             smoothed raw JAR against the fixed thresholds).
         mode: engine state: ``"exact"`` rings of the last three snapshots, ``"sketch"``
             O(sketch_buckets) state whatever the model size, ``"auto"`` exact while three
@@ -334,30 +334,27 @@ class ZetaGuard:
             group_rows, loss_value, grad_value = self._dist.reduce(
                 self._names, self._aggregate, tracker, rows, loss_value, grad_value
             )
-        (status, zeta, raw_jar, smoothed_jar, confidence, channels, scores, group_zeta,
-         nonfinite, in_warmup) = self._detector.observe_tuple(group_rows, history, loss_value, grad_value)
+        obs = self._detector.observe(group_rows, history, loss=loss_value, grad_norm=grad_value)
         current = self._step if step is None else int(step)
         self._step = current + 1
         result = StabilityResult(
-            status=status,
-            zeta_value=zeta,
-            raw_jar=raw_jar,
-            smoothed_jar=smoothed_jar,
-            confidence=confidence,
+            status=obs.status,
+            zeta_value=obs.zeta_value,
+            raw_jar=obs.raw_jar,
+            smoothed_jar=obs.smoothed_jar,
+            confidence=obs.confidence,
             timestamp=time.time(),
             step=current,
-            channels=channels,
-            nonfinite=nonfinite,
-            in_warmup=in_warmup,
+            channels=obs.channels,
+            nonfinite=obs.nonfinite,
+            in_warmup=obs.in_warmup,
             _group_names=self._group_names,
             _group_rows=group_rows,
-            _group_zeta=group_zeta,
+            _group_zeta=obs.group_zeta,
             _thresholds=(self.drift_threshold, self.snap_threshold),
             _history=history,
         )
-        if status != "STABLE":  # advice, and the worst group it names, only when needed
-            obs = Observation(status, zeta, raw_jar, smoothed_jar, confidence, channels, scores,
-                              group_zeta, nonfinite, in_warmup)
+        if obs.status != "STABLE":  # advice, and the worst group it names, only when needed
             result.recommendations = recommendations(obs, result.worst_group)
         if self._dist is not None:
             result.channels.update(self._dist.channels)

@@ -62,7 +62,7 @@ LADDERS: dict[str, Ladder] = {
         skip_grad_ratio=None,
         skip_loss_ratio=None,
     ),
-    # The seed's: save a checkpoint, LR x0.1, roll back to the last stable state if needed,
+    # The specification's: save a checkpoint, LR x0.1, roll back to the last stable state if needed,
     # log the incident. Returning trouble rolls back with another x0.1, then to the snapshot
     # before, then stops.
     "balanced": Ladder(
