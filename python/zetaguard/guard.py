@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 
-from zetaguard import _core, distributed, state
+from zetaguard import _core, _validate, distributed, state
+from zetaguard._validate import as_float as _as_float
 from zetaguard.adapters import Snapshot, default_threads, snapshot
 from zetaguard.detector import Calibration, Detector, Observation
 from zetaguard.recommend import recommendations
@@ -109,6 +110,13 @@ class ZetaGuard:
         snapshot_memory_budget: int = 1 << 30,
         device: DevicePath = "auto",
     ) -> None:
+        _validate.guard_arguments(
+            drift_threshold=drift_threshold, snap_threshold=snap_threshold, alpha=alpha,
+            warmup_steps=warmup_steps, auto_recover=auto_recover, sketch_buckets=sketch_buckets,
+            exact_memory_budget=exact_memory_budget, threads=threads, run_name=run_name,
+            seed=seed, snapshot_interval=snapshot_interval,
+            snapshot_memory_budget=snapshot_memory_budget,
+        )
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         self.device: DevicePath = device
@@ -861,15 +869,3 @@ def _nbytes(snap: Snapshot) -> int:
         nbytes = getattr(t, "nbytes", None)
         total += int(nbytes) if nbytes is not None else 0
     return total
-
-
-def _as_float(value: Any, what: str) -> float | None:
-    if value is None or type(value) is float:
-        return value
-    detach = getattr(value, "detach", None)  # a loss tensor that still requires grad
-    if callable(detach):
-        value = detach()
-    try:
-        return float(value)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{what} must be a number or a 0-d tensor, got {type(value).__name__}") from e
