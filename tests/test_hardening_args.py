@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,3 +83,30 @@ def test_nested_tensor_gets_a_clear_error() -> None:
     nt = torch.nested.nested_tensor([torch.ones(3), torch.ones(5)])
     with pytest.raises(TypeError, match="nested tensor"):
         ZetaGuard(auto_recover=False).monitor({"n": nt})
+
+
+def test_orphan_temporaries_are_pruned(tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import time
+
+    target = tmp_path / "guard.npz"
+    orphan = tmp_path / ".guard.npz.abc123xy.tmp"  # what a writer killed mid-save leaves
+    fresh = tmp_path / ".guard.npz.fresh0001.tmp"  # a writer that may still be working
+    live = tmp_path / ".guard.npz.live00001.tmp"  # old, but its writer holds the lock
+    other = tmp_path / ".other.npz.abc123xy.tmp"  # another file's temporary
+    for p in (orphan, fresh, live, other):
+        p.write_bytes(b"partial")
+    old = time.time() - 3600
+    for p in (orphan, live, other):
+        os.utime(p, (old, old))
+    with open(live, "rb") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        g = ZetaGuard()
+        g.monitor(W)
+        g.save_state(target)
+    assert not orphan.exists()
+    assert fresh.exists()
+    assert live.exists()
+    assert other.exists()
+    ZetaGuard().load_state(target)
