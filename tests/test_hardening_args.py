@@ -110,3 +110,24 @@ def test_orphan_temporaries_are_pruned(tmp_path: Path) -> None:
     assert live.exists()
     assert other.exists()
     ZetaGuard().load_state(target)
+
+
+def test_run_name_reuse_never_mixes_step_numbers(tmp_path: Path) -> None:
+    from zetaguard.store import RunReader, StoreError
+
+    first = ZetaGuard(auto_recover=False, run_dir=tmp_path, run_name="job")
+    for _ in range(5):
+        first.monitor(W)
+    first.save_state(tmp_path / "guard.npz")
+    first.close()
+    restarted = ZetaGuard(auto_recover=False, run_dir=tmp_path, run_name="job")
+    with pytest.raises(StoreError, match="already holds steps up to 4"):
+        restarted.monitor(W)
+    resumed = ZetaGuard(auto_recover=False, run_dir=tmp_path, run_name="job")
+    resumed.load_state(tmp_path / "guard.npz")
+    for _ in range(3):
+        resumed.monitor(W)
+    resumed.close()
+    with RunReader(tmp_path / "job" / "run.sqlite") as reader:
+        steps = [row["step"] for row in reader.steps()]
+    assert steps == list(range(8))

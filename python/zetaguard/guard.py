@@ -484,14 +484,16 @@ class ZetaGuard:
         if self._store is None and self.run_dir is not None and (
             self._dist is None or self._dist.rank == 0
         ):
-            self._open_store()
+            self._open_store(result.step)
         if self._store is not None:
             self._store.record_step(result)
 
-    def _open_store(self) -> None:
+    def _open_store(self, first_step: int | None = None) -> None:
         from zetaguard.store import RunStore
 
-        self._store = RunStore(self.run_dir, run_name=self.run_name, config=self.config())
+        self._store = RunStore(
+            self.run_dir, run_name=self.run_name, config=self.config(), first_step=first_step
+        )
 
     # ---- recovery (the logic lives in zetaguard.recovery; docs/recovery.md) --------------
 
