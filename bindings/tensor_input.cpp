@@ -167,6 +167,9 @@ py::object capsule_of(const py::handle& obj, const std::string& who,
             return obj.attr("__dlpack__")();  // a producer older than DLPack 1.0
         }
     } catch (py::error_already_set& e) {
+        // KeyboardInterrupt, SystemExit, GeneratorExit: the user (or the interpreter) is
+        // stopping the process; never turn that into a ValueError about the tensor.
+        if (!e.matches(PyExc_Exception)) throw;
         std::string hint;
         const std::string msg = py::str(e.value());  // the message alone, no traceback
         if (msg.find("require") != std::string::npos && msg.find("grad") != std::string::npos)
@@ -241,8 +244,8 @@ bool take_buffer(const py::handle& obj, const std::string& who, ParsedInputs& ou
             unread_format = fmt;
             return false;
         }
-        fail(PyExc_TypeError, who + " has buffer format '" + fmt +
-                                  "'; zetaguard monitors float32, float64, float16 and bfloat16 "
+        fail(PyExc_TypeError, who + " is a " + std::string(Py_TYPE(obj.ptr())->tp_name) +
+                                  " with buffer format '" + fmt + "'; zetaguard monitors float32, float64, float16 and bfloat16 "
                                   "arrays. Cast with x.astype(np.float32)");
     }
     TensorView v;

@@ -133,7 +133,11 @@ def test_torchscript_and_export_archives(
     batch = torch.export.Dim("batch", min=2)
     ep = torch.export.export(model, (torch.randn(4, 8),), dynamic_shapes=({0: batch},))
     torch.export.save(ep, str(tmp_path / "exported.pt2"))
-    report = _json(capsys, "--model", str(tmp_path / "exported.pt2"))
+    with pytest.raises(SystemExit) as exc:  # its loader runs code from the file
+        main(["--model", str(tmp_path / "exported.pt2"), "--json"])
+    assert exc.value.code == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    report = _json(capsys, "--model", str(tmp_path / "exported.pt2"), "--trust-pickle")
     assert report["format"] == "torch.export"
     assert 0.0 <= report["score"] <= 10.0
 

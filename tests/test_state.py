@@ -94,13 +94,17 @@ def test_failed_save_leaves_previous_file_intact(tmp_path: Path, monkeypatch: py
 
 
 def _rewrite_meta(path: Path, edit: object) -> None:
-    """Rewrite the JSON header of a state file (the checksum covers the arrays, not it)."""
+    """Rewrite the JSON header of a state file with a valid checksum (format version 2's
+    covers the header too), as another writer would."""
     import json
+
+    from zetaguard import _state_checks
 
     with np.load(path, allow_pickle=False) as z:
         arrays = {name: z[name] for name in z.files}
     meta = json.loads(bytes(arrays.pop("meta")).decode())
     edit(meta)  # type: ignore[operator]
+    meta["sha256"] = _state_checks.digest(meta, arrays)
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with open(path, "wb") as f:
         np.savez(f, allow_pickle=False, meta=blob, **arrays)

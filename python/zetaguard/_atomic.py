@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +23,9 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    prune_orphans(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _lock(fd)  # held while writing: tells prune_orphans() in other processes this one lives
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -51,3 +55,51 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+ORPHAN_AGE = 60.0  # seconds without a write before an unlocked temporary counts as orphaned
+
+
+def _lock(fd: int) -> bool:
+    """An exclusive, non-blocking advisory lock on ``fd`` (False where it is held elsewhere or
+    the platform has no ``fcntl``; the lock goes when the descriptor closes or its process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the age test alone decides
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def prune_orphans(target: Path) -> list[Path]:
+    """Remove temporaries of ``target`` left by writers that died (``SIGKILL``, power cut):
+    ``.<name>.<random>.tmp`` files untouched for ``ORPHAN_AGE`` seconds whose lock no live
+    writer holds. Returns what was removed."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[A-Za-z0-9_]+\.tmp$")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not pattern.match(entry.name):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < ORPHAN_AGE:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if _lock(fd):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed

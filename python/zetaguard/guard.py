@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 
-from zetaguard import _core, distributed, state
+from zetaguard import _core, _validate, distributed, state
+from zetaguard._validate import as_float as _as_float
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot, default_threads, snapshot
 from zetaguard.detector import Calibration, Detector
 from zetaguard.recommend import recommendations
@@ -108,6 +109,13 @@ class ZetaGuard:
         snapshot_memory_budget: int = 1 << 30,
         device: DevicePath = "auto",
     ) -> None:
+        _validate.guard_arguments(
+            drift_threshold=drift_threshold, snap_threshold=snap_threshold, alpha=alpha,
+            warmup_steps=warmup_steps, auto_recover=auto_recover, sketch_buckets=sketch_buckets,
+            exact_memory_budget=exact_memory_budget, threads=threads, run_name=run_name,
+            seed=seed, snapshot_interval=snapshot_interval,
+            snapshot_memory_budget=snapshot_memory_budget,
+        )
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         self.device: DevicePath = device
@@ -472,14 +480,16 @@ class ZetaGuard:
         if self._store is None and self.run_dir is not None and (
             self._dist is None or self._dist.rank == 0
         ):
-            self._open_store()
+            self._open_store(result.step)
         if self._store is not None:
             self._store.record_step(result)
 
-    def _open_store(self) -> None:
+    def _open_store(self, first_step: int | None = None) -> None:
         from zetaguard.store import RunStore
 
-        self._store = RunStore(self.run_dir, run_name=self.run_name, config=self.config())
+        self._store = RunStore(
+            self.run_dir, run_name=self.run_name, config=self.config(), first_step=first_step
+        )
 
     # ---- recovery (the logic lives in zetaguard.recovery; docs/recovery.md) --------------
 
@@ -882,15 +892,3 @@ def _nbytes(snap: Snapshot) -> int:
         nbytes = getattr(t, "nbytes", None)
         total += int(nbytes) if nbytes is not None else 0
     return total
-
-
-def _as_float(value: Any, what: str) -> float | None:
-    if value is None or type(value) is float:
-        return value
-    detach = getattr(value, "detach", None)  # a loss tensor that still requires grad
-    if callable(detach):
-        value = detach()
-    try:
-        return float(value)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{what} must be a number or a 0-d tensor, got {type(value).__name__}") from e

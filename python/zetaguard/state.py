@@ -7,13 +7,16 @@ Layout (format version 1):
 * ``t{i}_s{j}``: ring slot ``j`` of tensor ``i`` (uint8 bytes of the tensor's own dtype in exact
   mode, float64 buckets in sketch mode); ``t{i}_tau``: the sketch signs (float32).
 
-Files are read with ``allow_pickle=False`` and written atomically; a truncated or bit-flipped
-file is refused with a clear error and the previous good file is never replaced half-written.
+Files are written atomically and read as hostile input (:mod:`zetaguard._state_checks`):
+sizes bounded before anything is read, no pickles, a checksum over the metadata and the arrays
+(format version 2; version 1 files, whose checksum covers the arrays only, still load), every
+field checked for type and range. A truncated, bit-flipped or forged file is refused with a
+:class:`StateFileError` naming the problem, and the previous good file is never replaced
+half-written.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,24 +25,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from zetaguard import _state_checks as checks
 from zetaguard._atomic import atomic_write
 
 FORMAT = "zetaguard-state"
-VERSION = 1
+VERSION = 2  # 2: the checksum covers the metadata too
+READS = (1, 2)
 
 
 class StateFileError(ValueError):
     """A state file that cannot be used: missing, truncated, corrupt, or of another format."""
-
-
-def _digest(arrays: dict[str, npt.NDArray[Any]]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(name.encode())
-        h.update(str(a.dtype).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def pack(meta: dict[str, Any], engine_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]:
@@ -72,7 +67,8 @@ def unpack(meta: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> dict[st
 
 
 def save(path: str | os.PathLike[str], meta: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> None:
-    meta = {"format": FORMAT, "version": VERSION, **meta, "sha256": _digest(arrays)}
+    meta = {"format": FORMAT, "version": VERSION, **meta}
+    meta["sha256"] = checks.digest(meta, arrays)
     blob = json.dumps(meta, allow_nan=True).encode()
     payload = {"meta": np.frombuffer(blob, dtype=np.uint8), **arrays}
     buf = io.BytesIO()
@@ -81,32 +77,42 @@ def save(path: str | os.PathLike[str], meta: dict[str, Any], arrays: dict[str, n
 
 
 def load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]:
+    """The checked metadata and arrays of a state file; :class:`StateFileError` for anything
+    a guard must not use."""
     where = os.fspath(path)
     if not os.path.exists(where):
         raise StateFileError(f"no guard state at {where!r}; save one with guard.save_state(path)")
     try:
-        with np.load(where, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-    except Exception as e:
-        # A damaged archive fails in many ways inside zipfile and NumPy (BadZipFile, EOFError,
-        # NotImplementedError for flag bits it reads as encryption, MemoryError for a size
-        # field gone huge, ...): each one means the same thing here.
+        arrays = checks.read_archive(where)
+    except checks.Refusal as e:
         raise StateFileError(
             f"{where!r} is not a readable zetaguard state file (truncated or corrupt: {e}); "
             "restore an earlier copy or start a fresh guard"
         ) from e
-    raw_meta = arrays.pop("meta", None)
-    try:
-        meta = json.loads(bytes(raw_meta).decode()) if raw_meta is not None else None
-    except (TypeError, ValueError) as e:  # includes UnicodeDecodeError and JSONDecodeError
-        raise StateFileError(f"{where!r} has a corrupt header: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StateFileError(f"{where!r} is not a zetaguard state file")
-    if meta.get("version") != VERSION:
+    except Exception as e:
+        # A damaged archive fails in many ways inside zipfile and NumPy (BadZipFile, EOFError,
+        # NotImplementedError for flag bits it reads as encryption, a header NumPy cannot
+        # parse, ...): each one means the same thing here.
         raise StateFileError(
-            f"{where!r} has state format version {meta.get('version')}; this zetaguard reads "
-            f"version {VERSION}"
-        )
-    if meta.get("sha256") != _digest(arrays):
-        raise StateFileError(f"{where!r} failed its checksum: the file is corrupt")
+            f"{where!r} is not a readable zetaguard state file (truncated or corrupt: {e}); "
+            "restore an earlier copy or start a fresh guard"
+        ) from e
+    try:
+        meta = checks.parse_meta(arrays.pop("meta", None))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise checks.Refusal("it is not a zetaguard state file")
+        version = meta.get("version")
+        if version not in READS or type(version) is not int:
+            raise checks.Refusal(
+                f"it has state format version {version!r}; this zetaguard reads versions "
+                f"{', '.join(map(str, READS))}"
+            )
+        if meta.get("sha256") != checks.digest(meta if version >= 2 else None, arrays):
+            raise checks.Refusal("it failed its checksum: the file is corrupt")
+        checks.validate(meta, arrays)
+    except checks.Refusal as e:
+        raise StateFileError(
+            f"{where!r} holds an inconsistent guard state: {e}; restore an earlier copy or "
+            "start a fresh guard"
+        ) from e
     return meta, arrays

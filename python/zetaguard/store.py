@@ -207,7 +207,9 @@ class RunStore:
     """Writes one run to ``<run_dir>/<run_name>/run.sqlite``.
 
     ``run_name`` defaults to a UTC timestamp (with a numeric suffix if that exists). Opening an
-    existing run appends to it (a resumed job keeps one history); nothing is overwritten.
+    existing run appends to it (a resumed job keeps one history); nothing is overwritten. With
+    ``first_step``, a store already holding that step or a later one is refused
+    (:class:`StoreError`): steps never repeat in one history.
     """
 
     def __init__(
@@ -218,6 +220,7 @@ class RunStore:
         *,
         flush_rows: int = 256,
         flush_interval: float = 1.0,
+        first_step: int | None = None,
     ) -> None:
         if run_name is not None and not RUN_NAME_PATTERN.match(run_name):
             raise ValueError(
@@ -247,6 +250,8 @@ class RunStore:
                 f"cannot open run store {str(self.path)!r}: {e}; move the file away or choose "
                 "another run_name"
             ) from e
+        if first_step is not None:
+            _refuse_repeated_steps(self._conn, self.path, int(first_step))
         self._lock = threading.Lock()
         self._pending: list[tuple[Any, ...]] = []
         self._pending_recs: list[tuple[int, float, str, tuple[str, ...]]] = []
@@ -459,6 +464,20 @@ def _flush_loop(ref: weakref.ref[RunStore], stop: threading.Event) -> None:
         with contextlib.suppress(Exception):
             store._maybe_flush()
         del store
+
+
+def _refuse_repeated_steps(conn: sqlite3.Connection, path: Path, first_step: int) -> None:
+    """A run store holds one history: a writer whose steps would repeat steps already there (a
+    fresh guard reusing a run_name, or a resume from a state older than the store) is refused
+    rather than mixing two step sequences."""
+    (last,) = conn.execute("SELECT MAX(step) FROM steps").fetchone()
+    if last is not None and first_step <= int(last):
+        conn.close()
+        raise StoreError(
+            f"run store {str(path)!r} already holds steps up to {last} and this guard's next "
+            f"step is {first_step}: the history would repeat steps. Pass a new run_name, or "
+            "resume with guard.load_state() from a state saved after that step"
+        )
 
 
 def _fresh_name(root: Path) -> str:

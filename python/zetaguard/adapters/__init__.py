@@ -108,6 +108,11 @@ def snapshot(obj: Any) -> Snapshot:
         return seen(obj)  # a framework object of a type seen before (a module, a Keras model)
     elif isinstance(obj, Mapping):
         probe = next(iter(obj.values()), None)
+    elif isinstance(obj, (bytes, bytearray)):  # iterable, but of ints
+        raise TypeError(
+            f"monitor() got a {kind.__name__} object, not parameters; pass NumPy arrays or "
+            "tensors (a list or dict of them, or a model)"
+        )
     elif (
         isinstance(obj, Iterable)
         and not hasattr(obj, "__dlpack__")
@@ -145,4 +150,32 @@ def generic_snapshot(obj: Any) -> Snapshot:
             tensors = obj if isinstance(obj, list) else list(obj)
     else:
         names, tensors = ["0"], [obj]
+    if any(type(t) is np.ndarray and t.dtype.name == "bfloat16" for t in tensors):
+        return _bfloat16_snapshot(names, tensors)
     return Snapshot(names=names, tensors=tensors, keepalive=tensors)
+
+
+_RAW_DTYPES = {"float32", "float64", "float16", "bfloat16"}
+
+
+def _bfloat16_snapshot(names: list[str], tensors: list[Any]) -> Snapshot:
+    """NumPy arrays of ``ml_dtypes.bfloat16``: NumPy exports them through neither DLPack nor
+    the buffer protocol, so the engine gets their addresses directly (``raw``), after the same
+    checks the engine makes for a buffer: a supported dtype, C-contiguous, aligned."""
+    raw = []
+    for i, (name, t) in enumerate(zip(names, tensors, strict=True)):
+        label = f"parameter {i} ({name!r})"
+        if type(t) is not np.ndarray:
+            raise TypeError(
+                f"{label} is a {type(t).__name__} beside NumPy bfloat16 arrays; pass NumPy "
+                "arrays only, or cast the bfloat16 ones with x.astype(np.float32) (exact)"
+            )
+        if t.dtype.name not in _RAW_DTYPES or t.dtype.byteorder == ">":
+            raise TypeError(
+                f"{label} has dtype {t.dtype}; zetaguard monitors float32, float64, float16 and "
+                "bfloat16 arrays. Cast with x.astype(np.float32)"
+            )
+        if not (t.flags.c_contiguous and t.flags.aligned):
+            raise ValueError(f"{label} is not a C-contiguous aligned array; pass np.ascontiguousarray(x)")
+        raw.append((int(t.ctypes.data), int(t.size), t.dtype.name))
+    return Snapshot(names=names, tensors=raw, raw=True, keepalive=list(tensors))

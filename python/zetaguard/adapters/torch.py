@@ -56,6 +56,11 @@ def check_tensor(name: str, t: Any) -> str:
             f"{name} has dtype {t.dtype}; zetaguard monitors float32, float64, float16 and "
             "bfloat16 parameters. Leave integer, bool and complex tensors out of monitor()"
         )
+    if t.is_nested:  # its layout reads as strided, but it has no single shape or buffer
+        raise TypeError(
+            f"{name} is a nested tensor (torch.nested); monitor its components instead, e.g. "
+            "list(t.unbind())"
+        )
     if t.is_sparse or t.layout != torch.strided:
         raise TypeError(f"{name} has layout {t.layout}; pass dense parameters (t.to_dense())")
     if t.device.type == "meta":

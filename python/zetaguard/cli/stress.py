@@ -2,9 +2,10 @@
 
 Method (docs/cli.md has the long form):
 
-1. **Load** without executing untrusted code: TorchScript archives (``torch.jit.load``),
-   ``torch.export`` archives (``torch.export.load``), a state dict plus ``--factory
-   module:function`` that builds the module; a whole pickled module only with ``--trust-pickle``.
+1. **Load** without executing untrusted code: TorchScript archives (``torch.jit.load``), a
+   state dict plus ``--factory module:function`` that builds the module; a whole pickled module
+   or a ``torch.export`` archive (whose loader unpickles and evaluates parts of the file) only
+   with ``--trust-pickle`` (``zetaguard._trust``).
 2. **Data**: ``--data file.npz`` (arrays ``x`` and optionally ``y``) or ``--samples`` synthetic
    inputs of the model's input shape with targets from a fixed random teacher (class labels when
    the model has several outputs, a regression target when it has one).
@@ -46,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from zetaguard._trust import export_refusal, is_export_archive
 from zetaguard.cli import fail
 from zetaguard.store import json_safe
 
@@ -108,7 +110,9 @@ def load_model(
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist")
     names = _zip_names(path)
-    if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
+    if is_export_archive(names):
+        if not trust_pickle:
+            raise ModelLoadError(export_refusal(path))
         try:
             ep = torch.export.load(str(path))
         except Exception as e:
@@ -120,7 +124,7 @@ def load_model(
             module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
             return module, "torchscript", None
         except Exception as e:
-            raise ModelLoadError(f"cannot load {path} as TorchScript: {e}") from e
+            raise ModelLoadError(f"cannot load {path} as TorchScript: {str(e) or type(e).__name__}") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -482,12 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stability stress test of a saved PyTorch model: sharpness (largest stable "
         "learning rate), a probe training watched by zetaguard, and a 0-10 score.",
     )
-    p.add_argument("--model", required=True, help="TorchScript, torch.export (.pt2) or state dict")
+    p.add_argument(
+        "--model", required=True,
+        help="TorchScript or state dict; torch.export (.pt2) with --trust-pickle",
+    )
     p.add_argument("--factory", help="module:function that builds the module for a state dict")
     p.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow a pickled nn.Module (unpickling runs code from the file)",
+        help="allow formats whose loading runs code from the file: a pickled nn.Module, a "
+        "torch.export archive (only for files you made)",
     )
     p.add_argument("--samples", type=int, default=1000, help="probe samples (default 1000)")
     p.add_argument("--data", type=Path, help=".npz with 'x' (and optionally 'y') arrays")
