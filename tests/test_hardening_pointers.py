@@ -174,7 +174,7 @@ def test_shrunk_gradient_storage_is_refused_on_every_gradient_path() -> None:
         p.grad = make()
         g.monitor([p])
         p.grad.untyped_storage().resize_(16)
-        with pytest.raises(ValueError, match="gradient of param.0 needs"):
+        with pytest.raises(ValueError, match=r"gradient of param\.0 needs"):
             g.monitor([p])
     sparse = torch.nn.Parameter(torch.zeros(40))
     sparse.grad = torch.ones(40).to_sparse()
@@ -251,7 +251,7 @@ def test_refused_step_leaves_no_stale_address_behind() -> None:
     with torch.no_grad():
         a.data = torch.full((8,), 5.0)  # a moves (and passes the check) ...
         b.as_strided_((8,), (0,))  # ... b is refused
-    with pytest.raises(ValueError, match="param.1 is not contiguous"):
+    with pytest.raises(ValueError, match=r"param\.1 is not contiguous"):
         g.monitor([a, b])
     with torch.no_grad():
         b.as_strided_((8,), (1,))  # b back as it was
