@@ -114,7 +114,7 @@ _storage_nbytes = torch.UntypedStorage.nbytes
 _element_size = torch.Tensor.element_size
 _grad_of = operator.attrgetter("grad")
 
-Facts = tuple[list[int], list[torch.dtype], list[int], list[int]]
+Facts = tuple[list[int], list[torch.dtype], list[Any], list[int]]  # offsets may be SymInts
 
 
 def read_facts(tensors: list[Any]) -> Facts:
@@ -129,7 +129,7 @@ def read_facts(tensors: list[Any]) -> Facts:
     )
 
 
-def _facts_of(t: torch.Tensor) -> tuple[int, int, torch.dtype, int, int] | None:
+def _facts_of(t: torch.Tensor) -> tuple[Any, ...] | None:
     try:
         return (t.data_ptr(), t.numel(), t.dtype, t.storage_offset(), t.untyped_storage().nbytes())
     except (RuntimeError, TypeError, AttributeError, NotImplementedError):
