@@ -13,7 +13,11 @@ Every input is a byte string that :func:`fuzz_one` decodes into one case:
   (negative or overflowing sizes, offsets past the address space), never a plausible lie;
 * ``state``: truncated, bit-flipped and byte-overwritten state files, and well-formed files
   whose header fields were replaced with random values (the checksum recomputed);
-* ``resize``: one guard fed a group whose count, sizes and dtypes change between steps.
+* ``resize``: one guard fed a group whose count, sizes and dtypes change between steps;
+* ``mutate``: torch parameters and gradients changed behind the guard's cached raw addresses
+  between ``monitor()`` calls: swapped (``p.data = ...``, ``p.grad.data = ...`` of another size
+  or dtype), storage resized in place (``untyped_storage().resize_()``), re-strided
+  (``as_strided_``), re-pointed (``set_()``), gradients dropped or made sparse.
 
 Each case must either succeed, with results that match a NumPy reference of the same memory,
 or raise ``ValueError``/``TypeError`` with a message; a DLPack deleter must run at most once,
@@ -30,6 +34,7 @@ drives the same harness with hypothesis.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import io
 import json
@@ -551,6 +556,118 @@ def case_resize(r: Reader) -> None:
         raise Refused(refusals[0])  # counted as refused: at least one step was
 
 
+# ---- case: torch tensors changed between monitor() calls ----------------------------------------------
+
+_TORCH_FLOATS = ("float32", "float64", "float16", "bfloat16")
+
+
+def _covered(t: Any) -> bool:
+    """The harness's own bound (not the adapter's): the storage holds every element."""
+    if t.numel() == 0:
+        return True
+    end = t.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return end * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def _mutate(r: Reader, params: list[Any]) -> None:
+    import torch
+
+    p = r.pick(params)
+    dtype = getattr(torch, r.pick(_TORCH_FLOATS))
+    n = r.pick([0, 1, 3, 8, 33, 64])
+    op = r.below(11)
+    if op in (1, 10) and not _covered(p):
+        op = 0  # torch itself would read past a shrunk storage: the harness must not
+    with contextlib.suppress(RuntimeError):  # torch refused the change (a grad of another shape)
+        _apply(op, p, r, dtype, n)
+
+
+def _apply(op: int, p: Any, r: Reader, dtype: Any, n: int) -> None:
+    import torch
+
+    with torch.no_grad():
+        if op == 0:
+            p.data = torch.from_numpy(r.floats(n)).to(dtype)
+        elif op == 1:
+            p.data = p.data.to(dtype)
+        elif op == 2 and p.grad is not None:
+            p.grad.data = torch.from_numpy(r.floats(n)).to(dtype)
+        elif op == 3:
+            p.grad = torch.from_numpy(r.floats(p.numel())).to(p.dtype).reshape(p.shape)
+        elif op == 4:
+            p.grad = None
+        elif op == 5:
+            target = p if r.flag() or p.grad is None else p.grad
+            # Whole elements only: a ragged storage corrupts torch's own heap handling
+            # (seen in a plain build with no zetaguard call at all), which is not ours to test.
+            size = r.below(target.numel() + 4) * target.element_size()
+            target.untyped_storage().resize_(size)
+        elif op == 6 and p.numel() > 0:
+            size = r.below(p.numel() + 1)
+            stride = r.below(3)
+            offset = r.below(2)
+            if offset + max(size - 1, 0) * stride < p.untyped_storage().nbytes() // p.element_size():
+                p.as_strided_((size,), (stride,), offset)
+        elif op == 7:
+            other = torch.from_numpy(r.floats(n)).to(dtype)
+            p.set_(other) if r.flag() else p.data.set_(other.untyped_storage(), 0, (n,), (1,))
+        elif op == 8 and p.ndim == 1 and p.numel() >= 2:
+            p.grad = torch.from_numpy(r.floats(p.numel())).to(p.dtype).to_sparse()
+        elif op == 9:
+            p.grad = torch.from_numpy(r.floats(p.numel() * 2)).to(p.dtype)[::2]  # strided
+        else:
+            p.add_(0.01)  # an ordinary in-place step
+
+
+def case_mutate(r: Reader) -> None:
+    import torch
+
+    params = []
+    for _ in range(1 + r.below(3)):
+        t = torch.from_numpy(r.floats(r.pick([1, 4, 17, 64]))).to(getattr(torch, r.pick(_TORCH_FLOATS)))
+        p = torch.nn.Parameter(t)
+        if r.flag():
+            p.grad = torch.from_numpy(r.floats(p.numel())).to(p.dtype)
+        params.append(p)
+    guard = ZetaGuard(warmup_steps=2, auto_recover=False, group_by="tensor",
+                      mode=r.pick(["exact", "sketch"]), sketch_buckets=8)
+    refused = []
+    for _ in range(2 + r.below(5)):
+        _mutate(r, params)
+        given = params if r.flag() else list(reversed(params))
+        try:
+            result = expect_clear_error(lambda g=given: guard.monitor(g))  # type: ignore[misc]
+        except Refused as e:
+            refused.append(str(e))
+            if r.flag():
+                guard.reset()
+            continue
+        # Accepted: every tensor was in bounds and read as what it is now.
+        for i, t in enumerate(given):
+            check(_covered(t) and t.is_contiguous(), f"accepted tensor {i} out of its storage")
+            x2, bad = reference_rows(t.detach().to(torch.float64).numpy())
+            row = result._group_rows[i]
+            if bad == 0 and np.isfinite(x2):
+                assert np.isclose(row[0], x2, rtol=1e-9, atol=0.0), (i, row[0], x2)
+        grads = [t.grad for t in given if t.grad is not None]
+        if grads:
+            dense = [g.to_dense() if g.is_sparse else g for g in grads]
+            for g in dense:
+                check(_covered(g), "accepted a gradient out of its storage")
+            sq = [reference_rows(g.detach().to(torch.float64).contiguous().numpy()) for g in dense]
+            want = float(np.sqrt(sum(x for x, _ in sq)))
+            got = result.channels.get("grad_norm")
+            assert got is not None, "gradients present, no grad_norm channel"
+            if sum(b for _, b in sq) or not np.isfinite(want):
+                assert got == float("inf"), (got, want)
+            else:
+                assert np.isclose(got, want, rtol=1e-9, atol=1e-300), (got, want)
+        else:
+            assert "grad_norm" not in result.channels, result.channels
+    if refused:
+        raise Refused(refused[0])
+
+
 # ---- the harness ------------------------------------------------------------------------------------
 
 CASES: dict[str, Callable[[Reader], None]] = {
@@ -559,6 +676,7 @@ CASES: dict[str, Callable[[Reader], None]] = {
     "capsule": case_capsule,
     "state": case_state,
     "resize": case_resize,
+    "mutate": case_mutate,
 }
 _ORDER = list(CASES)
 tally: Counter[str] = Counter()

@@ -33,6 +33,7 @@ import numpy.typing as npt
 import torch
 
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
+from zetaguard.adapters.torch import check_storages, checked_grad
 
 log = logging.getLogger("zetaguard")
 
@@ -318,6 +319,9 @@ class DeviceTracker:
         tensors = [t.detach() for t in tensors]
         if not tensors:
             raise ValueError("update() got no tensors")
+        # torch kernels trust a tensor's storage to cover it; one shrunk beneath it by
+        # untyped_storage().resize_() would be read past its end (host metadata only, no sync).
+        check_storages(tensors)
         if not self._numels:
             self._initialise(tensors)
         else:
@@ -354,7 +358,7 @@ class DeviceTracker:
                  torch.stack(j_norms)]
         grad_count = 0
         if grads:
-            grads = [_dense(g) for g in grads]
+            grads = [_dense(checked_grad(f"gradient {i}", g)) for i, g in enumerate(grads)]
             parts.append(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)))
             grad_count = len(grads)
         host = torch.cat(parts).cpu().numpy()  # the one synchronising transfer of the step

@@ -1,11 +1,20 @@
 """PyTorch parameters: ``nn.Module``, ``parameters()``, ``named_parameters()``, tensors.
 
 CPU tensors reach the engine as raw addresses: float16 and bfloat16 included (the engine reads
-them natively), no copy, no DLPack capsule per tensor per step. What makes a raw address safe
-(dtype, dense strided layout, contiguity, size) is validated once per parameter set and cached;
-each step then only reads every tensor's current ``data_ptr()`` and re-validates the tensors
-whose address moved (``p.data = ...`` swaps storage behind an unchanged Parameter). An
-``nn.Module`` is walked once; later steps confirm each cached parameter is still the one its
+them natively), no copy, no DLPack capsule per tensor per step. A raw read of ``numel`` elements
+from ``data_ptr()`` is in bounds only while the tensor is contiguous and its storage still
+covers it, so every call re-reads, for every tensor and every gradient, what that depends on:
+address, numel, dtype, contiguity, storage offset and the storage's size in bytes (C-level
+maps: with the gradients, about 0.5 us a tensor). A full check (dtype, layout, device,
+storage bound) runs for the tensors where any of them changed since it last passed: ``p.data = ...`` swaps storage behind
+an unchanged Parameter, ``untyped_storage().resize_()`` shrinks it beneath the tensor,
+``as_strided_`` re-strides it in place, ``set_()`` points it elsewhere. Nothing an earlier
+call saw is trusted: a freed buffer's address comes back for the next allocation.
+
+The caches hold no strong reference to the user's tensors: a list's layout keeps only the
+facts above, and a module's layout is dropped when the module is garbage collected.
+
+An ``nn.Module`` is walked once; later steps confirm each cached parameter is still the one its
 owner holds (a dict lookup per tensor) instead of walking the module tree again.
 
 Tensors on another device (CUDA) are handed to the device path (:mod:`zetaguard.device`) as
@@ -67,24 +76,93 @@ def check_tensor(name: str, t: Any) -> str:
         raise ValueError(f"{name} is on the meta device and holds no data; materialise the model first")
     if not t.is_contiguous():
         raise ValueError(f"{name} is not contiguous in memory; pass t.contiguous()")
+    check_storage(name, t)
     return dtype
 
 
-class _Layout:
-    """Validated facts about one parameter set, reused while the same tensors come back."""
+def check_storage(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor whose storage no longer covers it (``untyped_storage().resize_()``
+    shrinks a storage beneath its tensors; torch itself then reads past the end)."""
+    if t.numel() == 0:
+        return
+    # The last element's offset plus one; torch strides are never negative.
+    end = t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    need = end * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if need > have:
+        raise ValueError(
+            f"{name} needs {need} bytes of its storage but the storage holds {have} (it was "
+            "resized beneath the tensor, e.g. by untyped_storage().resize_()); give the tensor "
+            "real storage again (p.data = torch.empty_like(...)) before monitoring it"
+        )
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]], owners: list[Any] | None = None) -> None:
-        self.tensors = [t for _, t in named]
-        self.ids = tuple(id(t) for t in self.tensors)
+
+def check_storages(tensors: list[torch.Tensor], what: str = "tensor") -> None:
+    """:func:`check_storage` for many tensors: C-level maps for the common case (the bound of
+    a contiguous tensor), the exact per-tensor bound only when that one fails."""
+    ends = map(operator.mul, map(operator.add, map(_storage_offset, tensors), map(_numel, tensors)),
+               map(_element_size, tensors))
+    if not all(map(operator.le, ends, map(_storage_nbytes, map(_untyped_storage, tensors)))):
+        for i, t in enumerate(tensors):
+            check_storage(f"{what} {i}", t)
+
+
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_dtype_of = operator.attrgetter("dtype")
+_is_contiguous = torch.Tensor.is_contiguous
+_is_cpu = operator.attrgetter("is_cpu")
+_storage_offset = torch.Tensor.storage_offset
+_untyped_storage = torch.Tensor.untyped_storage
+_storage_nbytes = torch.UntypedStorage.nbytes
+_element_size = torch.Tensor.element_size
+_grad_of = operator.attrgetter("grad")
+
+Facts = tuple[list[int], list[torch.dtype], list[Any], list[int]]  # offsets may be SymInts
+
+
+def read_facts(tensors: list[Any]) -> Facts:
+    """What the bounds of a raw read depend on, read afresh: numel, dtype, storage offset and
+    storage size per tensor. Equal facts, contiguity and addresses mean the same bytes as when
+    the full check last passed (``data_ptr`` is the storage's address plus the offset)."""
+    return (
+        list(map(_numel, tensors)),
+        list(map(_dtype_of, tensors)),
+        list(map(_storage_offset, tensors)),
+        list(map(_storage_nbytes, map(_untyped_storage, tensors))),
+    )
+
+
+def _facts_of(t: torch.Tensor) -> tuple[Any, ...] | None:
+    try:
+        return (t.data_ptr(), t.numel(), t.dtype, t.storage_offset(), t.untyped_storage().nbytes())
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+        return None  # sparse, nested or not a tensor: check_tensor says which
+
+
+class _Layout:
+    """Validated facts about one parameter set, reused while the same tensors come back.
+
+    ``tensors`` is kept for a module's layout only (the module holds them anyway, and the
+    cache entry goes with the module); a list's layout holds no tensor, each call brings them.
+    """
+
+    def __init__(
+        self,
+        named: list[tuple[str, torch.Tensor]],
+        owners: list[Any] | None = None,
+        keep_tensors: bool = False,
+    ) -> None:
+        tensors = [t for _, t in named]
+        self.tensors: list[torch.Tensor] = tensors if keep_tensors else []
         self.names = [n for n, _ in named]
         self.dtypes = [check_tensor(n, t) for n, t in named]
-        self.numels = [t.numel() for t in self.tensors]
-        self.torch_dtypes = [t.dtype for t in self.tensors]
-        self.ptrs = [t.data_ptr() for t in self.tensors]
-        self.devices = {t.device.type for t in self.tensors}
+        self.ptrs = list(map(_data_ptr, tensors))
+        self.facts: Facts = read_facts(tensors)
+        self.devices = {t.device.type for t in tensors}
         self.host = self.devices == {"cpu"}
         # What the engine reads while nothing moved: (address, numel, dtype) per tensor.
-        self.raw = list(zip(self.ptrs, self.numels, self.dtypes, strict=True))
+        self.raw = list(zip(self.ptrs, self.facts[0], self.dtypes, strict=True))
         # For a module: (the owning submodule's _parameters dict, the attribute name) per tensor.
         self.owners = owners
         self.owner_dicts = [d for d, _ in owners or ()]
@@ -94,7 +172,11 @@ class _Layout:
         self.structure: tuple[list[Any], list[str], list[Any], list[Any], list[int]] = (
             [], [], [], [], []
         )
-        self.grad_ptrs: list[int] = []  # gradient addresses whose layout was last validated
+        # Gradients: the facts and engine dtypes that last passed the full check, and the
+        # addresses the raw entries were built from.
+        self.grad_facts: Facts | None = None
+        self.grad_dtypes: list[str] = []
+        self.grad_ptrs: list[int] = []
         self.grad_raw: list[tuple[int, int, str]] = []
 
     def still_owned(self) -> bool:
@@ -112,19 +194,28 @@ class _Layout:
             list(map(len, containers)) == sizes
         )
 
-    def revalidate(self, ptrs: list[int]) -> None:
-        """Some tensors moved to new storage: check those again (dtype, layout, device)."""
-        for i, (old, new) in enumerate(zip(self.ptrs, ptrs, strict=True)):
-            t = self.tensors[i]
-            if old != new or t.numel() != self.numels[i] or t.dtype != self.torch_dtypes[i]:
-                self.dtypes[i] = check_tensor(self.names[i], t)
-                self.numels[i] = t.numel()
-                self.torch_dtypes[i] = t.dtype
-        self.ptrs = ptrs
-        self.devices = {t.device.type for t in self.tensors}
+    def revalidate(self, tensors: list[Any]) -> None:
+        """Something changed under some tensors: run the full check on each tensor whose
+        address, size, dtype, storage or contiguity differs from what last passed."""
+        numels, dtypes, offsets, sizes = self.facts
+        try:
+            for i, t in enumerate(tensors):
+                fact = _facts_of(t)
+                if (
+                    fact is None
+                    or fact != (self.ptrs[i], numels[i], dtypes[i], offsets[i], sizes[i])
+                    or not t.is_contiguous()
+                ):
+                    self.dtypes[i] = check_tensor(self.names[i], t)  # raises if unreadable
+                    (self.ptrs[i], numels[i], dtypes[i], offsets[i], sizes[i]) = _facts_of(t)  # type: ignore[misc]
+        except BaseException:
+            # `raw` still holds the old entries: no address may match until a check passes.
+            self.ptrs = [-1] * len(self.ptrs)
+            raise
+        self.devices = {t.device.type for t in tensors}
         self.host = self.devices == {"cpu"}
-        self.raw = list(zip(self.ptrs, self.numels, self.dtypes, strict=True))
-        self.grad_ptrs = []  # gradients follow their parameters' dtype and size: check again
+        self.raw = list(zip(self.ptrs, numels, self.dtypes, strict=True))
+        self.grad_facts = None  # gradients are checked afresh too
 
 
 _list_cache: dict[tuple[Any, ...], _Layout] = {}
@@ -132,10 +223,17 @@ _module_cache: dict[int, tuple[weakref.ref[torch.nn.Module], _Layout]] = {}
 _CACHE_LIMIT = 64
 
 
-def _module_layout(module: torch.nn.Module) -> _Layout:
+def _forget_module(key: int, ref: weakref.ref[torch.nn.Module]) -> None:
+    """A cached module was garbage collected: drop its layout (and the tensors it held)."""
+    hit = _module_cache.get(key)
+    if hit is not None and hit[0] is ref:
+        del _module_cache[key]
+
+
+def _module_layout(module: torch.nn.Module) -> tuple[_Layout, list[torch.Tensor]]:
     hit = _module_cache.get(id(module))
     if hit is not None and hit[0]() is module and hit[1].still_owned():
-        return hit[1]
+        return hit[1], hit[1].tensors
     named: list[tuple[str, torch.Tensor]] = []
     owners: list[Any] = []
     seen: set[int] = set()
@@ -146,7 +244,7 @@ def _module_layout(module: torch.nn.Module) -> _Layout:
             seen.add(id(p))
             named.append((f"{prefix}.{key}" if prefix else key, p))
             owners.append((sub._parameters, key))
-    layout = _Layout(named, owners)
+    layout = _Layout(named, owners, keep_tensors=True)
     subs = [sub for _, sub in module.named_modules()]
     edges = [(sub._modules, name, child) for sub in subs for name, child in sub._modules.items()]
     containers = [c for sub in subs for c in (sub._modules, sub._parameters)]
@@ -159,18 +257,22 @@ def _module_layout(module: torch.nn.Module) -> _Layout:
     )
     if len(_module_cache) >= _CACHE_LIMIT:
         _module_cache.clear()
-    _module_cache[id(module)] = (weakref.ref(module), layout)
-    return layout
+    key = id(module)
+    ref = weakref.ref(module, lambda r, key=key: _forget_module(key, r))  # type: ignore[misc]
+    _module_cache[key] = (ref, layout)
+    return layout, layout.tensors
 
 
 _name_of = operator.itemgetter(0)
 _tensor_of = operator.itemgetter(1)
 
 
-def _list_layout(obj: Any) -> _Layout:
+def _list_layout(obj: Any) -> tuple[_Layout, list[Any]]:
     """A tensor, a list/tuple/generator of tensors or of ``(name, tensor)`` pairs, or a dict:
     cached by the identity of its tensors (and their names, when named), so a step that hands
-    the same parameters again pays a few C-level maps, not a Python loop per tensor."""
+    the same parameters again pays a few C-level maps, not a Python loop per tensor. The layout
+    holds no tensor: once they die an id may come back for another one, which is harmless,
+    since :func:`snapshot` checks every fact a read depends on again."""
     names: list[str] | None
     if isinstance(obj, torch.Tensor):
         tensors: list[Any] = [obj]
@@ -189,20 +291,35 @@ def _list_layout(obj: Any) -> _Layout:
             names, tensors = None, items
     key = (names is None, *map(id, tensors))
     layout = _list_cache.get(key)
-    if layout is not None and (names is None or layout.names == names):
-        return layout
-    layout = _Layout(named_tensors(obj if isinstance(obj, (dict, torch.Tensor)) else items))
+    if layout is not None and len(layout.names) == len(tensors) and (
+        names is None or layout.names == names
+    ):
+        return layout, tensors
+    named = named_tensors(obj if isinstance(obj, (dict, torch.Tensor)) else items)
+    layout = _Layout(named)
     if len(_list_cache) >= _CACHE_LIMIT:
         _list_cache.clear()
     _list_cache[key] = layout
-    return layout
+    return layout, [t for _, t in named]
 
 
-def layout_of(obj: Any) -> _Layout:
-    """The cached, validated layout of ``obj`` (a module or anything :func:`named_tensors` reads)."""
+def layout_of(obj: Any) -> tuple[_Layout, list[Any]]:
+    """The cached, validated layout of ``obj`` (a module or anything :func:`named_tensors`
+    reads) and this call's tensors."""
     if isinstance(obj, torch.nn.Module):
         return _module_layout(obj)
     return _list_layout(obj)
+
+
+def checked_grad(name: str, g: torch.Tensor) -> torch.Tensor:
+    """``g`` after :func:`check_storage` (for a sparse gradient: its indices and values), so
+    no copy or reduction torch makes of it reads past a shrunk storage."""
+    if g.is_sparse:
+        check_storage(f"{name} (indices)", g._indices())
+        check_storage(f"{name} (values)", g._values())
+    else:
+        check_storage(name, g)
+    return g
 
 
 def _dense_grad(g: torch.Tensor) -> torch.Tensor:
@@ -211,54 +328,74 @@ def _dense_grad(g: torch.Tensor) -> torch.Tensor:
     return g if g.is_contiguous() else g.contiguous()
 
 
-_data_ptr = torch.Tensor.data_ptr
-_numel = torch.Tensor.numel
-_dtype_of = operator.attrgetter("dtype")
-_is_contiguous = torch.Tensor.is_contiguous
-_grad_of = operator.attrgetter("grad")
-
-
 def _raw_grads(
     layout: _Layout, grads: list[torch.Tensor | None]
 ) -> tuple[list[torch.Tensor], list[tuple[int, int, str]]]:
-    """Raw addresses of the gradients. Autograd gives a gradient its parameter's dtype and size
-    and, for a contiguous parameter, a dense layout; the common case is therefore checked with
-    C-level maps only, and anything unusual (missing, sparse, strided) takes the careful path."""
+    """Raw addresses of the gradients, each read with its own numel and dtype (a gradient can
+    be swapped for one of another size or dtype, ``p.grad.data = ...``). The common case (all
+    present, contiguous, on the CPU, the same facts as last step) is checked with C-level maps
+    only; anything else takes the careful path."""
     if all(map(operator.is_not, grads, repeat(None))):
         dense: list[torch.Tensor] = grads  # type: ignore[assignment]
         try:
             gptrs = list(map(_data_ptr, dense))
-            # Addresses already validated last step need no new layout check.
-            if gptrs == layout.grad_ptrs:
-                return dense, layout.grad_raw
-            if all(map(_is_contiguous, dense)):
+            facts = read_facts(dense)
+            plain = all(map(_is_contiguous, dense))
+        except (RuntimeError, TypeError):  # sparse gradients have no data pointer or strides
+            plain = False
+        if plain:
+            if facts != layout.grad_facts:
+                layout.grad_facts = None
+                layout.grad_dtypes = [
+                    check_tensor(f"gradient of {n}", g) for n, g in zip(layout.names, dense, strict=True)
+                ]
+                layout.grad_facts, layout.grad_ptrs = facts, []
+            if gptrs != layout.grad_ptrs:
+                # New addresses: a gradient on another device than its parameter is no host
+                # memory (device moves change addresses, so equal ones need no look).
+                if layout.host and not all(map(_is_cpu, dense)):
+                    _refuse_device_grads(layout, dense)
                 layout.grad_ptrs = gptrs
-                layout.grad_raw = list(zip(gptrs, layout.numels, layout.dtypes, strict=True))
-                return dense, layout.grad_raw
-        except RuntimeError:  # sparse gradients have no data pointer or strides
-            pass
+                layout.grad_raw = list(zip(gptrs, facts[0], layout.grad_dtypes, strict=True))
+            return dense, layout.grad_raw
     if all(map(operator.is_, grads, repeat(None))):
         return [], []
-    kept = [(_dense_grad(g), i) for i, g in enumerate(grads) if g is not None]
+    kept = [
+        (_dense_grad(checked_grad(f"gradient of {layout.names[i]}", g)), i)
+        for i, g in enumerate(grads)
+        if g is not None
+    ]
+    if layout.host and not all(g.is_cpu for g, _ in kept):
+        _refuse_device_grads(layout, [g for g, _ in kept])
     return [g for g, _ in kept], [
         (g.data_ptr(), g.numel(), check_tensor(f"gradient of {layout.names[i]}", g))
         for g, i in kept
     ]
 
 
+def _refuse_device_grads(layout: _Layout, grads: list[torch.Tensor]) -> None:
+    where = sorted({str(g.device) for g in grads if not g.is_cpu})
+    raise ValueError(
+        f"gradients on {where} belong to parameters in host memory; keep each gradient on its "
+        "parameter's device"
+    )
+
+
 def snapshot(obj: Any) -> Snapshot:
-    layout = layout_of(obj)
-    tensors = layout.tensors
-    ptrs = list(map(_data_ptr, tensors))
-    # An unchanged address is not proof of unchanged storage: a freed buffer's address comes
-    # back for the next allocation, so `p.data = p.data.half()` after a free can reuse it. A
-    # stale dtype or size would make the engine read past the end of the new buffer.
-    if (
-        ptrs != layout.ptrs
-        or list(map(_numel, tensors)) != layout.numels
-        or list(map(_dtype_of, tensors)) != layout.torch_dtypes
-    ):
-        layout.revalidate(ptrs)
+    layout, tensors = layout_of(obj)
+    # Every call, for every tensor: a raw read is safe only while these match what last passed
+    # the full check (an unchanged address alone proves nothing: a freed buffer's address comes
+    # back for the next allocation, and a storage can shrink in place).
+    try:
+        fresh = (
+            list(map(_data_ptr, tensors)) == layout.ptrs
+            and read_facts(tensors) == layout.facts
+            and all(map(_is_contiguous, tensors))
+        )
+    except (RuntimeError, TypeError):  # a tensor became sparse or nested, or is no tensor
+        fresh = False
+    if not fresh:
+        layout.revalidate(tensors)
     all_grads = list(map(_grad_of, tensors))
     if not layout.host:
         if "cpu" in layout.devices:
@@ -299,11 +436,18 @@ def grad_norm(parameters: Any) -> float | None:
     layout: _Layout | None = None
     if isinstance(parameters, (torch.nn.Module, list, tuple)):
         try:
-            layout = layout_of(parameters)
+            layout, tensors = layout_of(parameters)
+            # As in snapshot(): the parameters' facts decide whether `host` still holds.
+            if not (
+                list(map(_data_ptr, tensors)) == layout.ptrs
+                and read_facts(tensors) == layout.facts
+                and all(map(_is_contiguous, tensors))
+            ):
+                layout.revalidate(tensors)
         except (TypeError, ValueError, RuntimeError):  # e.g. non-contiguous: torch reads those
             layout = None
         if layout is not None and layout.host:
-            _, raw = _raw_grads(layout, list(map(_grad_of, layout.tensors)))
+            _, raw = _raw_grads(layout, list(map(_grad_of, tensors)))
             if not raw:
                 return None
             if not _norm_engine:
@@ -312,7 +456,8 @@ def grad_norm(parameters: Any) -> float | None:
             return math.inf if nonfinite else math.sqrt(squares)
     params = parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters
     grads = [g.coalesce().values() if g.is_sparse else g
-             for p in params if (g := p.grad) is not None]
+             for i, p in enumerate(params)
+             if (g := p.grad) is not None and checked_grad(f"gradient {i}", g) is g]
     if not grads:
         return None
     norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
