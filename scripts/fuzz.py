@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from zetaguard import ZetaGuard, _core, state
+from zetaguard import ZetaGuard, _core, _state_checks, state
 from zetaguard.state import StateFileError
 
 # ---- decoding bytes into choices ------------------------------------------------------------
@@ -498,8 +498,11 @@ def case_state(r: Reader) -> None:
                                    np.zeros(3, np.int64), arrays[name].astype(np.float32),
                                    np.full(arrays[name].shape, np.nan)])
         out = io.BytesIO()
-        payload = {"format": state.FORMAT, "version": state.VERSION, **meta,
-                   "sha256": state._digest(arrays)}
+        payload = {"format": state.FORMAT, "version": state.VERSION, **meta}
+        try:
+            payload["sha256"] = _state_checks.digest(payload, arrays)
+        except _state_checks.Refusal as e:  # a header no writer could checksum
+            raise Refused(str(e)) from e
         np.savez(out, meta=np.frombuffer(json.dumps(payload).encode(), np.uint8), **arrays)
         data = bytearray(out.getvalue())
     with tempfile.NamedTemporaryFile(suffix=".zg", delete=False) as f:
