@@ -1,4 +1,4 @@
-"""Check the torch device path (zetaguard.device) against the host engine, and time it.
+"""Check the torch device path (zetaguard.engine.device) against the host engine, and time it.
 
 On a CUDA machine (the default ``--device cuda``): for exact and sketch mode and every float
 dtype, the per-tensor norms of a ~25M-parameter model's trajectory computed on the GPU must
@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 from zetaguard import _core
-from zetaguard.device import DeviceTracker
+from zetaguard.engine.device import DeviceTracker
 
 NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
          torch.bfloat16: "bfloat16"}

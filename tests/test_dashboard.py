@@ -95,7 +95,7 @@ def test_stream_pushes_new_steps(tmp_path: Path) -> None:
             # The writer commits three more steps while the stream is open.
             for _ in range(3):
                 store_guard._store.record_step(
-                    store_guard._last  # type: ignore[arg-type]
+                    store_guard.last_result  # type: ignore[arg-type]
                 )
             store_guard._store.flush()
             event = data = None

@@ -206,7 +206,7 @@ def test_grad_norm_helper_refuses_a_shrunk_gradient() -> None:
 def test_device_path_refuses_shrunk_storage() -> None:
     """The device path reduces with torch kernels, which trust the storage to cover the
     tensor: a shrunk one would be read past its end (garbage on CPU, a fault on CUDA)."""
-    from zetaguard.device import DeviceTracker
+    from zetaguard.engine.device import DeviceTracker
 
     g = ZetaGuard(auto_recover=False, device="cpu")
     m = torch.nn.Linear(256, 256, bias=False)
@@ -230,7 +230,7 @@ def test_device_path_refuses_shrunk_storage() -> None:
 
 def test_device_path_reads_a_zero_stride_tensor_correctly() -> None:
     """The device path reduces strided tensors as they are (torch follows the strides)."""
-    from zetaguard.device import DeviceTracker
+    from zetaguard.engine.device import DeviceTracker
 
     x = torch.arange(1.0, 11.0)
     tracker = DeviceTracker()

@@ -592,8 +592,8 @@ def test_rollback_resets_the_trajectory_but_keeps_calibration() -> None:
     baselines.pop("growth")
     report = guard.emergency_protocol()
     assert report.restored_step is not None
-    assert guard._tracker is not None
-    assert guard._tracker.history == 0
+    assert guard._engine.tracker is not None
+    assert guard._engine.tracker.history == 0
     kept = guard._detector.state_dict()
     assert kept.pop("smoothed_jar") is None
     assert kept.pop("growth") == kept["growth_base"]

@@ -262,5 +262,5 @@ def test_killed_writer_never_leaves_a_partial_file(tmp_path: Path) -> None:
         proc.wait()
         guard = guard_for("exact")
         guard.load_state(target)  # raises if the file were partial
-        value = guard._tracker.get_state()["tensors"][0]["slots"][0].view(np.float32)[0]  # type: ignore[union-attr]
+        value = guard._engine.tracker.get_state()["tensors"][0]["slots"][0].view(np.float32)[0]  # type: ignore[union-attr]
         assert value in (1.0, 2.0)

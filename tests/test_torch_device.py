@@ -1,4 +1,4 @@
-"""The device path (zetaguard.device): the same torch code that runs on CUDA, run on CPU tensors
+"""The device path (zetaguard.engine.device): the same torch code that runs on CUDA, run on CPU tensors
 (``device="cpu"``) and compared with the host engine, which it must reproduce."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from reference import channels
 from torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from zetaguard import ZetaGuard, _core
-from zetaguard.device import DeviceTracker, buckets_for, chunk_maps, sketch_signs
+from zetaguard.engine.device import DeviceTracker, buckets_for, chunk_maps, sketch_signs
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",

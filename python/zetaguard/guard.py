@@ -8,45 +8,30 @@ import os
 import re
 import threading
 import time
-from collections import Counter, deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import numpy.typing as npt
-
-from zetaguard import _core, _validate, distributed, state
+from zetaguard import _validate, distributed, state
 from zetaguard._validate import as_float as _as_float
-from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot, default_threads, snapshot
+from zetaguard.adapters import Snapshot, default_threads, snapshot
 from zetaguard.detector import Calibration, Detector
+from zetaguard.engine.session import EngineSession, route_device
 from zetaguard.recommend import recommendations
 from zetaguard.recovery.manager import RecoveryManager
-from zetaguard.results import STATUSES, RecoveryReport, StabilityResult, Status
+from zetaguard.results import RecoveryReport, StabilityResult
+from zetaguard.selection import GroupBy, ParameterSelection
+from zetaguard.stats import RunStatistics, flat_metrics
 
 if TYPE_CHECKING:
-    from zetaguard.device import DeviceTracker
     from zetaguard.diagnostics import Diagnostics
     from zetaguard.store import RunStore
 
 log = logging.getLogger("zetaguard")
 
 EngineMode = Literal["auto", "exact", "sketch"]
-GroupBy = Literal["layer", "tensor", "none"]
 RecoveryMode = Literal["conservative", "balanced", "aggressive"]
 DevicePath = Literal["auto", "cpu", "cuda"]
-
-_LEVEL: dict[Status, int] = {s: i for i, s in enumerate(STATUSES)}
-_GRAD_NORMS_KEPT = 1000  # the recent gradient norms a saved state carries
-
-
-def _group_key(name: str, group_by: GroupBy) -> str:
-    if group_by == "tensor":
-        return name
-    if group_by == "none":
-        return "all"
-    head, dot, _ = name.rpartition(".")
-    return head if dot else name
-
+__all__ = ["DevicePath", "EngineMode", "GroupBy", "RecoveryMode", "ZetaGuard"]
 
 class ZetaGuard:
     """A training watchdog.
@@ -76,7 +61,7 @@ class ZetaGuard:
         threads: engine threads for large models (default: up to 4).
         run_dir: write every step to a run store (SQLite) under this directory.
         device: where torch parameters are reduced. ``"auto"``: CPU tensors in the host
-            engine, CUDA tensors on their device (:mod:`zetaguard.device`: only scalars or
+            engine, CUDA tensors on their device (:mod:`zetaguard.engine.device`: only scalars or
             the sketch come back); ``"cuda"``: insist on device tensors; ``"cpu"``: run the
             device path's torch code on CPU tensors (it gives the host engine's results).
         snapshot_interval: STABLE steps between recovery snapshots (docs/recovery.md).
@@ -119,9 +104,6 @@ class ZetaGuard:
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         self.device: DevicePath = device
-        # monitor_layers(): parameter name -> layer (group) name, and what monitor() reads.
-        self._layer_of: dict[str, str] | None = None
-        self._layers: dict[str, Any] | None = None
         if mode not in ("auto", "exact", "sketch"):
             raise ValueError(f"mode must be 'auto', 'exact' or 'sketch', got {mode!r}")
         if group_by not in ("layer", "tensor", "none"):
@@ -152,26 +134,30 @@ class ZetaGuard:
         self.run_name = run_name
         self.model: Any = model
         self.optimizer: Any = optimizer
-        self._detector = Detector(
-            drift_threshold=self.drift_threshold,
-            snap_threshold=self.snap_threshold,
-            alpha=self.alpha,
-            warmup_steps=self.warmup_steps,
-            calibration=calibration,
-        )
         self._lock = threading.RLock()
-        self._store: RunStore | None = None
-        self._pattern: re.Pattern[str] | None = None
-        # Recovery (zetaguard.recovery): snapshots, the ladder, the pre-step veto.
-        self._recovery = RecoveryManager(
+        # The parts (each knows nothing of the guard; the engine reads the settings above).
+        self._selection = ParameterSelection()
+        self._engine = EngineSession(self)
+        self._detector = self._new_detector()
+        self._stats = RunStatistics()
+        self._recovery = RecoveryManager(  # snapshots, the ladder, the pre-step veto
             self,
             snapshot_interval=snapshot_interval,
             snapshot_memory_budget=snapshot_memory_budget,
         )
         self._reports: list[RecoveryReport] = []
+        self._store: RunStore | None = None  # opened at the first recorded step (run_dir)
         # Set each step while torch.distributed spans more than one rank (distributed.py).
         self._dist: distributed.DistributedContext | None = None
-        self._reset_tracking()
+
+    def _new_detector(self) -> Detector:
+        return Detector(
+            drift_threshold=self.drift_threshold,
+            snap_threshold=self.snap_threshold,
+            alpha=self.alpha,
+            warmup_steps=self.warmup_steps,
+            calibration=self.calibration,
+        )
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -191,7 +177,7 @@ class ZetaGuard:
     def monitor_pattern(self, pattern: str | re.Pattern[str] | None) -> ZetaGuard:
         """Monitor only parameters whose name matches ``pattern`` (``re.search``); ``None``
         monitors everything again. Resets the trajectory, since the monitored set changes."""
-        self._pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        self._selection.set_pattern(pattern)
         self._reset_tracking()
         return self
 
@@ -201,49 +187,15 @@ class ZetaGuard:
         come from the attached model when it contains the module (``"encoder.layer.0"``), else
         ``layer{i}``. ``None`` goes back to monitoring what ``monitor()`` is given. Resets the
         trajectory, since the monitored set changes."""
-        if layers is None:
-            self._layers = self._layer_of = None
-            self._reset_tracking()
-            return self
-        items = list(layers.items()) if isinstance(layers, dict) else list(enumerate(layers))
-        if not items:
-            raise ValueError("monitor_layers() needs at least one layer")
-        known = _module_names(self.model)
-        tensors: dict[str, Any] = {}
-        layer_of: dict[str, str] = {}
-        for key, layer in items:
-            name = key if isinstance(key, str) else known.get(id(layer), f"layer{key}")
-            named = _layer_tensors(layer, name)
-            if not named:
-                raise ValueError(f"layer {name!r} has no parameters to monitor")
-            for pname, t in named:
-                full = f"{name}.{pname}"
-                tensors[full] = t
-                layer_of[full] = name
-        self._layers, self._layer_of = tensors, layer_of
+        self._selection.set_layers(layers, self.model)
         self._reset_tracking()
         return self
 
     def _reset_tracking(self) -> None:
-        self._tracker: _core.Tracker | DeviceTracker | None = None
-        self._names: tuple[str, ...] = ()
-        self._names_seen: list[str] | None = None  # the last names list that matched _names
-        self._group_names: tuple[str, ...] = ()
-        self._group_index: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-        self._keep: list[int] | None = None
-        self._kept_names: list[str] = []
-        self._names_all_seen: list[str] | None = None
-        self._names_all: tuple[str, ...] = ()
+        self._engine.reset()
+        self._selection.forget_matches()
         self._detector.reset()
-        self._step = 0
-        self._last: StabilityResult | None = None
-        self._status_counts: Counter[str] = Counter()
-        self._zeta_sum = 0.0
-        self._zeta_max = 0.0
-        self._grad_norms: deque[float] = deque(maxlen=_GRAD_NORMS_KEPT)
-        self._last_grad_norm: float | None = None
-        self._last_loss: float | None = None
-        self._history: list[tuple[int, str, float]] = []
+        self._stats = RunStatistics()
 
     def reset(self) -> None:
         """Forget the trajectory and the calibration (the attached model/optimizer stay)."""
@@ -268,26 +220,12 @@ class ZetaGuard:
         ``loss`` (a float or 0-d tensor) and ``grad_norm`` add channels when given; torch
         parameters with ``.grad`` set contribute the gradient norm automatically.
         """
-        if self._layers is not None and (params is None or params is self.model):
-            params = self._layers  # the layers are parts of the attached model
-        elif self._layers is not None:
-            raise ValueError(
-                "monitor_layers() chose what is monitored: call monitor() without parameters, "
-                "or monitor_layers(None) to monitor what monitor() is given"
-            )
-        if params is None:
-            if self.model is None:
-                raise ValueError(
-                    "monitor() needs parameters: pass model.parameters() (or a model, a dict "
-                    "or list of arrays), or attach a model with guard.attach(model=...)"
-                )
-            params = self.model
-        elif self.model is None:  # parameters alone: recovery rolls these back in place
-            params = self._recovery.bind_params(params)
+        source = self._selection.source(params, self.model)
+        if params is not None and self.model is None and self._selection.layers is None:
+            source = self._recovery.bind_params(params)  # recovery rolls these back in place
         dist = self._dist = distributed.current(self)
-        snap = dist.snapshot(params) if dist is not None else snapshot(params)
-        if self.device != "auto":
-            snap = self._route_device(snap)
+        snap = dist.snapshot(source) if dist is not None else snapshot(source)
+        snap = route_device(snap, self.device)
         with self._lock:
             return self._monitor(snap, loss, grad_norm, step, batch_index)
 
@@ -304,47 +242,18 @@ class ZetaGuard:
                 "monitor() got no parameters: pass a model with trainable parameters, or a "
                 "non-empty list or dict of arrays"
             )
-        if self._pattern is not None:
-            snap = self._apply_pattern(snap, self._pattern)
-        tracker = self._ensure_tracker(snap)
-        names = snap.names
-        # Adapters hand back the same names list while the parameter set is unchanged.
-        if names is not self._names_seen and tuple(names) != self._names:
-            raise ValueError(
-                "the monitored parameters changed names between steps "
-                f"({len(self._names)} before, {len(snap.names)} now); call guard.reset() "
-                "after changing the model"
-            )
-        self._names_seen = names
-        history = tracker.history
-        grad_rows = None
-        if snap.framework == DEVICE_FRAMEWORK:  # parameters and gradients: one transfer
-            rows, grad_rows = cast("DeviceTracker", tracker).update_with_grads(
-                snap.tensors, snap.grads if grad_norm is None else None
-            )
-        else:
-            host = cast(_core.Tracker, tracker)
-            rows = host.update_raw(snap.tensors) if snap.raw else host.update(snap.tensors)
-        if grad_norm is None and snap.grads:
-            if grad_rows is not None:
-                sums = grad_rows.sum(axis=0)  # squared norm, ..., non-finite count
-                grad_sq, grad_bad = float(sums[0]), int(sums[4])
-            elif snap.grads_raw:
-                grad_sq, grad_bad = host.total_norm_raw(snap.grads)
-            else:
-                grad_sq, grad_bad = host.total_norm(snap.grads)
-            grad_norm = math.sqrt(grad_sq) if grad_bad == 0 else math.inf
-        loss_value = _as_float(loss, "loss")
-        grad_value = _as_float(grad_norm, "grad_norm")
-        if self._dist is None:
-            group_rows = self._aggregate(rows)
-        else:  # one all-reduce: every rank's detector then sees the same global numbers
-            group_rows, loss_value, grad_value = self._dist.reduce(
-                self._names, self._aggregate, tracker, rows, loss_value, grad_value
-            )
-        obs = self._detector.observe(group_rows, history, loss=loss_value, grad_norm=grad_value)
-        current = self._step if step is None else int(step)
-        self._step = current + 1
+        snap = self._selection.apply(snap)
+        numbers = self._engine.step(
+            snap,
+            loss=_as_float(loss, "loss"),
+            grad_norm=_as_float(grad_norm, "grad_norm"),
+            group_of=self.group_of,
+            dist=self._dist,
+        )
+        obs = self._detector.observe(
+            numbers.group_rows, numbers.history, loss=numbers.loss, grad_norm=numbers.grad_norm
+        )
+        current = self._stats.take_step(step)
         result = StabilityResult(
             status=obs.status,
             zeta_value=obs.zeta_value,
@@ -356,17 +265,18 @@ class ZetaGuard:
             channels=obs.channels,
             nonfinite=obs.nonfinite,
             in_warmup=obs.in_warmup,
-            _group_names=self._group_names,
-            _group_rows=group_rows,
+            _group_names=self._engine.group_names,
+            _group_rows=numbers.group_rows,
             _group_zeta=obs.group_zeta,
             _thresholds=(self.drift_threshold, self.snap_threshold),
-            _history=history,
+            _history=numbers.history,
         )
         if obs.status != "STABLE":  # advice, and the worst group it names, only when needed
             result.recommendations = recommendations(obs, result.worst_group)
         if self._dist is not None:
             result.channels.update(self._dist.channels)
-        self._book(result, grad_value, loss_value)
+        self._stats.book(result, numbers.grad_norm, numbers.loss)
+        self._record(result)
         if result.status == "DRIFT":  # CRITICAL steps are logged once, by the recovery manager
             log.info(
                 "step %d: DRIFT zeta=%.3f worst=%s%s",
@@ -378,105 +288,8 @@ class ZetaGuard:
         self._recovery.after_step(result, batch_index)
         return result
 
-    def _apply_pattern(self, snap: Snapshot, pattern: re.Pattern[str]) -> Snapshot:
-        if self._keep is None or (
-            snap.names is not self._names_all_seen and tuple(snap.names) != self._names_all
-        ):
-            self._names_all = tuple(snap.names)
-            self._keep = [i for i, n in enumerate(snap.names) if pattern.search(n)]
-            self._kept_names = [snap.names[i] for i in self._keep]
-            if not self._keep:
-                raise ValueError(
-                    f"monitor_pattern({pattern.pattern!r}) matches none of the "
-                    f"{len(snap.names)} parameter names (e.g. {snap.names[:3]})"
-                )
-        self._names_all_seen = snap.names
-        keep = self._keep
-        return Snapshot(
-            names=self._kept_names,
-            tensors=[snap.tensors[i] for i in keep],
-            raw=snap.raw,
-            grads=snap.grads,
-            grads_raw=snap.grads_raw,
-            keepalive=snap.keepalive,
-            framework=snap.framework,
-        )
-
-    def _route_device(self, snap: Snapshot) -> Snapshot:
-        """Send torch tensors to the device path when ``device`` asks for it."""
-        if self.device == "auto":
-            return snap
-        if self.device == "cuda" and snap.framework != DEVICE_FRAMEWORK:
-            raise ValueError(
-                f"ZetaGuard(device='cuda') got {snap.framework} parameters in host memory; move "
-                "the model to the GPU, or use device='auto'"
-            )
-        from zetaguard.device import device_snapshot
-
-        return device_snapshot(snap)
-
-    def _ensure_tracker(self, snap: Snapshot) -> _core.Tracker | DeviceTracker:
-        on_device = snap.framework == DEVICE_FRAMEWORK
-        # A tracker holding no tensors saw only refused steps: start afresh, so fixing the
-        # input does not read as the parameter set having changed.
-        if self._tracker is not None and self._tracker.tensor_count > 0:
-            if _is_device_tracker(self._tracker) == on_device:
-                return self._tracker
-            # The same trajectory on the other engine (a restored state meeting CUDA tensors,
-            # or a model moved between devices): both engines share one state format.
-            engine_state = self._tracker.get_state()
-            self._tracker = self._new_tracker(self._tracker.mode, on_device)
-            self._tracker.set_state(engine_state)
-            return self._tracker
-        mode = self.mode
-        if mode == "auto":
-            mode = "exact" if 3 * _nbytes(snap) <= self.exact_memory_budget else "sketch"
-        self._tracker = self._new_tracker(mode, on_device)
-        self._set_names(snap.names)
-        return self._tracker
-
-    def _new_tracker(self, mode: str, on_device: bool) -> _core.Tracker | DeviceTracker:
-        if on_device:
-            from zetaguard.device import DeviceTracker
-
-            return DeviceTracker(mode=mode, sketch_buckets=self.sketch_buckets, seed=self.seed)
-        return _core.Tracker(
-            mode=mode, sketch_buckets=self.sketch_buckets, threads=self.threads, seed=self.seed
-        )
-
-    def _set_names(self, names: list[str]) -> None:
-        self._names = tuple(names)
-        self._names_seen = None
-        layer_of = self._layer_of
-        keys = [
-            layer_of[n] if layer_of is not None and n in layer_of else _group_key(n, self.group_by)
-            for n in names
-        ]
-        order: dict[str, int] = {}
-        for k in keys:
-            order.setdefault(k, len(order))
-        self._group_names = tuple(order)
-        self._group_index = np.fromiter((order[k] for k in keys), dtype=np.int64, count=len(keys))
-
-    def _aggregate(self, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        groups = len(self._group_names)
-        if groups == len(rows):
-            return rows
-        return _core.group_rows(rows, self._group_index, groups)
-
-    def _book(self, result: StabilityResult, grad_norm: float | None, loss: float | None) -> None:
-        self._last = result
-        self._status_counts[result.status] += 1
-        if math.isfinite(result.zeta_value):
-            self._zeta_sum += result.zeta_value
-            self._zeta_max = max(self._zeta_max, result.zeta_value)
-        else:
-            self._zeta_max = math.inf
-        self._last_grad_norm = grad_norm
-        self._last_loss = loss
-        if grad_norm is not None and math.isfinite(grad_norm):
-            self._grad_norms.append(grad_norm)
-        # Under torch.distributed rank 0 writes the run store for every rank.
+    def _record(self, result: StabilityResult) -> None:
+        """Write the step to the run store (under torch.distributed rank 0 writes for all)."""
         if self._store is None and self.run_dir is not None and (
             self._dist is None or self._dist.rank == 0
         ):
@@ -508,7 +321,7 @@ class ZetaGuard:
         """Climb one rung of the recovery ladder now, whatever the status and cooldown (or run
         ``recovery_protocol`` if one is set) and return what was done."""
         with self._lock:
-            return self._recovery.respond(self._last, force=True)
+            return self._recovery.respond(self._stats.last, force=True)
 
     def should_skip_step(self, loss: Any = None, grad_norm: float | None = None) -> bool:
         """Call after ``backward()``, before ``optimizer.step()``: True when this update should
@@ -563,7 +376,7 @@ class ZetaGuard:
         """True when ``grad_norm`` (default: the latest monitored one) is above
         :meth:`recommended_clip_value`."""
         limit = self.recommended_clip_value()
-        g = self._last_grad_norm if grad_norm is None else float(grad_norm)
+        g = self._stats.last_grad_norm if grad_norm is None else float(grad_norm)
         if g is None or limit is None:
             return False
         return not math.isfinite(g) or g > limit
@@ -576,20 +389,19 @@ class ZetaGuard:
     def reset_trajectory(self) -> None:
         """After a rollback: forget the finite-difference history (the engine ring must not mix
         states from before and after it) but keep the calibration."""
-        if self._tracker is not None:
-            self._tracker.reset()
+        self._engine.reset_trajectory()
         self._detector.restart_trajectory()
 
     # ---- reading back ------------------------------------------------------------------
 
     @property
     def last_result(self) -> StabilityResult | None:
-        return self._last
+        return self._stats.last
 
     @property
     def step(self) -> int:
         """The step number the next monitor() call will carry."""
-        return self._step
+        return self._stats.step
 
     @property
     def recovery_triggered(self) -> bool:
@@ -618,12 +430,12 @@ class ZetaGuard:
     @property
     def monitored_names(self) -> tuple[str, ...]:
         """The names of the monitored tensors, in engine order (empty before the first step)."""
-        return self._names
+        return self._engine.names
 
     @property
     def monitored_layers(self) -> dict[str, Any] | None:
         """What :meth:`monitor_layers` chose, by full parameter name, or None."""
-        return self._layers
+        return self._selection.layers
 
     def config(self) -> dict[str, Any]:
         return {
@@ -645,49 +457,17 @@ class ZetaGuard:
     def get_metrics(self) -> dict[str, float]:
         """The latest step as flat scalars (for loggers): global values, then
         ``group/<name>/zeta``, ``group/<name>/raw_jar`` and ``group/<name>/update_ratio``."""
-        r = self._last
-        if r is None:
-            return {}
-        m: dict[str, float] = {
-            "zeta": r.zeta_value,
-            "status_level": float(_LEVEL[r.status]),
-            "confidence": r.confidence,
-            "step": float(r.step),
-        }
-        if r.raw_jar is not None:
-            m["raw_jar"] = r.raw_jar
-        if r.smoothed_jar is not None:
-            m["smoothed_jar"] = r.smoothed_jar
-        m.update({k: float(v) for k, v in r.channels.items()})
-        for name, g in r.groups.items():
-            m[f"group/{name}/zeta"] = g.zeta_value
-            if g.raw_jar is not None:
-                m[f"group/{name}/raw_jar"] = g.raw_jar
-            if g.update_ratio is not None:
-                m[f"group/{name}/update_ratio"] = g.update_ratio
-        return m
+        return flat_metrics(self._stats.last)
 
     def get_statistics(self) -> dict[str, Any]:
         """Counts and extremes over the run so far, and what the engine is doing."""
-        steps = sum(self._status_counts.values())
-        finite_steps = steps if math.isfinite(self._zeta_max) else max(steps - 1, 0)
-        t = self._tracker
         return {
-            "steps": steps,
-            "status_counts": {s: self._status_counts.get(s, 0) for s in STATUSES},
-            "zeta_mean": self._zeta_sum / finite_steps if finite_steps else 0.0,
-            "zeta_max": self._zeta_max,
+            **self._stats.summary(),
             "in_warmup": self._detector.in_warmup,
             "confidence": self._detector.confidence(),
             "recoveries": len(self._reports),
-            "engine": {
-                "mode": t.mode if t else None,
-                "isa": t.isa if t else _core.best_isa(),
-                "threads": self.threads,
-                "tensors": t.tensor_count if t else 0,
-                "state_bytes": t.state_bytes if t else 0,
-            },
-            "groups": len(self._group_names),
+            "engine": self._engine.describe(),
+            "groups": len(self._engine.group_names),
         }
 
     def full_diagnostics(self, model: Any = None) -> Diagnostics:
@@ -701,9 +481,7 @@ class ZetaGuard:
 
     def group_of(self, name: str) -> str:
         """The group (layer) a monitored parameter name is counted in."""
-        if self._layer_of is not None and name in self._layer_of:
-            return self._layer_of[name]
-        return _group_key(name, self.group_by)
+        return self._selection.group_of(name, self.group_by)
 
     def generate_report(
         self, path: str | os.PathLike[str] | None = None, run_dir: str | os.PathLike[str] | None = None
@@ -723,172 +501,56 @@ class ZetaGuard:
                 self._store = None
             self.run_dir = None
 
-    # ---- persistence -------------------------------------------------------------------
+    # ---- persistence (the file format lives in zetaguard.state) ------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's state in memory, for framework checkpoints (a Lightning callback's
         ``state_dict``): the exact bytes :meth:`save_state` writes, checksum included."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "guard.npz")
-            self.save_state(path)
-            with open(path, "rb") as f:
-                return {"format": state.FORMAT, "npz": f.read()}
+        return state.to_bytes(self.save_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (same checks as :meth:`load_state`)."""
-        import tempfile
-
-        blob = state_dict.get("npz") if isinstance(state_dict, dict) else None
-        if not isinstance(blob, (bytes, bytearray, memoryview)):
-            raise state.StateFileError(
-                "load_state_dict() needs the dict guard.state_dict() returned (with its 'npz' "
-                "bytes)"
-            )
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "guard.npz")
-            with open(path, "wb") as f:
-                f.write(bytes(blob))
-            self.load_state(path)
-
+        state.from_bytes(state_dict, self.load_state)
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
         """Write the trajectory, the calibration and the recovery ladder's counters to ``path``
         atomically (an ``.npz`` archive, no pickle). A guard that loads it gives the same next
         results, vetoes and recovery decisions as this one (snapshots are not saved)."""
         with self._lock:
-            engine = (
-                self._tracker.get_state()
-                if self._tracker is not None
-                else {"history": 0, "head": -1, "tensors": []}
+            tracker = self._engine.tracker
+            state.save_guard(
+                path,
+                config=self.config(),
+                engine_mode=tracker.mode if tracker is not None else None,
+                engine_state=self._engine.get_state(),
+                names=self._engine.names,
+                pattern=self._selection.pattern,
+                detector=self._detector,
+                stats=self._stats,
+                recovery=self._recovery.counters(),
             )
-            meta = {
-                "config": self.config(),
-                "engine_mode": self._tracker.mode if self._tracker else None,
-                "names": list(self._names),
-                "pattern": self._pattern.pattern if self._pattern else None,
-                "step": self._step,
-                "detector": self._detector.state_dict(),
-                "status_counts": dict(self._status_counts),
-                "zeta_sum": self._zeta_sum,
-                "zeta_max": self._zeta_max,
-                "grad_norms": list(self._grad_norms),
-                "recovery": self._recovery.counters(),
-            }
-            meta, arrays = state.pack(meta, engine)
-            state.save(path, meta, arrays)
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
         """Restore what :meth:`save_state` wrote. Thresholds and smoothing come from the file.
 
         All or nothing: the file is parsed and checked completely before the guard changes, so
         a refused file (:class:`zetaguard.state.StateFileError`) leaves the guard as it was."""
-        meta, arrays = state.load(path)
-        where = os.fspath(path)
-        try:
-            cfg = meta["config"]
-            detector = Detector(
-                drift_threshold=float(cfg["drift_threshold"]),
-                snap_threshold=float(cfg["snap_threshold"]),
-                alpha=float(cfg["alpha"]),
-                warmup_steps=int(cfg["warmup_steps"]),
-                calibration=cfg["calibration"],
-            )
-            detector.load_state_dict(meta["detector"])
-            pattern = re.compile(meta["pattern"]) if meta["pattern"] else None
-            tracker: _core.Tracker | None = None
-            if meta["engine_mode"] is not None:
-                tracker = _core.Tracker(
-                    mode=meta["engine_mode"],
-                    sketch_buckets=int(cfg["sketch_buckets"]),
-                    threads=self.threads,
-                    seed=int(cfg["seed"]),
-                )
-                tracker.set_state(state.unpack(meta, arrays))
-            names = [str(n) for n in meta["names"]]
-            if tracker is not None and tracker.tensor_count not in (0, len(names)):
-                raise ValueError(
-                    f"{tracker.tensor_count} tensors in the engine state but {len(names)} names"
-                )
-            counters = (
-                int(meta["step"]),
-                Counter({str(k): int(v) for k, v in meta["status_counts"].items()}),
-                float(meta["zeta_sum"]),
-                float(meta["zeta_max"]),
-                deque((float(g) for g in meta["grad_norms"]), maxlen=_GRAD_NORMS_KEPT),
-            )
-            # Files written before recovery counters were saved leave the ladder as it is.
-            saved_recovery = meta.get("recovery")
-            recovery = (
-                RecoveryManager.parse_counters(saved_recovery) if saved_recovery is not None else None
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError,
-                re.error) as e:
-            # RuntimeError: pybind11's cast errors for a field of the wrong type.
-            raise state.StateFileError(
-                f"{where!r} holds an inconsistent guard state ({type(e).__name__}: {e}); "
-                "restore an earlier copy or start a fresh guard"
-            ) from e
+        saved = state.load_guard(
+            path, threads=self.threads, parse_recovery=RecoveryManager.parse_counters
+        )
+        cfg = saved.config
         with self._lock:
-            self.drift_threshold = detector.drift_threshold
-            self.snap_threshold = detector.snap_threshold
-            self.alpha = detector.alpha
-            self.warmup_steps = detector.warmup_steps
+            self.drift_threshold = saved.detector.drift_threshold
+            self.snap_threshold = saved.detector.snap_threshold
+            self.alpha = saved.detector.alpha
+            self.warmup_steps = saved.detector.warmup_steps
             self.calibration = cfg["calibration"]
             self.group_by = cfg["group_by"]
             self.sketch_buckets = int(cfg["sketch_buckets"])
             self.seed = int(cfg["seed"])
-            self._reset_tracking()  # before the swap: it clears the detector it finds
-            self._detector = detector
-            self._pattern = pattern
-            self._tracker = tracker
-            if tracker is not None:
-                self._set_names(names)
-            (
-                self._step,
-                self._status_counts,
-                self._zeta_sum,
-                self._zeta_max,
-                self._grad_norms,
-            ) = counters
-            if recovery is not None:
-                self._recovery.restore_counters(recovery)
-
-def _is_device_tracker(tracker: Any) -> bool:
-    return not isinstance(tracker, _core.Tracker)
-
-
-def _module_names(model: Any) -> dict[int, str]:
-    """id(submodule) -> its qualified name inside ``model`` (torch), for layer names."""
-    named_modules = getattr(model, "named_modules", None)
-    if named_modules is None:
-        return {}
-    return {id(m): name for name, m in named_modules() if name}
-
-
-def _layer_tensors(layer: Any, name: str) -> list[tuple[str, Any]]:
-    """The named tensors of one layer: a module (``named_parameters``), a dict, or a list."""
-    named_parameters = getattr(layer, "named_parameters", None)
-    if callable(named_parameters):
-        return list(named_parameters())
-    if isinstance(layer, dict):
-        return [(str(k), v) for k, v in layer.items()]
-    if isinstance(layer, (list, tuple)):
-        return [(str(i), t) for i, t in enumerate(layer)]
-    if hasattr(layer, "__dlpack__") or hasattr(layer, "shape"):
-        return [("0", layer)]
-    raise TypeError(
-        f"layer {name!r} is a {type(layer).__name__}; pass modules, or lists or dicts of tensors"
-    )
-
-
-def _nbytes(snap: Snapshot) -> int:
-    if snap.raw:
-        sizes = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
-        return sum(n * sizes[d] for _, n, d in snap.tensors)
-    total = 0
-    for t in snap.tensors:
-        nbytes = getattr(t, "nbytes", None)
-        total += int(nbytes) if nbytes is not None else 0
-    return total
+            self._selection.set_pattern(saved.pattern)
+            self._detector = saved.detector
+            self._engine.restore(saved.tracker, saved.names, self.group_of)
+            self._stats = saved.stats
+            if saved.recovery is not None:
+                self._recovery.restore_counters(saved.recovery)

@@ -13,6 +13,10 @@ sizes bounded before anything is read, no pickles, a checksum over the metadata 
 field checked for type and range. A truncated, bit-flipped or forged file is refused with a
 :class:`StateFileError` naming the problem, and the previous good file is never replaced
 half-written.
+
+:func:`save_guard` and :func:`load_guard` are the guard's side: what it saves (configuration,
+engine, names, pattern, detector, run statistics, recovery counters) and how a file becomes a
+complete :class:`GuardState` before the guard changes.
 """
 
 from __future__ import annotations
@@ -20,13 +24,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from zetaguard import _core
 from zetaguard import _state_checks as checks
 from zetaguard._atomic import atomic_write
+from zetaguard.detector import Detector
+from zetaguard.stats import RunStatistics
 
 FORMAT = "zetaguard-state"
 VERSION = 2  # 2: the checksum covers the metadata too
@@ -116,3 +127,118 @@ def load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, npt.ND
             "start a fresh guard"
         ) from e
     return meta, arrays
+
+
+# ---- the guard's state ---------------------------------------------------------------------
+
+
+@dataclass
+class GuardState:
+    """A state file, parsed and checked completely: what ``ZetaGuard.load_state`` swaps in."""
+
+    config: dict[str, Any]
+    detector: Detector
+    pattern: re.Pattern[str] | None
+    tracker: _core.Tracker | None
+    names: list[str]
+    stats: RunStatistics
+    recovery: Any  # the parsed recovery counters, or None (files from before they were saved)
+
+
+def save_guard(
+    path: str | os.PathLike[str],
+    *,
+    config: dict[str, Any],
+    engine_mode: str | None,
+    engine_state: dict[str, Any],
+    names: tuple[str, ...],
+    pattern: re.Pattern[str] | None,
+    detector: Detector,
+    stats: RunStatistics,
+    recovery: dict[str, Any],
+) -> None:
+    """Write a guard's state to ``path`` atomically."""
+    meta = {
+        "config": config,
+        "engine_mode": engine_mode,
+        "names": list(names),
+        "pattern": pattern.pattern if pattern else None,
+        "detector": detector.state_dict(),
+        **stats.to_meta(),  # step, status counts, zeta sum and max, recent gradient norms
+        "recovery": recovery,
+    }
+    meta, arrays = pack(meta, engine_state)
+    save(path, meta, arrays)
+
+
+def load_guard(
+    path: str | os.PathLike[str],
+    *,
+    threads: int,
+    parse_recovery: Callable[[Any], Any],
+) -> GuardState:
+    """Read and check a guard's state file; :class:`StateFileError` for anything unusable.
+    ``threads`` are the engine threads of the restored tracker (not a property of the file);
+    ``parse_recovery`` checks the recovery counters (``RecoveryManager.parse_counters``)."""
+    meta, arrays = load(path)
+    where = os.fspath(path)
+    try:
+        cfg = meta["config"]
+        detector = Detector(
+            drift_threshold=float(cfg["drift_threshold"]),
+            snap_threshold=float(cfg["snap_threshold"]),
+            alpha=float(cfg["alpha"]),
+            warmup_steps=int(cfg["warmup_steps"]),
+            calibration=cfg["calibration"],
+        )
+        detector.load_state_dict(meta["detector"])
+        pattern = re.compile(meta["pattern"]) if meta["pattern"] else None
+        tracker: _core.Tracker | None = None
+        if meta["engine_mode"] is not None:
+            tracker = _core.Tracker(
+                mode=meta["engine_mode"],
+                sketch_buckets=int(cfg["sketch_buckets"]),
+                threads=threads,
+                seed=int(cfg["seed"]),
+            )
+            tracker.set_state(unpack(meta, arrays))
+        names = [str(n) for n in meta["names"]]
+        if tracker is not None and tracker.tensor_count not in (0, len(names)):
+            raise ValueError(
+                f"{tracker.tensor_count} tensors in the engine state but {len(names)} names"
+            )
+        stats = RunStatistics.from_meta(meta)
+        # Files written before recovery counters were saved leave the ladder as it is.
+        saved_recovery = meta.get("recovery")
+        recovery = parse_recovery(saved_recovery) if saved_recovery is not None else None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError,
+            re.error) as e:
+        # RuntimeError: pybind11's cast errors for a field of the wrong type.
+        raise StateFileError(
+            f"{where!r} holds an inconsistent guard state ({type(e).__name__}: {e}); "
+            "restore an earlier copy or start a fresh guard"
+        ) from e
+    return GuardState(cfg, detector, pattern, tracker, names, stats, recovery)
+
+
+def to_bytes(save_to: Callable[[str], None]) -> dict[str, Any]:
+    """What ``save_to(path)`` writes, in memory (``ZetaGuard.state_dict``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "guard.npz")
+        save_to(path)
+        with open(path, "rb") as f:
+            return {"format": FORMAT, "npz": f.read()}
+
+
+def from_bytes(state_dict: Any, load_from: Callable[[str], None]) -> None:
+    """Hand the bytes :func:`to_bytes` returned to ``load_from(path)``."""
+    blob = state_dict.get("npz") if isinstance(state_dict, dict) else None
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise StateFileError(
+            "load_state_dict() needs the dict guard.state_dict() returned (with its 'npz' bytes)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "guard.npz")
+        with open(path, "wb") as f:
+            f.write(bytes(blob))
+        load_from(path)

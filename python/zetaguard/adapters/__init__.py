@@ -36,7 +36,7 @@ class Snapshot:
 
 Adapter = Callable[[Any], Snapshot]
 
-# Snapshot.framework of torch tensors for the device path (zetaguard.device.DeviceTracker):
+# Snapshot.framework of torch tensors for the device path (zetaguard.engine.device.DeviceTracker):
 # the tensors themselves, not host addresses.
 DEVICE_FRAMEWORK = "torch-device"
 

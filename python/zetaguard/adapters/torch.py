@@ -17,7 +17,7 @@ facts above, and a module's layout is dropped when the module is garbage collect
 An ``nn.Module`` is walked once; later steps confirm each cached parameter is still the one its
 owner holds (a dict lookup per tensor) instead of walking the module tree again.
 
-Tensors on another device (CUDA) are handed to the device path (:mod:`zetaguard.device`) as
+Tensors on another device (CUDA) are handed to the device path (:mod:`zetaguard.engine.device`) as
 tensors, since their memory is not host-readable.
 """
 
