@@ -78,6 +78,13 @@ def as_float(value: Any, what: str) -> float | None:
         raise TypeError(f"{what} must be a number or a 0-d tensor, got {_kind(value)}") from e
 
 
+def choice(value: Any, name: str, allowed: tuple[str, ...]) -> None:
+    """``value`` must be one of ``allowed`` (``ValueError`` naming them otherwise)."""
+    if value not in allowed:
+        options = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
+        raise ValueError(f"{name} must be {options}, got {value!r}")
+
+
 def guard_arguments(
     *,
     drift_threshold: Any,
@@ -92,6 +99,10 @@ def guard_arguments(
     seed: Any,
     snapshot_interval: Any,
     snapshot_memory_budget: Any,
+    device: Any,
+    mode: Any,
+    group_by: Any,
+    recovery_mode: Any,
 ) -> None:
     """Check ``ZetaGuard()``'s arguments before anything is built."""
     real(drift_threshold, "drift_threshold")
@@ -107,3 +118,7 @@ def guard_arguments(
     integer(seed, "seed", minimum=0)
     integer(snapshot_interval, "snapshot_interval", minimum=1)
     integer(snapshot_memory_budget, "snapshot_memory_budget", minimum=0)
+    choice(device, "device", ("auto", "cpu", "cuda"))
+    choice(mode, "mode", ("auto", "exact", "sketch"))
+    choice(group_by, "group_by", ("layer", "tensor", "none"))
+    choice(recovery_mode, "recovery_mode", ("conservative", "balanced", "aggressive"))

@@ -1,4 +1,12 @@
-"""``ZetaGuard``: the public face of zetaguard."""
+"""``ZetaGuard``: the public face of zetaguard, a facade over parts that never see it.
+
+The parts: :mod:`zetaguard.selection` (what is monitored, and each tensor's group),
+:mod:`zetaguard.engine.session` (the tracker, host or device, and one step's numbers),
+:mod:`zetaguard.detector` (status from those numbers), :mod:`zetaguard.stats` (run
+statistics), :mod:`zetaguard.recovery` (through the narrow ``RecoveryHost`` Protocol) and
+:mod:`zetaguard.state` (the state file). This file is over 450 lines only because it carries the
+public API's signatures and documentation; its logic is the wiring in :meth:`ZetaGuard._monitor`.
+"""
 
 from __future__ import annotations
 
@@ -99,22 +107,10 @@ class ZetaGuard:
             warmup_steps=warmup_steps, auto_recover=auto_recover, sketch_buckets=sketch_buckets,
             exact_memory_budget=exact_memory_budget, threads=threads, run_name=run_name,
             seed=seed, snapshot_interval=snapshot_interval,
-            snapshot_memory_budget=snapshot_memory_budget,
+            snapshot_memory_budget=snapshot_memory_budget, device=device, mode=mode,
+            group_by=group_by, recovery_mode=recovery_mode,
         )
-        if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         self.device: DevicePath = device
-        if mode not in ("auto", "exact", "sketch"):
-            raise ValueError(f"mode must be 'auto', 'exact' or 'sketch', got {mode!r}")
-        if group_by not in ("layer", "tensor", "none"):
-            raise ValueError(f"group_by must be 'layer', 'tensor' or 'none', got {group_by!r}")
-        if recovery_mode not in ("conservative", "balanced", "aggressive"):
-            raise ValueError(
-                "recovery_mode must be 'conservative', 'balanced' or 'aggressive', got "
-                f"{recovery_mode!r}"
-            )
-        if sketch_buckets < 1:
-            raise ValueError(f"sketch_buckets must be >= 1, got {sketch_buckets}")
         self.drift_threshold = float(drift_threshold)
         self.snap_threshold = float(snap_threshold)
         self.alpha = float(alpha)
@@ -138,7 +134,13 @@ class ZetaGuard:
         # The parts (each knows nothing of the guard; the engine reads the settings above).
         self._selection = ParameterSelection()
         self._engine = EngineSession(self)
-        self._detector = self._new_detector()
+        self._detector = Detector(
+            drift_threshold=self.drift_threshold,
+            snap_threshold=self.snap_threshold,
+            alpha=self.alpha,
+            warmup_steps=self.warmup_steps,
+            calibration=calibration,
+        )
         self._stats = RunStatistics()
         self._recovery = RecoveryManager(  # snapshots, the ladder, the pre-step veto
             self,
@@ -149,15 +151,6 @@ class ZetaGuard:
         self._store: RunStore | None = None  # opened at the first recorded step (run_dir)
         # Set each step while torch.distributed spans more than one rank (distributed.py).
         self._dist: distributed.DistributedContext | None = None
-
-    def _new_detector(self) -> Detector:
-        return Detector(
-            drift_threshold=self.drift_threshold,
-            snap_threshold=self.snap_threshold,
-            alpha=self.alpha,
-            warmup_steps=self.warmup_steps,
-            calibration=self.calibration,
-        )
 
     # ---- setup -------------------------------------------------------------------------
 
