@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from zetaguard import ZetaGuard, distributed
+from zetaguard.recovery.sharded import ShardedBackend
 
 STEPS = 12
 NAN_LOSS_STEP = 9  # rank 1 reports a NaN loss at this step
@@ -116,7 +117,7 @@ def rollback(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, out:
     """ShardedBackend: in-memory and on-disk snapshots, a restore, an emergency checkpoint."""
     results: dict[str, Any] = {}
     for where in ("memory", "disk"):
-        backend = distributed.ShardedBackend(
+        backend = ShardedBackend(
             model, opt, snapshot_dir=out / "snapshots" if where == "disk" else None
         )
         snap = backend.capture(step=100)

@@ -11,7 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from zetaguard.cli.stress import main, sharpness  # noqa: E402
+from zetaguard.cli.stress import main  # noqa: E402
+from zetaguard.stress import sharpness  # noqa: E402
 
 from tests._stress_models import regressor  # noqa: E402
 

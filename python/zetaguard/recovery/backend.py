@@ -205,7 +205,7 @@ def _is_named_pair(p: Any) -> bool:
 
 # Root module of the model's (or first parameter's) type -> module with `make_backend(...)`.
 _BACKEND_MODULES: dict[str, str] = {
-    "torch": "zetaguard.recovery.torch_backend",
+    "torch": "zetaguard.recovery.sharded",  # the torch backend, or the sharded one under torch.distributed
     "keras": "zetaguard.recovery.keras_backend",
     "tensorflow": "zetaguard.recovery.keras_backend",
 }
