@@ -7,6 +7,7 @@
 #include <string>
 
 #include "tensor_input.hpp"
+#include "zetaguard/sketch_map.hpp"
 
 namespace zetaguard::bindings {
 namespace {
@@ -327,6 +328,19 @@ void register_tracker(py::module_& m) {
     m.def("_resolve_address", &resolve_address, py::arg("obj"));
     m.def("_sketch_buckets", &sketch_buckets, py::arg("isa"), py::arg("arrays"), py::arg("k"),
           py::arg("seed"), py::arg("tau"));
+    // The sketch map's constants (sketch_map.hpp), so the device path computes the same map
+    // without a second copy of them.
+    m.def("sketch_constants", [] {
+        py::dict d;
+        d["splitmix_golden"] = kSplitmixGolden;
+        d["splitmix_mul1"] = kSplitmixMul1;
+        d["splitmix_mul2"] = kSplitmixMul2;
+        d["tau_mul"] = kTauMul;
+        d["chunk_mul"] = kChunkMul;
+        d["rotation_granule"] = kRotationGranule;
+        d["min_compression"] = kSketchMinCompression;
+        return d;
+    });
 }
 
 }  // namespace zetaguard::bindings

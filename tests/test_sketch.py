@@ -77,3 +77,30 @@ def test_auto_mode_sketches_beyond_the_memory_budget() -> None:
     tight = ZetaGuard(exact_memory_budget=1 << 20)
     tight.monitor(params)
     assert tight.get_statistics()["engine"]["mode"] == "sketch"
+
+
+def test_sketch_constants_are_splitmix64_and_the_engine_map() -> None:
+    """The one exported copy of the map's constants: splitmix64 built from them gives the
+    published reference outputs (Vigna's splitmix64.c, seed 0), and per-position signs built
+    from them are the ones the engine keeps in its state."""
+    c = _core.sketch_constants()
+    mask = (1 << 64) - 1
+
+    def splitmix64(x: int) -> int:
+        x = (x + c["splitmix_golden"]) & mask
+        x = ((x ^ (x >> 30)) * c["splitmix_mul1"]) & mask
+        x = ((x ^ (x >> 27)) * c["splitmix_mul2"]) & mask
+        return x ^ (x >> 31)
+
+    # splitmix64.c with state 0: each call adds the increment first, then mixes.
+    assert splitmix64(0) == 0xE220A8397B1DCDAF
+    assert splitmix64(c["splitmix_golden"]) == 0x6E789E6AA1B965F4
+    assert c["rotation_granule"] == 8
+    assert c["min_compression"] == 8
+    t = _core.Tracker(mode="sketch", sketch_buckets=64, min_buckets=64, seed=7)
+    t.update([np.ones(4096, dtype=np.float32)])
+    entry = t.get_state()["tensors"][0]
+    k, tseed = entry["buckets"], entry["seed"]
+    want = [-1.0 if splitmix64(tseed ^ ((p * c["tau_mul"]) & mask)) >> 63 else 1.0 for p in range(k)]
+    assert np.asarray(entry["tau"], dtype=np.float64).tolist() == want
+    assert tseed == splitmix64((7 + c["splitmix_golden"]) & mask)

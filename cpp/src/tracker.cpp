@@ -15,7 +15,6 @@ namespace {
 constexpr std::size_t kExactChunk = std::size_t{1} << 16;
 constexpr std::size_t kSketchPartElems = std::size_t{1} << 18;
 constexpr std::size_t kMaxSketchParts = 8;
-constexpr std::size_t kSketchMinCompression = 8;
 
 template <class T>
 void partial_exact_typed(const T* cur, const T* s1, const T* s2, T* out, std::size_t n, int history,
@@ -163,7 +162,7 @@ void Tracker::initialise(const std::vector<TensorView>& tensors) {
         TensorState& s = tensors_[i];
         s.numel = tensors[i].numel;
         s.dtype = tensors[i].dtype;
-        s.seed = splitmix64(config_.seed + 0x9e3779b97f4a7c15ULL * (i + 1));
+        s.seed = splitmix64(config_.seed + kSplitmixGolden * (i + 1));
         s.buckets = config_.mode == Mode::sketch ? buckets_for(s.numel, total, config_) : 0;
         if (s.buckets == 0) {
             for (auto& r : s.ring) r.assign(s.numel * dtype_size(s.dtype), 0);
@@ -171,7 +170,7 @@ void Tracker::initialise(const std::vector<TensorView>& tensors) {
             for (auto& r : s.sketch) r.assign(s.buckets, 0.0);
             s.tau.resize(s.buckets);
             for (std::size_t p = 0; p < s.buckets; ++p)
-                s.tau[p] = (splitmix64(s.seed ^ (p * 0xd1b54a32d192ed03ULL)) >> 63) ? -1.0f : 1.0f;
+                s.tau[p] = (splitmix64(s.seed ^ (p * kTauMul)) >> 63) ? -1.0f : 1.0f;
         }
     }
 }

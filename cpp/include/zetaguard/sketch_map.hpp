@@ -13,10 +13,22 @@
 
 namespace zetaguard {
 
+// The map's hash constants, one source for the engine and the device path (which reads them
+// through _core.sketch_constants()): splitmix64's increment and multipliers, the multiplier
+// of the per-position signs and the one of the per-chunk rotations and signs. The increment
+// also steps the per-tensor seeds.
+constexpr std::uint64_t kSplitmixGolden = 0x9e3779b97f4a7c15ULL;
+constexpr std::uint64_t kSplitmixMul1 = 0xbf58476d1ce4e5b9ULL;
+constexpr std::uint64_t kSplitmixMul2 = 0x94d049bb133111ebULL;
+constexpr std::uint64_t kTauMul = 0xd1b54a32d192ed03ULL;
+constexpr std::uint64_t kChunkMul = 0xa0761d6478bd642fULL;
+// A tensor is sketched only when its buckets are at most 1/8 of its elements.
+constexpr std::size_t kSketchMinCompression = 8;
+
 inline std::uint64_t splitmix64(std::uint64_t x) noexcept {
-    x += 0x9e3779b97f4a7c15ULL;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    x += kSplitmixGolden;
+    x = (x ^ (x >> 30)) * kSplitmixMul1;
+    x = (x ^ (x >> 27)) * kSplitmixMul2;
     return x ^ (x >> 31);
 }
 
@@ -30,7 +42,7 @@ struct ChunkMap {
 constexpr std::size_t kRotationGranule = 8;
 
 inline ChunkMap chunk_map(std::uint64_t seed, std::size_t chunk, std::size_t k) noexcept {
-    const std::uint64_t h = splitmix64(seed ^ (0xa0761d6478bd642fULL * (chunk + 1)));
+    const std::uint64_t h = splitmix64(seed ^ (kChunkMul * (chunk + 1)));
     const std::size_t granule = k % kRotationGranule == 0 ? kRotationGranule : 1;
     return {granule * static_cast<std::size_t>((h >> 1) % (k / granule)), (h & 1u) ? -1.0 : 1.0};
 }
@@ -48,7 +60,7 @@ public:
           reciprocal_(~static_cast<unsigned __int128>(0) / rotations_ + 1) {}
 
     ChunkMap operator()(std::size_t chunk) const noexcept {
-        const std::uint64_t h = splitmix64(seed_ ^ (0xa0761d6478bd642fULL * (chunk + 1)));
+        const std::uint64_t h = splitmix64(seed_ ^ (kChunkMul * (chunk + 1)));
         return {granule_ * static_cast<std::size_t>(fastmod(h >> 1)), (h & 1u) ? -1.0 : 1.0};
     }
 

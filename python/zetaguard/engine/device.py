@@ -32,17 +32,22 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from zetaguard import _core
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
 from zetaguard.adapters.torch import check_storages, checked_grad
 
 log = logging.getLogger("zetaguard")
 
 _U64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_TAU_MUL = 0xD1B54A32D192ED03
-_CHUNK_MUL = 0xA0761D6478BD642F
-_ROTATION_GRANULE = 8  # kRotationGranule
-_SKETCH_MIN_COMPRESSION = 8  # kSketchMinCompression (tracker.cpp)
+# The engine's sketch-map constants (sketch_map.hpp), read from the engine itself.
+_SKETCH = _core.sketch_constants()
+_GOLDEN = _SKETCH["splitmix_golden"]
+_MUL1 = _SKETCH["splitmix_mul1"]
+_MUL2 = _SKETCH["splitmix_mul2"]
+_TAU_MUL = _SKETCH["tau_mul"]
+_CHUNK_MUL = _SKETCH["chunk_mul"]
+_ROTATION_GRANULE = _SKETCH["rotation_granule"]
+_SKETCH_MIN_COMPRESSION = _SKETCH["min_compression"]
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "float32",
@@ -85,8 +90,8 @@ def device_snapshot(snap: Snapshot) -> Snapshot:
 def _splitmix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     with np.errstate(over="ignore"):
         x = x + np.uint64(_GOLDEN)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(_MUL1)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(_MUL2)
         out: npt.NDArray[np.uint64] = x ^ (x >> np.uint64(31))
         return out
 
