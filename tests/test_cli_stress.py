@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 from zetaguard.cli.stress import main  # noqa: E402
 from zetaguard.stress import sharpness  # noqa: E402
 
-from tests._stress_models import regressor  # noqa: E402
+from tests.support.stress_models import regressor  # noqa: E402
 
-FACTORY = "tests._stress_models:regressor"
+FACTORY = "tests.support.stress_models:regressor"
 
 
 def _data(seed: int = 1) -> tuple[object, object]:
@@ -160,7 +160,7 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         (["--model", str(tmp_path / "missing.pt")], "does not exist"),
         (["--model", str(tmp_path / "sd.pt")], "--factory"),
         (
-            ["--model", str(tmp_path / "sd.pt"), "--factory", "tests._stress_models:not_a_module"],
+            ["--model", str(tmp_path / "sd.pt"), "--factory", "tests.support.stress_models:not_a_module"],
             "not an nn.Module",
         ),
         (["--model", str(tmp_path / "sd.pt"), "--factory", "nowhere.at_all:f"], "cannot import"),

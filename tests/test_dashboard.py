@@ -17,7 +17,7 @@ import pytest
 from zetaguard import ZetaGuard
 from zetaguard.store import RunReader, RunStore
 
-from tests._dashboard_helpers import dashboard
+from tests.support.dashboard import dashboard
 
 
 def _write_run(runs: Path, name: str, steps: int, blowup_at: int | None = None) -> ZetaGuard:

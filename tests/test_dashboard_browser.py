@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._dashboard_helpers import dashboard, wait_for
+from tests.support.dashboard import dashboard, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -1,5 +1,5 @@
 """The C++ detector (``zetaguard._core.Detector``) against the NumPy statement of its rule
-(``tests/reference_detector.py``): random multi-group trajectories with spikes, missing
+(``tests/support/reference_detector.py``): random multi-group trajectories with spikes, missing
 channels, non-finite steps and rollbacks, every field compared step by step."""
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_detector import (
+from zetaguard import _core
+from zetaguard.detector import Detector
+
+from tests.support.reference_detector import (
     CRITICAL_RATIO,
     GATE_FAST,
     GATE_MARGIN,
@@ -26,8 +29,6 @@ from reference_detector import (
     TRACK_RATE,
     ReferenceDetector,
 )
-from zetaguard import _core
-from zetaguard.detector import Detector
 
 # NumPy's vectorised log and its pairwise mean may differ from libm by an ulp or two; the
 # rule itself must agree to many digits.

@@ -1,7 +1,7 @@
 """Two processes on gloo (CPU): DDP and FSDP2 against the single-process guard, one status on
 every rank, sharded rollback and checkpoints, rank 0's run store, and a dying rank.
 
-One world runs every scenario (tests/_distributed_worker.py); starting processes dominates the
+One world runs every scenario (tests/support/distributed_worker.py); starting processes dominates the
 cost on a small machine, so the tests below read what that one world wrote.
 """
 
@@ -22,7 +22,9 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
-from _distributed_worker import (  # noqa: E402
+from zetaguard import ZetaGuard, _core  # noqa: E402
+
+from tests.support.distributed_worker import (  # noqa: E402
     NAN_LOSS_STEP,
     RECOVER_NAN_STEP,
     SKETCH_BUCKETS,
@@ -31,11 +33,10 @@ from _distributed_worker import (  # noqa: E402
     VETO_STEPS,
     build_model,
 )
-from zetaguard import ZetaGuard, _core  # noqa: E402
 
 pytestmark = pytest.mark.slow
 WORLD = 2
-WORKER = Path(__file__).with_name("_distributed_worker.py")
+WORKER = Path(__file__).parent / "support" / "distributed_worker.py"
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import channels
 from zetaguard import _core
+
+from tests.support.reference import channels
 
 DTYPES = [np.float32, np.float64, np.float16]
 

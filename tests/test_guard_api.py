@@ -9,8 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-from reference import raw_jar
 from zetaguard import StabilityResult, ZetaGuard
+
+from tests.support.reference import raw_jar
 
 
 def _walk(rng: np.random.Generator, shapes: dict[str, tuple[int, ...]], steps: int, lr: float = 0.01):

@@ -1,6 +1,6 @@
 """ZetaKeras on real ``model.fit`` (sklearn digits) for every Keras 3 backend installed.
 
-Each backend runs ``tests/keras_runner.py`` once in a subprocess (Keras fixes its backend at
+Each backend runs ``tests/support/keras_runner.py`` once in a subprocess (Keras fixes its backend at
 import) and the tests below check its JSON summary.
 """
 
@@ -11,7 +11,8 @@ import math
 from typing import Any
 
 import pytest
-from keras_runner import run_in_subprocess
+
+from tests.support.keras_runner import run_in_subprocess
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("keras") is None, reason="keras is not installed"

@@ -12,8 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
-from torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from zetaguard.integrations.pytorch_lightning import ZetaCallback
+
+from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def _loader() -> DataLoader:

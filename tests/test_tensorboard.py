@@ -10,9 +10,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
-from torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from zetaguard import ZetaGuard
 from zetaguard.integrations.tensorboard import ZetaBoard
+
+from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def _read(logdir: Path) -> EventAccumulator:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from keras_runner import run_in_subprocess
+
+from tests.support.keras_runner import run_in_subprocess
 
 tf = pytest.importorskip("tensorflow")
 

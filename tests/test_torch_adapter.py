@@ -1,5 +1,5 @@
 """The torch adapter: zero-copy CPU tensors of every float dtype, names, caches, gradients,
-layers and clear errors, checked against a NumPy statement of the math (tests/reference.py)."""
+layers and clear errors, checked against a NumPy statement of the math (tests/support/reference.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import channels
-from torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from zetaguard import ZetaGuard
 from zetaguard.adapters import snapshot
+
+from tests.support.reference import channels
+from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import channels
-from torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from zetaguard import ZetaGuard, _core
 from zetaguard.engine.device import DeviceTracker, buckets_for, chunk_maps, sketch_signs
+
+from tests.support.reference import channels
+from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from zetaguard import ZetaGuard
+
+from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def _norm(ts: list[torch.Tensor]) -> float:

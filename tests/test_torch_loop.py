@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from zetaguard import ZetaGuard
+
+from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:

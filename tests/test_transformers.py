@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+
+from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

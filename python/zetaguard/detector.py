@@ -38,7 +38,7 @@ can only add DRIFTs.
 
 The rule runs in C++ (``cpp/src/detector.cpp``, bound as ``zetaguard._core.Detector``): per step
 it is a handful of scalar operations per group, independent of model size, and costs a few
-microseconds where NumPy on arrays of a few elements cost tens. ``tests/reference_detector.py``
+microseconds where NumPy on arrays of a few elements cost tens. ``tests/support/reference_detector.py``
 states the same rule in NumPy and the tests hold the two together.
 
 ``calibration="none"`` gives the literal rule of the specification instead: ``zeta_value = smoothed_jar``

@@ -1,4 +1,4 @@
-"""Model factories for the zeta-test tests (``--factory tests._stress_models:mlp``)."""
+"""Model factories for the zeta-test tests (``--factory tests.support.stress_models:mlp``)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Runs ZetaKeras scenarios on real ``model.fit`` in one process and prints a JSON summary.
 
 The Keras backend is fixed when Keras is imported, so tests run this script in a subprocess
-with ``KERAS_BACKEND`` set: ``python tests/keras_runner.py fit`` (every Keras backend) or
-``python tests/keras_runner.py mirrored`` (TensorFlow with two logical CPU devices).
+with ``KERAS_BACKEND`` set: ``python tests/support/keras_runner.py fit`` (every Keras backend) or
+``python tests/support/keras_runner.py mirrored`` (TensorFlow with two logical CPU devices).
 """
 
 from __future__ import annotations
