@@ -20,6 +20,9 @@ float32/float16/bfloat16 parameter, 24 per float64) plus transient buffers of at
 ``3 x batch_elements`` work-dtype elements (default 2^25 elements: 384 MiB in float32), or of the
 largest tensor when it is bigger. Sketch mode holds ``3 x 8`` bytes per bucket plus
 ``16 x min(numel, block)`` transient bytes per sketched tensor while it is being sketched.
+
+Over 450 lines because it is one piece: the device tracker, its copy of the engine's sketch map
+and its state conversion must change together, as the host engine's do.
 """
 
 from __future__ import annotations
