@@ -357,6 +357,7 @@ class ZetaGuard:
             nonfinite=obs.nonfinite,
             in_warmup=obs.in_warmup,
             _group_names=self._group_names,
+            _module_types=snap.module_types,
             _group_rows=group_rows,
             _group_zeta=obs.group_zeta,
             _thresholds=(self.drift_threshold, self.snap_threshold),
@@ -400,6 +401,7 @@ class ZetaGuard:
             grads_raw=snap.grads_raw,
             keepalive=snap.keepalive,
             framework=snap.framework,
+            module_types=snap.module_types,
         )
 
     def _route_device(self, snap: Snapshot) -> Snapshot:

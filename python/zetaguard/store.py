@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from zetaguard.labels import group_labels
 from zetaguard.results import RecoveryReport, StabilityResult, jar
 
 DEFAULT_RUN_DIR = "zetaguard_runs"
@@ -307,7 +308,7 @@ class RunStore:
             int(result._history),
             self._name_set(tuple(ch)),
             struct.pack(f"<{len(ch)}d", *ch.values()),
-            self._name_set(result._group_names) if blob is not None else None,
+            self._group_set(result) if blob is not None else None,
             blob,
         )
         recs = tuple(result.recommendations)
@@ -403,6 +404,24 @@ class RunStore:
                 set_id = int(cur.lastrowid or 0)
             self._name_set_ids[names] = set_id
         return set_id
+
+    def _group_set(self, result: StabilityResult) -> int:
+        names = result._group_names
+        if names not in self._name_set_ids:
+            # A new set of groups: record their labels too (once per set, like the names).
+            labels = group_labels(names, result._module_types)
+            if labels != list(names):
+                with self._lock:
+                    row = self._conn.execute(
+                        "SELECT value FROM meta WHERE key = 'group_labels'"
+                    ).fetchone()
+                    known = json.loads(row[0]) if row else {}
+                    known.update(zip(names, labels, strict=True))
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES ('group_labels', ?)",
+                        (json.dumps(known),),
+                    )
+        return self._name_set(names)
 
     def _flush_locked(
         self,
@@ -572,6 +591,7 @@ class RunReader:
                 "(RunStore) to migrate it"
             )
         self._name_sets: dict[int, list[str]] = {}
+        self._labels: dict[str, str] | None = None
 
     def close(self) -> None:
         self._conn.close()
@@ -601,8 +621,17 @@ class RunReader:
     def meta(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for row in self._query("SELECT key, value FROM meta"):
-            out[row["key"]] = json.loads(row["value"]) if row["key"] == "config" else row["value"]
+            json_keys = ("config", "group_labels")
+            out[row["key"]] = json.loads(row["value"]) if row["key"] in json_keys else row["value"]
         return out
+
+    def group_labels(self) -> dict[str, str]:
+        """Group name -> the label a user recognises (``"4 (Linear 128->10)"``), for the groups
+        whose module the adapter knew; other groups are absent."""
+        if self._labels is None:
+            labels = self.meta().get("group_labels")
+            self._labels = {str(k): str(v) for k, v in labels.items()} if labels else {}
+        return self._labels
 
     def info(self) -> RunInfo:
         meta = self.meta()
@@ -647,11 +676,13 @@ class RunReader:
                 finite = np.where(np.isnan(zeta), np.inf, zeta)
                 d["worst_group"] = names[int(np.argmax(finite))]
                 if groups:
+                    labels = self.group_labels()
                     d["groups"] = {
                         n: {
                             "zeta": _finite_or_none(zeta[i]),
                             "raw_jar": _finite_or_none(jar[i]),
                             "update_ratio": _finite_or_none(ratio[i]),
+                            "label": labels.get(n, n),
                         }
                         for i, n in enumerate(names)
                     }
