@@ -17,7 +17,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 # The extension: rebuilt by pip whenever the C++ sources or build files change.
-src=$(cat CMakeLists.txt $(find cpp bindings -type f | sort) | sha256sum | cut -d' ' -f1)
+# Also when a Python module is added or removed: the editable install maps files by name.
+src=$( (cat CMakeLists.txt $(find cpp bindings -type f | sort); find python -name '*.py' | sort) \
+  | sha256sum | cut -d' ' -f1)
 if [ ! -f .venv/.build-stamp ] || [ "$(cat .venv/.build-stamp)" != "$src" ] || \
    ! .venv/bin/python -c "import zetaguard._core" 2>/dev/null; then
   .venv/bin/pip install -q --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' || true

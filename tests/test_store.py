@@ -307,3 +307,47 @@ def test_channels_round_trip(
     assert row["worst_group"] is None
     want = {k: (v if math.isfinite(v) else None) for k, v in channels.items()}
     assert row["channels"] == want
+
+
+def test_layer_labels_name_module_path_and_kind(tmp_path: Path) -> None:
+    import torch
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(10)
+    )
+    model(torch.zeros(1, 3, 6, 6))  # materialise the lazy layer: Linear 128->10
+    model.add_module("norm", torch.nn.LayerNorm(10))
+    model.add_module("emb", torch.nn.Embedding(50, 4))
+    guard = ZetaGuard(run_dir=tmp_path, run_name="labels", warmup_steps=2)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        guard.monitor(model)
+    guard.close()
+    with RunReader(tmp_path / "labels") as r:
+        labels = r.group_labels()
+        (last,) = r.tail(1)
+        groups = r.steps(since_id=last["id"] - 1, groups=True)[0]["groups"]
+    assert labels == {
+        "0": "0 (Conv2d 3->8 3x3)",
+        "3": "3 (Linear 128->10)",
+        "norm": "norm (LayerNorm 10)",
+        "emb": "emb (Embedding 50x4)",
+    }
+    assert {g["label"] for g in groups.values()} == set(labels.values())
+    # The group names themselves stay the module paths the rest of the API uses.
+    assert set(groups) == set(labels)
+
+
+def test_group_labels_without_module_facts() -> None:
+    from zetaguard.labels import group_labels
+
+    assert group_labels(["a", "b"], None) == ["a", "b"]
+    # group_by="tensor": the module is the name's head; a root parameter belongs to "".
+    types = {"enc.0": "Linear 4->4", "": "MyNet"}
+    assert group_labels(["enc.0.weight", "scale", "other.x"], types) == [
+        "enc.0.weight (Linear 4->4)",
+        "scale (MyNet)",
+        "other.x",
+    ]

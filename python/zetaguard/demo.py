@@ -46,6 +46,16 @@ def _data(seed: int) -> tuple[Any, Any, Any, Any]:
     return x[:split], y[:split], x[split:], y[split:]
 
 
+def _fresh_run_name(run_dir: Path, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``... when an earlier demo already wrote that run: a run
+    store holds one history, so a second demo must not append to the first one's."""
+    name, n = base, 1
+    while (run_dir / name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
 def train(
     *,
     guarded: bool,
@@ -77,7 +87,7 @@ def train(
             model=model,
             optimizer=opt,
             run_dir=run_dir,
-            run_name=f"demo-seed{seed}",
+            run_name=_fresh_run_name(run_dir, f"demo-seed{seed}") if run_dir else None,
             checkpoint_dir=(run_dir / "checkpoints") if run_dir else None,
         )
         guard.attach(scheduler=sched)  # LR cuts must outlive the scheduler's next step

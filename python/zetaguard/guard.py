@@ -259,6 +259,7 @@ class ZetaGuard:
             nonfinite=obs.nonfinite,
             in_warmup=obs.in_warmup,
             _group_names=self._engine.group_names,
+            _module_types=snap.module_types,
             _group_rows=numbers.group_rows,
             _group_zeta=obs.group_zeta,
             _thresholds=(self.drift_threshold, self.snap_threshold),

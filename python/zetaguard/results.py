@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -72,6 +73,8 @@ class StabilityResult:
     nonfinite: int = 0
     in_warmup: bool = True
     _group_names: tuple[str, ...] = field(default=(), repr=False)
+    # What the adapter knows the modules are (Snapshot.module_types), for layer labels.
+    _module_types: Mapping[str, str] | None = field(default=None, repr=False)
     _group_rows: npt.NDArray[np.float64] | None = field(default=None, repr=False)
     _group_zeta: npt.NDArray[np.float64] | None = field(default=None, repr=False)
     _thresholds: tuple[float, float] = field(default=(0.707, 1.414), repr=False)

@@ -116,6 +116,7 @@ class ParameterSelection:
             grads_raw=snap.grads_raw,
             keepalive=snap.keepalive,
             framework=snap.framework,
+            module_types=snap.module_types,
         )
 
     def group_of(self, name: str, group_by: GroupBy) -> str:

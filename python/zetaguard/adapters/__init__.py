@@ -32,6 +32,9 @@ class Snapshot:
     grads_raw: bool = False
     keepalive: list[Any] = field(default_factory=list)
     framework: str = "numpy"
+    # Module path -> what the module is ("Linear 128->10"), where the adapter knows it: the
+    # run store and dashboard label layers with it.
+    module_types: Mapping[str, str] | None = None
 
 
 Adapter = Callable[[Any], Snapshot]

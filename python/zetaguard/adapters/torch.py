@@ -165,6 +165,7 @@ class _Layout:
         self.raw = list(zip(self.ptrs, self.facts[0], self.dtypes, strict=True))
         # For a module: (the owning submodule's _parameters dict, the attribute name) per tensor.
         self.owners = owners
+        self.module_types: dict[str, str] | None = None  # a module's layout: see Snapshot
         self.owner_dicts = [d for d, _ in owners or ()]
         self.owner_keys = [k for _, k in owners or ()]
         # For a module: (parent._modules, name, child) edges as three lists, then every
@@ -245,6 +246,9 @@ def _module_layout(module: torch.nn.Module) -> tuple[_Layout, list[torch.Tensor]
             named.append((f"{prefix}.{key}" if prefix else key, p))
             owners.append((sub._parameters, key))
     layout = _Layout(named, owners, keep_tensors=True)
+    layout.module_types = {
+        prefix: module_summary(sub) for prefix, sub in module.named_modules() if sub._parameters
+    }
     subs = [sub for _, sub in module.named_modules()]
     edges = [(sub._modules, name, child) for sub in subs for name, child in sub._modules.items()]
     containers = [c for sub in subs for c in (sub._modules, sub._parameters)]
@@ -265,6 +269,28 @@ def _module_layout(module: torch.nn.Module) -> tuple[_Layout, list[torch.Tensor]
 
 _name_of = operator.itemgetter(0)
 _tensor_of = operator.itemgetter(1)
+
+
+def module_summary(module: torch.nn.Module) -> str:
+    """What a module is, as a user would name it: ``Linear 128->10``, ``Conv2d 3->64 3x3``,
+    ``Embedding 50000x768``, ``LayerNorm 768``; else its type name."""
+    kind = type(module).__name__
+    get = module.__dict__.get  # plain attributes only: no property of user code runs here
+    ins, outs = get("in_features", get("in_channels")), get("out_features", get("out_channels"))
+    if isinstance(ins, int) and isinstance(outs, int):
+        kernel = get("kernel_size")
+        if isinstance(kernel, tuple) and kernel and all(isinstance(k, int) for k in kernel):
+            return f"{kind} {ins}->{outs} {'x'.join(map(str, kernel))}"
+        return f"{kind} {ins}->{outs}"
+    rows, dim = get("num_embeddings"), get("embedding_dim")
+    if isinstance(rows, int) and isinstance(dim, int):
+        return f"{kind} {rows}x{dim}"
+    width = get("num_features", get("normalized_shape"))
+    if isinstance(width, tuple) and width and all(isinstance(k, int) for k in width):
+        width = "x".join(map(str, width))
+    if isinstance(width, (int, str)):
+        return f"{kind} {width}"
+    return kind
 
 
 def _list_layout(obj: Any) -> tuple[_Layout, list[Any]]:
@@ -410,6 +436,7 @@ def snapshot(obj: Any) -> Snapshot:
             grads=grads or None,
             keepalive=[tensors, grads],
             framework=DEVICE_FRAMEWORK,
+            module_types=layout.module_types,
         )
     grads, grad_raw = _raw_grads(layout, all_grads)
     return Snapshot(
@@ -420,6 +447,7 @@ def snapshot(obj: Any) -> Snapshot:
         grads_raw=True,
         keepalive=[tensors, grads],
         framework="torch",
+        module_types=layout.module_types,
     )
 
 

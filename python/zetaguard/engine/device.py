@@ -84,6 +84,7 @@ def device_snapshot(snap: Snapshot) -> Snapshot:
         grads=list(grads) or None,
         keepalive=snap.keepalive,
         framework=DEVICE_FRAMEWORK,
+        module_types=snap.module_types,
     )
 
 

@@ -3,7 +3,14 @@
 
 const $ = (id) => document.getElementById(id);
 const RANK = {STABLE: 0, DRIFT: 1, CRITICAL: 2};
-const state = {run: null, source: null, alerts: [], lastStatus: "STABLE", thresholds: [0.707, 1.414]};
+const state = {
+  run: null, source: null, alerts: [], lastStatus: "STABLE", thresholds: [0.707, 1.414],
+  // The last row id of each kind this page has shown: the stream resumes from it, and a row
+  // at or below it is never shown again (an update can arrive twice across a reconnect).
+  cursor: {steps: 0, incidents: 0, recommendations: 0, recoveries: 0},
+  labels: {},  // group name -> "4 (Linear 128->10)"
+  events: new Map(),  // "step|actions" -> {incident, recovery, li}: one row per event
+};
 
 const charts = {
   zeta: new LineChart($("chart-zeta"), {
@@ -84,8 +91,20 @@ function trackAlerts(steps) {
   }
 }
 
+// The rows of `rows` this page has not shown yet, advancing the cursor of `kind`.
+function fresh(kind, rows) {
+  const out = (rows || []).filter((r) => r.id > state.cursor[kind]);
+  for (const r of out) state.cursor[kind] = Math.max(state.cursor[kind], r.id);
+  return out;
+}
+
+function label(group) {
+  return group ? state.labels[group] || group : group;
+}
+
 function renderGroups(groups) {
   const box = $("groups");
+  for (const [name, g] of Object.entries(groups || {})) if (g.label) state.labels[name] = g.label;
   const entries = Object.entries(groups || {}).sort((a, b) => (b[1].zeta ?? Infinity) - (a[1].zeta ?? Infinity));
   if (!entries.length) return;
   box.replaceChildren();
@@ -98,8 +117,8 @@ function renderGroups(groups) {
     bar.style.width = `${Math.min(100, (z / (snap * 1.5)) * 100)}%`;
     const track = el("div");
     track.append(bar);
-    row.append(el("span", name, "name"), track, el("span", formatNumber(g.zeta)));
-    row.title = `${name}: zeta ${formatNumber(g.zeta)}, raw JAR ${formatNumber(g.raw_jar)}, update/weight ${formatNumber(g.update_ratio)}`;
+    row.append(el("span", label(name), "name"), track, el("span", formatNumber(g.zeta)));
+    row.title = `${label(name)}: zeta ${formatNumber(g.zeta)}, raw JAR ${formatNumber(g.raw_jar)}, update/weight ${formatNumber(g.update_ratio)}`;
     box.append(row);
   }
 }
@@ -110,14 +129,39 @@ function addRecommendations(recs) {
   while (list.children.length > 40) list.lastChild.remove();
 }
 
+// The recovery manager records each event twice over: an incident (the step, its batch, what
+// was done) and a recovery (the full report). One row per event shows both.
 function addIncidents(incidents, recoveries) {
   const list = $("incidents");
-  for (const i of incidents) {
-    const what = [i.status, i.worst_group && `worst ${i.worst_group}`, i.batch_index !== null && `batch ${i.batch_index}`, i.action && `action: ${i.action}`];
-    list.prepend(el("li", `step ${i.step}: ${what.filter(Boolean).join(", ")}`));
+  const eventOf = (key) => {
+    let ev = state.events.get(key);
+    if (!ev) {
+      ev = {li: el("li")};
+      state.events.set(key, ev);
+      list.prepend(ev.li);
+    }
+    return ev;
+  };
+  for (const i of incidents) eventOf(`${i.step}|${i.action}`).incident = i;
+  for (const r of recoveries) {
+    eventOf(`${r.step}|${r.actions.join(", ")}`).recovery = r;
+    if (r.report.restored_step !== null && r.report.restored_step !== undefined) {
+      for (const c of Object.values(charts)) c.addRollback(r.step, r.report.restored_step, r.ts);
+    }
   }
-  for (const r of recoveries) list.prepend(el("li", `step ${r.step}: recovery ${r.actions.join(" → ")}${r.report.message ? ` (${r.report.message})` : ""}`));
-  while (list.children.length > 40) list.lastChild.remove();
+  for (const ev of state.events.values()) {
+    const i = ev.incident, r = ev.recovery;
+    const step = (i || r).step;
+    const worst = (i || r.report).worst_group;
+    const what = [(i || r).status, worst && `worst ${label(worst)}`, i && i.batch_index !== null && `batch ${i.batch_index}`];
+    const done = r ? `recovery ${r.actions.join(" → ")}${r.report.message ? ` (${r.report.message})` : ""}` : `action: ${i.action}`;
+    ev.li.textContent = `step ${step}: ${what.filter(Boolean).join(", ")}: ${done}`;
+  }
+  while (list.children.length > 40) {
+    const gone = list.lastChild;
+    for (const [key, ev] of state.events) if (ev.li === gone) state.events.delete(key);
+    gone.remove();
+  }
 }
 
 function showLatest(steps) {
@@ -126,25 +170,30 @@ function showLatest(steps) {
   const badge = $("status-badge");
   badge.textContent = last.status;
   badge.className = `badge ${last.status}`;
-  $("summary").textContent = `step ${last.step} · zeta ${last.zeta === null ? "non-finite" : formatNumber(last.zeta)} · loss ${formatNumber(last.loss)}${last.worst_group ? ` · worst ${last.worst_group}` : ""}${last.in_warmup ? " · warming up" : ""}`;
+  $("summary").textContent = `step ${last.step} · zeta ${last.zeta === null ? "non-finite" : formatNumber(last.zeta)} · loss ${formatNumber(last.loss)}${last.worst_group ? ` · worst ${label(last.worst_group)}` : ""}${last.in_warmup ? " · warming up" : ""}`;
 }
 
 function apply(update) {
-  for (const c of Object.values(charts)) c.push(update.steps);
-  trackAlerts(update.steps);
+  const steps = fresh("steps", update.steps);
+  for (const c of Object.values(charts)) c.push(steps);
+  trackAlerts(steps);
   renderAlerts();
   renderGroups(update.groups);
-  addRecommendations(update.recommendations);
-  addIncidents(update.incidents, update.recoveries);
-  showLatest(update.steps);
+  addRecommendations(fresh("recommendations", update.recommendations));
+  addIncidents(fresh("incidents", update.incidents), fresh("recoveries", update.recoveries));
+  showLatest(steps);
 }
 
 async function openRun(name) {
   if (state.source) state.source.close();
+  state.source = null;
   state.run = name;
   $("live").textContent = "connecting…";
   state.alerts = [];
   state.lastStatus = "STABLE";
+  state.cursor = {steps: 0, incidents: 0, recommendations: 0, recoveries: 0};
+  state.labels = {};
+  state.events = new Map();
   for (const c of Object.values(charts)) c.clear();
   $("recommendations").replaceChildren();
   $("incidents").replaceChildren();
@@ -156,20 +205,35 @@ async function openRun(name) {
     {value: snap.thresholds[0], label: "drift", color: "#d97706"},
     {value: snap.thresholds[1], label: "snap", color: "#dc2626"},
   ]);
-  for (const c of Object.values(charts)) c.push(snap.steps);
+  renderGroups(snap.groups);  // first: it brings the layer labels the rest uses
+  const steps = fresh("steps", snap.steps);
+  for (const c of Object.values(charts)) c.push(steps);
   state.alerts = snap.alerts.map((a) => ({...a, peak: a.peak === null ? Infinity : a.peak}));
-  if (snap.steps.length) state.lastStatus = snap.steps[snap.steps.length - 1].status;
+  if (steps.length) state.lastStatus = steps[steps.length - 1].status;
   renderAlerts();
-  renderGroups(snap.groups);
-  addRecommendations(snap.recommendations);
-  addIncidents(snap.incidents, snap.recoveries);
-  showLatest(snap.steps);
-  const q = new URLSearchParams(snap.cursor).toString();
+  addRecommendations(fresh("recommendations", snap.recommendations));
+  addIncidents(fresh("incidents", snap.incidents), fresh("recoveries", snap.recoveries));
+  showLatest(steps);
+  // The snapshot's cursor also covers rows it did not send (steps older than its window).
+  for (const k of Object.keys(state.cursor)) state.cursor[k] = Math.max(state.cursor[k], snap.cursor[k] || 0);
+  follow(name);
+}
+
+// Follow the run over SSE from the page's own cursor. On an error the page reconnects itself
+// rather than letting EventSource retry the first URL, whose cursor would replay every update
+// since the page opened.
+function follow(name) {
+  const q = new URLSearchParams(state.cursor).toString();
   const source = new EventSource(`/api/runs/${encodeURIComponent(name)}/stream?${q}`);
   state.source = source;
   source.addEventListener("open", () => { $("live").textContent = "live"; });
-  source.addEventListener("error", () => { $("live").textContent = "reconnecting…"; });
-  source.addEventListener("update", (ev) => apply(JSON.parse(ev.data)));
+  source.addEventListener("error", () => {
+    source.close();
+    if (state.source !== source) return;
+    $("live").textContent = "reconnecting…";
+    setTimeout(() => { if (state.source === source && state.run === name) follow(name); }, 2000);
+  });
+  source.addEventListener("update", (ev) => { if (state.source === source) apply(JSON.parse(ev.data)); });
   source.addEventListener("failure", (ev) => {
     $("live").textContent = `error: ${JSON.parse(ev.data).error}`;
     source.close();

@@ -7,13 +7,17 @@ const ZG_COLORS = ["#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891
 class LineChart {
   // opts: {title, series: [{key, label}], log: bool, thresholds: [{value, label, color}],
   //        statusKey: key of a status string per point (colours the point markers)}
+  //
+  // The line holds one point per step, in step order. Rows arrive in commit order, so a step
+  // number that comes again (a loop that rewound its step count after a rollback, or a run
+  // name reused by an older zetaguard) starts a new branch: the points it replaces move to
+  // `abandoned` and are drawn faded. A rollback the guard reported (`addRollback`) fades the
+  // stretch it undid, and every rollback gets a marker.
   constructor(canvas, opts) {
     this.canvas = canvas;
     this.opts = opts;
-    this.x = [];
-    this.ys = opts.series.map(() => []);
-    this.status = [];
     this.pending = false;
+    this.clear();
     window.addEventListener("resize", () => this.draw());
   }
 
@@ -23,23 +27,51 @@ class LineChart {
   }
 
   clear() {
-    this.x = [];
-    this.ys = this.opts.series.map(() => []);
-    this.status = [];
+    this.points = [];  // {id, step, ts, ys, status}, steps strictly increasing
+    this.abandoned = [];  // arrays of points a later branch replaced
+    this.rollbacks = new Map();  // step rolled back at -> {at, to, ts}
+    this.lastId = 0;
     this.schedule();
   }
 
   push(points) {
     for (const p of points) {
-      this.x.push(p.step);
-      this.opts.series.forEach((s, i) => this.ys[i].push(p[s.key]));
-      this.status.push(this.opts.statusKey ? p[this.opts.statusKey] : null);
+      if (p.id !== undefined) {
+        if (p.id <= this.lastId) continue;  // already drawn (a replayed update)
+        this.lastId = p.id;
+      }
+      const pt = {id: p.id, step: p.step, ts: p.ts, ys: this.opts.series.map((s) => p[s.key]),
+        status: this.opts.statusKey ? p[this.opts.statusKey] : null};
+      const last = this.points[this.points.length - 1];
+      if (last && p.step <= last.step) {
+        let k = this.points.length;
+        while (k > 0 && this.points[k - 1].step >= p.step) k--;
+        this.abandoned.push(this.points.splice(k));
+        if (!this.rollbacks.has(last.step)) {
+          this.rollbacks.set(last.step, {at: last.step, to: p.step - 1, ts: p.ts});
+        }
+      }
+      this.points.push(pt);
     }
     this.schedule();
   }
 
+  // A rollback the guard reported: at step `at` the weights went back to step `to`'s.
+  addRollback(at, to, ts) {
+    this.rollbacks.set(at, {at, to, ts});
+    this.schedule();
+  }
+
+  // Whether a point on the line belongs to a stretch a rollback undid (committed before it).
+  isAbandoned(p) {
+    for (const r of this.rollbacks.values()) {
+      if (p.step > r.to && p.step <= r.at && (r.ts === undefined || p.ts === undefined || p.ts <= r.ts)) return true;
+    }
+    return false;
+  }
+
   get length() {
-    return this.x.length;
+    return this.points.length;
   }
 
   schedule() {
@@ -72,16 +104,26 @@ class LineChart {
     g.font = "12px system-ui, sans-serif";
     g.fillStyle = "#334155";
     g.fillText(this.opts.title, pad.l, 14);
-    c.dataset.points = String(this.x.length);
-    if (this.x.length === 0) {
+    const pts = this.points;
+    const faded = pts.map((p) => this.isAbandoned(p));
+    // What a test (or a curious user) can read back from the page.
+    c.dataset.points = String(pts.length);
+    c.dataset.steps = pts.map((p) => p.step).join(",");
+    c.dataset.abandoned = String(faded.filter(Boolean).length + this.abandoned.reduce((n, a) => n + a.length, 0));
+    c.dataset.rollbacks = [...this.rollbacks.values()].map((r) => `${r.at}>${r.to}`).join(",");
+    if (pts.length === 0) {
       g.fillStyle = "#94a3b8";
       g.fillText("waiting for data…", pad.l, h / 2);
       return;
     }
-    let ymin = Infinity, ymax = -Infinity;
-    for (const ys of this.ys) for (const v of ys) {
-      const t = this.transform(v);
-      if (t !== null) { ymin = Math.min(ymin, t); ymax = Math.max(ymax, t); }
+    const all = [pts, ...this.abandoned];
+    let ymin = Infinity, ymax = -Infinity, xmin = Infinity, xmax = -Infinity;
+    for (const branch of all) for (const p of branch) {
+      xmin = Math.min(xmin, p.step); xmax = Math.max(xmax, p.step);
+      for (const v of p.ys) {
+        const t = this.transform(v);
+        if (t !== null) { ymin = Math.min(ymin, t); ymax = Math.max(ymax, t); }
+      }
     }
     for (const th of this.opts.thresholds || []) {
       const t = this.transform(th.value);
@@ -91,7 +133,7 @@ class LineChart {
     if (ymax - ymin < 1e-12) { ymax += 0.5; ymin -= 0.5; }
     const margin = (ymax - ymin) * 0.06;
     ymin -= margin; ymax += margin;
-    const xmin = this.x[0], xmax = Math.max(this.x[this.x.length - 1], xmin + 1);
+    xmax = Math.max(xmax, xmin + 1);
     const px = (x) => pad.l + (x - xmin) / (xmax - xmin) * (w - pad.l - pad.r);
     const py = (y) => pad.t + (1 - (y - ymin) / (ymax - ymin)) * (h - pad.t - pad.b);
 
@@ -121,30 +163,52 @@ class LineChart {
       g.fillStyle = th.color;
       g.fillText(th.label, w - pad.r - 60, py(t) - 3);
     }
-    // series
-    this.ys.forEach((ys, si) => {
-      g.strokeStyle = ZG_COLORS[si % ZG_COLORS.length];
-      g.lineWidth = 1.5;
+    // rollbacks: the undone stretch shaded, a dashed line where the guard went back
+    for (const r of this.rollbacks.values()) {
+      const x0 = px(Math.max(r.to, xmin)), x1 = px(r.at);
+      g.fillStyle = "rgba(124, 58, 237, 0.08)";
+      g.fillRect(x0, pad.t, Math.max(x1 - x0, 1), h - pad.t - pad.b);
+      g.strokeStyle = "#7c3aed";
+      g.setLineDash([3, 3]);
+      g.beginPath(); g.moveTo(x1, pad.t); g.lineTo(x1, h - pad.b); g.stroke();
+      g.setLineDash([]);
+      g.fillStyle = "#7c3aed";
+      g.fillText(`rollback ${r.at}→${r.to}`, Math.min(x1 + 3, w - pad.r - 90), pad.t + 10);
+    }
+    // series: abandoned branches and undone stretches faded, the kept line solid (it joins
+    // the step rolled back to with the steps trained from it)
+    const line = (branch, si, keep) => {
       g.beginPath();
       let pen = false;
-      for (let i = 0; i < ys.length; i++) {
-        const t = this.transform(ys[i]);
+      for (let i = 0; i < branch.length; i++) {
+        if (!keep(i)) continue;
+        const t = this.transform(branch[i].ys[si]);
         if (t === null) { pen = false; continue; }
-        const X = px(this.x[i]), Y = py(t);
+        const X = px(branch[i].step), Y = py(t);
         if (pen) g.lineTo(X, Y); else g.moveTo(X, Y);
         pen = true;
       }
       g.stroke();
+    };
+    this.opts.series.forEach((s, si) => {
+      g.strokeStyle = ZG_COLORS[si % ZG_COLORS.length];
+      g.lineWidth = 1.5;
+      g.globalAlpha = 0.25;
+      for (const branch of this.abandoned) line(branch, si, () => true);
+      // the undone stretch, from the step rolled back to through the step rolled back at
+      line(pts, si, (i) => faded[i] || (i + 1 < pts.length && faded[i + 1]));
+      g.globalAlpha = 1;
+      line(pts, si, (i) => !faded[i]);
     });
     // non-STABLE steps as markers on the first series (CRITICAL with no finite value on top)
     if (this.opts.statusKey) {
-      for (let i = 0; i < this.status.length; i++) {
-        const s = this.status[i];
+      for (const branch of all) for (const p of branch) {
+        const s = p.status;
         if (s !== "DRIFT" && s !== "CRITICAL") continue;
-        const t = this.transform(this.ys[0][i]);
+        const t = this.transform(p.ys[0]);
         g.fillStyle = s === "CRITICAL" ? "#dc2626" : "#f59e0b";
         g.beginPath();
-        g.arc(px(this.x[i]), t === null ? pad.t : py(t), 3, 0, 2 * Math.PI);
+        g.arc(px(p.step), t === null ? pad.t : py(t), 3, 0, 2 * Math.PI);
         g.fill();
       }
     }
