@@ -22,9 +22,10 @@ from tests._dashboard_helpers import dashboard
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from zetaguard.dashboard.app import REPLAY_STEPS, STREAM_BATCH
+
 TOKEN = "a-long-enough-dashboard-token"
-REPLAY_STEPS = 20000  # zetaguard.dashboard.app.REPLAY_STEPS
-STREAM_BATCH = 1000  # zetaguard.dashboard.app.STREAM_BATCH
+SMALL = 2 * STREAM_BATCH + STREAM_BATCH // 2
 
 
 def _write_run(root: Path, name: str, steps: int) -> None:
@@ -44,7 +45,7 @@ def _write_run(root: Path, name: str, steps: int) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    _write_run(root, "small", 2500)
+    _write_run(root, "small", SMALL)
     _write_run(root, "big", REPLAY_STEPS + 1500)
     return root
 
@@ -115,8 +116,8 @@ def test_stream_replays_in_batches_and_never_more_than_a_page_loads(runs: Path) 
             batches = [s.update()["steps"] for _ in range(3)]
         finally:
             s.close()
-        assert [len(b) for b in batches] == [STREAM_BATCH, STREAM_BATCH, 500]
-        assert [r["id"] for b in batches for r in b] == list(range(1, 2501))
+        assert [len(b) for b in batches] == [STREAM_BATCH, STREAM_BATCH, STREAM_BATCH // 2]
+        assert [r["id"] for b in batches for r in b] == list(range(1, SMALL + 1))
 
         # From cursor 0 on a run longer than a page loads: only the last REPLAY_STEPS come.
         s = _Stream(_port(url), "/api/runs/big/stream?steps=0")
@@ -135,10 +136,10 @@ def test_stream_replays_in_batches_and_never_more_than_a_page_loads(runs: Path) 
 def test_streams_beyond_the_limit_get_503_and_slots_come_back(runs: Path) -> None:
     with dashboard(runs, "--max-streams", "3") as url:
         port = _port(url)
-        open_ = [_Stream(port, "/api/runs/small/stream?steps=2500") for _ in range(3)]
+        open_ = [_Stream(port, f"/api/runs/small/stream?steps={SMALL}") for _ in range(3)]
         try:
             assert [s.status for s in open_] == [200, 200, 200]
-            status, headers, body = _request(port, "/api/runs/small/stream?steps=2500")
+            status, headers, body = _request(port, f"/api/runs/small/stream?steps={SMALL}")
             assert status == 503
             assert headers["retry-after"] == "5"
             assert "--max-streams" in json.loads(body)["error"]
@@ -149,7 +150,7 @@ def test_streams_beyond_the_limit_get_503_and_slots_come_back(runs: Path) -> Non
             open_.pop().close()
             deadline = time.monotonic() + 10  # the server notices the close at its next poll
             while True:
-                s = _Stream(port, "/api/runs/small/stream?steps=2500")
+                s = _Stream(port, f"/api/runs/small/stream?steps={SMALL}")
                 if s.status == 200 or time.monotonic() > deadline:
                     break
                 s.close()
@@ -228,7 +229,7 @@ def test_security_headers_on_every_response(runs: Path, tmp_path: Path) -> None:
             status, headers, _ = _request(port, path, host)
             assert status == expected, (path, host, status)
             _check_security_headers(headers, f"{path} Host {host}")
-        s = _Stream(port, "/api/runs/small/stream?steps=2500")
+        s = _Stream(port, f"/api/runs/small/stream?steps={SMALL}")
         assert s.status == 200
         _check_security_headers(s.headers, "stream")
         s.close()

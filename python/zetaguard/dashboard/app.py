@@ -49,7 +49,7 @@ POLL_SECONDS = 0.5
 MIN_TOKEN_LENGTH = 16
 MAX_STREAMS = 32  # open streams at once; each polls the store, so more are answered 503
 REPLAY_STEPS = INITIAL_STEPS  # a stream never replays more than a page loads at first
-STREAM_BATCH = 1000  # most rows of each kind one event carries; a stream behind catches up
+STREAM_BATCH = 250  # most rows of each kind one event carries (~80 kB); a stream behind catches up
 STREAM_THREADS = 2  # threads polling stores for streams (the API's requests use others)
 CURSOR_KEYS = ("steps", "incidents", "recommendations", "recoveries")
 MAX_CURSOR = 2**63 - 1  # SQLite's largest row id
@@ -172,7 +172,7 @@ class Dashboard:
                 return None
             groups: dict[str, Any] = {}
             if steps:
-                groups = r.steps(since_id=steps[-1]["id"] - 1, groups=True)[0]["groups"]
+                groups = r.steps(since_id=steps[-1]["id"] - 1, limit=1, groups=True)[0]["groups"]
             out = {
                 "steps": [_step_view(s) for s in steps],
                 "groups": groups,
