@@ -130,12 +130,12 @@ def test_no_file_outside_the_package(runs: Path) -> None:
 
 
 def test_token_required_when_set(runs: Path) -> None:
-    env = {**os.environ, "ZETAGUARD_DASHBOARD_TOKEN": "s3cret-token"}
+    env = {**os.environ, "ZETAGUARD_DASHBOARD_TOKEN": "s3cret-token-0123456789"}
     with dashboard(runs, env=env) as url:
         assert _get(f"{url}/api/runs")[0] == 403
         assert _get(f"{url}/api/runs?token=wrong")[0] == 403
-        assert _get(f"{url}/api/runs", {"Authorization": "Bearer s3cret-token"})[0] == 200
-        req = urllib.request.Request(f"{url}/?token=s3cret-token")
+        assert _get(f"{url}/api/runs", {"Authorization": "Bearer s3cret-token-0123456789"})[0] == 200
+        req = urllib.request.Request(f"{url}/?token=s3cret-token-0123456789")
         with urllib.request.urlopen(req, timeout=10) as r:
             cookie = r.headers["set-cookie"]
         assert "HttpOnly" in cookie

@@ -67,12 +67,26 @@ def test_dashboard_in_a_real_browser(tmp_path: Path) -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
+            # The page must work under the server's Content-Security-Policy: any violation
+            # (an inline script or style, an eval, a foreign fetch) is an error here.
+            page.on(
+                "console",
+                lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None,
+            )
+            page.add_init_script(
+                "document.addEventListener('securitypolicyviolation', e => "
+                "console.error('Content Security Policy violation: ' + e.violatedDirective))"
+            )
+            response = page.goto(url + "/")
+            assert response is not None
+            assert "script-src 'self'" in response.headers["content-security-policy"]
             points = "() => Number(document.getElementById('chart-zeta').dataset.points || 0)"
-            page.wait_for_function(f"({points})() > 0", timeout=60_000)
+            # Predicates as functions, not expressions: Playwright evaluates an expression with
+            # eval() inside the page, which the page's CSP (rightly) forbids.
+            page.wait_for_function(f"() => ({points})() > 0", timeout=60_000)
             first = page.evaluate(points)
             go.touch()  # the trainer resumes: the chart must now grow live
-            page.wait_for_function(f"({points})() > {first} + 20", timeout=60_000)
+            page.wait_for_function(f"() => ({points})() > {first} + 20", timeout=60_000)
             assert page.locator("#live").inner_text() == "live"
             page.wait_for_selector(
                 "#alerts tbody tr.CRITICAL, #alerts tbody tr.DRIFT", timeout=90_000

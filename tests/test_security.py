@@ -129,9 +129,15 @@ def _start_dashboard(tmp_path: Path, *extra: str) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+TOKEN = "s3cret-dashboard-token"
+
+
 @pytest.fixture
 def dashboard(tmp_path: Path) -> Iterator[str]:
-    yield from _start_dashboard(tmp_path, "--token", "s3cret")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    yield from _start_dashboard(tmp_path, "--token-file", str(token_file))
 
 
 @pytest.fixture
@@ -168,17 +174,17 @@ def test_dashboard_token_and_paths(dashboard: str) -> None:
     for path in ("/", "/api/runs", "/api/runs/demo", "/static/app.js"):
         assert _get(dashboard + path)[0] == 403
         assert _get(dashboard + path, {"Authorization": "Bearer wrong"})[0] == 403
-        assert _get(dashboard + path + "?token=s3cre")[0] == 403
-    status, body, _ = _get(dashboard + "/api/runs", {"Authorization": "Bearer s3cret"})
+        assert _get(dashboard + path + "?token=" + TOKEN[:-1])[0] == 403
+    status, body, _ = _get(dashboard + "/api/runs", {"Authorization": f"Bearer {TOKEN}"})
     assert status == 200
     assert "demo" in json.loads(body)["runs"][0]["name"]
-    status, _, headers = _get(dashboard + "/?token=s3cret")
+    status, _, headers = _get(dashboard + f"/?token={TOKEN}")
     assert status == 200
     cookie = headers.get("set-cookie", "")
     assert "HttpOnly" in cookie
     assert "samesite=strict" in cookie.lower()
     # Path traversal: no request path reaches the filesystem outside the fixed static table.
-    auth = {"Authorization": "Bearer s3cret"}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
     for path in (
         "/static/..%2F__init__.py", "/static/%2e%2e%2fapp.py", "/static/..%2F..%2Fguard.py",
         "/static/../../guard.py", "/static/app.js%00.py", "/static/.%2F__init__.py",

@@ -4,16 +4,25 @@ Server-Sent Events stream that pushes each step as training commits it.
 Security posture: every file served comes from a fixed table of this package's static assets
 (no path from the request ever reaches the filesystem); run names are validated and must name a
 directory directly under the runs directory; when a token is set, every request must carry it
-(``Authorization: Bearer``, ``?token=`` or the cookie the page sets after the first visit).
+(``Authorization: Bearer``, ``?token=`` or the cookie the page sets after the first visit);
+the Host header is parsed strictly (a token-less dashboard answers only to loopback names); every
+response carries a Content-Security-Policy that admits only this server's own scripts and styles.
+Streams are bounded: at most ``max_streams`` open at once, at most ``REPLAY_STEPS`` steps
+replayed to a new one and ``STREAM_BATCH`` per event, polled by their own small thread pool so
+that the API stays responsive however many are open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import ipaddress
 import json
 import math
+import re
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,7 +32,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zetaguard.store import DB_NAME, RUN_NAME_PATTERN, RunReader, StoreError, list_runs
 
@@ -37,6 +46,24 @@ STATIC_FILES = {
 COOKIE = "zetaguard_token"
 INITIAL_STEPS = 20000  # what a page loads at first; older steps stay in the store
 POLL_SECONDS = 0.5
+MIN_TOKEN_LENGTH = 16
+MAX_STREAMS = 32  # open streams at once; each polls the store, so more are answered 503
+REPLAY_STEPS = INITIAL_STEPS  # a stream never replays more than a page loads at first
+STREAM_BATCH = 250  # most rows of each kind one event carries (~80 kB); a stream behind catches up
+STREAM_THREADS = 2  # threads polling stores for streams (the API's requests use others)
+CURSOR_KEYS = ("steps", "incidents", "recommendations", "recoveries")
+MAX_CURSOR = 2**63 - 1  # SQLite's largest row id
+_DIGITS = re.compile(r"[0-9]{1,19}")
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),  # a first URL with ?token= goes nowhere else
+]
 
 
 def _static(name: str) -> bytes:
@@ -134,21 +161,25 @@ class Dashboard:
     def changes(self, name: str, cursor: dict[str, int]) -> dict[str, Any] | None:
         """What was committed after ``cursor`` (None when nothing was)."""
         with RunReader(self.run_path(name)) as reader, reader.consistent() as r:
-            steps = r.steps(since_id=cursor["steps"], groups=False)
-            incidents = r.incidents(since_id=cursor["incidents"])
-            recs = r.recommendations(since_id=cursor["recommendations"])
-            recoveries = r.recoveries(since_id=cursor["recoveries"])
+            last = r.tail(1)
+            if last:  # a cursor further back than a page would load skips ahead
+                cursor["steps"] = max(cursor["steps"], int(last[-1]["id"]) - REPLAY_STEPS)
+            steps = r.steps(since_id=cursor["steps"], limit=STREAM_BATCH, groups=False)
+            incidents = r.incidents(since_id=cursor["incidents"])[:STREAM_BATCH]
+            recs = r.recommendations(since_id=cursor["recommendations"])[:STREAM_BATCH]
+            recoveries = r.recoveries(since_id=cursor["recoveries"])[:STREAM_BATCH]
             if not (steps or incidents or recs or recoveries):
                 return None
             groups: dict[str, Any] = {}
             if steps:
-                groups = r.steps(since_id=steps[-1]["id"] - 1, groups=True)[0]["groups"]
+                groups = r.steps(since_id=steps[-1]["id"] - 1, limit=1, groups=True)[0]["groups"]
             out = {
                 "steps": [_step_view(s) for s in steps],
                 "groups": groups,
                 "incidents": incidents,
                 "recommendations": recs,
                 "recoveries": recoveries,
+                "more": max(map(len, (steps, incidents, recs, recoveries))) >= STREAM_BATCH,
             }
             for key, rows in (
                 ("steps", steps),
@@ -177,14 +208,55 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode()
 
 
+class BadParameter(ValueError):
+    """A query parameter out of its range; answered 400 with the message."""
+
+
+def _cursor_param(request: Request, key: str) -> int:
+    raw = request.query_params.get(key, "0")
+    if not _DIGITS.fullmatch(raw) or int(raw) > MAX_CURSOR:
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        raise BadParameter(
+            f"query parameter {key!r} must be an integer from 0 to {MAX_CURSOR} (a row id from "
+            f"the run's snapshot 'cursor'), got {shown!r}"
+        )
+    return int(raw)
+
+
+def check_token(token: str) -> str:
+    """``token`` if it is long enough to guess at no useful rate; ValueError naming the fix."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"the dashboard token is {len(token)} characters; use at least {MIN_TOKEN_LENGTH}, "
+            "e.g. one made by: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+        )
+    if any(not c.isprintable() or c.isspace() for c in token):
+        raise ValueError("the dashboard token must not contain spaces or control characters")
+    return token
+
+
 def create_app(
-    runs_dir: str | Path, token: str | None = None, poll: float = POLL_SECONDS
+    runs_dir: str | Path,
+    token: str | None = None,
+    poll: float = POLL_SECONDS,
+    *,
+    max_streams: int = MAX_STREAMS,
 ) -> Starlette:
-    """The dashboard application over ``runs_dir``. With ``token``, every request must carry
-    it; the page passes it on as an HttpOnly cookie after a first visit with ``?token=``."""
+    """The dashboard application over ``runs_dir``. With ``token`` (at least 16 characters),
+    every request must carry it; the page passes it on as an HttpOnly cookie after a first
+    visit with ``?token=``. At most ``max_streams`` live streams are open at once; more are
+    answered 503."""
     if poll <= 0 or not math.isfinite(poll):
         raise ValueError(f"poll must be a positive number of seconds, got {poll}")
+    if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
+        raise ValueError(f"max_streams must be a positive integer, got {max_streams!r}")
+    if token is not None:
+        check_token(token)
     board = Dashboard(runs_dir)
+    # Streams poll in their own threads: however many are open, the API's requests (which use
+    # asyncio's default pool) never queue behind them.
+    stream_pool = ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="zetaguard-stream")
+    open_streams = 0
 
     async def index(request: Request) -> Response:
         response = Response(_static("index.html"), media_type=STATIC_FILES["index.html"])
@@ -217,31 +289,48 @@ def create_app(
         except StoreError as e:
             return _error(str(e), 500)
 
+    def release() -> None:
+        nonlocal open_streams
+        open_streams -= 1
+
     async def stream(request: Request) -> Response:
+        nonlocal open_streams
         name = request.path_params["name"]
         try:
             board.run_path(name)
-            cursor = {
-                key: max(0, int(request.query_params.get(key, "0")))
-                for key in ("steps", "incidents", "recommendations", "recoveries")
-            }
+            cursor = {key: _cursor_param(request, key) for key in CURSOR_KEYS}
         except KeyError:
             return _error(f"no run named {name!r}", 404)
-        except ValueError:
-            return _error("cursor values must be integers", 400)
+        except BadParameter as e:
+            return _error(str(e), 400)
+        if open_streams >= max_streams:
+            return JSONResponse(
+                {
+                    "error": f"{open_streams} live streams are open, the most this dashboard "
+                    f"serves at once; close other dashboard pages, or start zeta-dashboard "
+                    f"with a larger --max-streams"
+                },
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+        open_streams += 1
+        loop = asyncio.get_running_loop()
 
         async def events() -> AsyncIterator[bytes]:
             yield b"retry: 2000\n\n"
             idle = 0.0
             while not await request.is_disconnected():
                 try:
-                    change = await asyncio.to_thread(board.changes, name, cursor)
+                    change = await loop.run_in_executor(stream_pool, board.changes, name, cursor)
                 except (StoreError, KeyError) as e:
                     yield _sse("failure", {"error": str(e)})
                     return
                 if change is not None:
+                    more = change.pop("more")
                     yield _sse("update", change)
                     idle = 0.0
+                    if more:  # behind: the next batch now (sending waits for the client)
+                        continue
                 else:
                     idle += poll
                     if idle >= 15:  # a comment line keeps proxies from closing the stream
@@ -249,17 +338,26 @@ def create_app(
                         idle = 0.0
                 await asyncio.sleep(poll)
 
-        return StreamingResponse(
+        return _CountedStream(
             events(),
+            release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        stream_pool.shutdown(wait=False, cancel_futures=True)
+
     # Without a token the dashboard is reachable from this machine only, and only under a
     # loopback name: a page elsewhere cannot rebind its own domain to 127.0.0.1 and read runs.
-    middleware = (
-        [Middleware(_TokenGate, token=token)] if token is not None else [Middleware(_LoopbackHostGate)]
-    )
+    middleware = [
+        Middleware(_SecurityHeaders),
+        Middleware(_HostGate, loopback_only=token is None),
+    ]
+    if token is not None:
+        middleware.append(Middleware(_TokenGate, token=token))
     return Starlette(
         routes=[
             Route("/", index),
@@ -269,7 +367,42 @@ def create_app(
             Route("/api/runs/{name}/stream", stream),
         ],
         middleware=middleware,
+        lifespan=lifespan,
     )
+
+
+class _CountedStream(StreamingResponse):
+    """A stream that gives its slot back however it ends (done, failed, client gone)."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+class _SecurityHeaders:
+    """ASGI middleware: the CSP and anti-sniffing/framing headers on every response, the
+    gates' refusals included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class _TokenGate:
@@ -293,34 +426,63 @@ class _TokenGate:
         await self.app(scope, receive, send)
 
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST = re.compile(
+    rf"(?:(?P<name>{_LABEL}(?:\.{_LABEL})*\.?)|\[(?P<v6>[0-9a-f:.]+)\])(?::(?P<port>[0-9]{{1,5}}))?"
+)
 
 
-def host_name(header: str) -> str:
-    """The host part of a Host header, without its port (IPv6 literals keep their brackets)."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[: header.find("]") + 1] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+def host_name(header: str) -> str | None:
+    """The host of a Host header without its port: a DNS name or dotted IPv4 address (lower
+    case), or an IPv6 literal in brackets (compressed form). None when the header is anything
+    else: userinfo (``localhost:1@evil.com``), a non-numeric or out-of-range port, spaces,
+    an empty or over-long name."""
+    header = header.lower()
+    m = _HOST.fullmatch(header)
+    if m is None or len(header) > 260:
+        return None
+    if m["port"] is not None and int(m["port"]) > 65535:
+        return None
+    if m["v6"] is not None:
+        try:
+            return f"[{ipaddress.IPv6Address(m['v6']).compressed}]"
+        except ValueError:
+            return None
+    name = m["name"].rstrip(".")
+    return name if len(name) <= 253 else None
 
 
-class _LoopbackHostGate:
-    """ASGI middleware: refuses HTTP requests whose Host header is not a loopback name."""
+class _HostGate:
+    """ASGI middleware: refuses (400) HTTP requests whose Host header is malformed and, with
+    ``loopback_only``, (403) those whose host is not a loopback name."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, loopback_only: bool) -> None:
         self.app = app
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            host = host_name(Request(scope).headers.get("host", ""))
-            if host not in LOOPBACK_HOSTS:
-                response = Response(
+            raw = Request(scope).headers.get("host", "")
+            host = host_name(raw)
+            refusal = None
+            if host is None:
+                shown = raw if len(raw) <= 80 else raw[:80] + "..."
+                refusal = Response(
+                    f"400: malformed Host header {shown!r}: expected a host name, an IPv4 "
+                    "address or a bracketed IPv6 address, optionally with :<port>\n",
+                    status_code=400,
+                    media_type="text/plain; charset=utf-8",
+                )
+            elif self.loopback_only and host not in LOOPBACK_HOSTS:
+                refusal = Response(
                     f"403: this token-less dashboard answers only to loopback names, not "
-                    f"{host!r}; open http://127.0.0.1:<port>/ or start it with --token\n",
+                    f"{host!r}; open http://127.0.0.1:<port>/ or start it with --token-file\n",
                     status_code=403,
                     media_type="text/plain; charset=utf-8",
                 )
-                await response(scope, receive, send)
+            if refusal is not None:
+                await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
