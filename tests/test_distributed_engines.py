@@ -1,31 +1,85 @@
-"""The HF Trainer under torchrun with 2 CPU ranks (gloo), the example examples/distributed_hf_trainer.py
-run for real: an LR blown up again and again makes both ranks CRITICAL at the same steps, take
-the same rungs, and stop together when the ladder says stop, with one guard reduction per step."""
+"""The distributed engines users launch, run for real with 2 CPU processes (gloo), no mocks.
+
+The HF Trainer (examples/distributed_hf_trainer.py) under ``torchrun`` and under
+``accelerate launch``: an LR blown up again and again makes both ranks CRITICAL at the same
+steps, take the same rungs, and stop together when the ladder says stop, with one guard
+reduction per step; a rank that hangs makes the other raise ``RankFailureError`` within the
+guard's deadline. Each launch costs about 10-40 s here (process start-up, imports)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distributed_hf_trainer.py"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HF_EXAMPLE = EXAMPLES / "distributed_hf_trainer.py"
 
 
-def test_hf_trainer_under_torchrun_agrees_and_stops_together(tmp_path: Path) -> None:
+def free_port() -> int:
+    """A port for the launcher's rendezvous: tests may run beside other distributed jobs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(launcher: str, script: Path, args: list[str], cwd: Path,
+           timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(EXAMPLE),
-           "--out", str(tmp_path), "--blow-up-at", "12", "--blow-up-every", "12", "--steps", "80"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    port = str(free_port())
+    if launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", port]
+    else:
+        # `--multi_gpu` is accelerate's torchrun-style launcher; the script's
+        # TrainingArguments(use_cpu=True) keeps both processes on the CPU with gloo.
+        head = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+                "--main_process_port", port]
+    return run_group([*head, str(script), *args], cwd=cwd, env=env, timeout=timeout)
+
+
+def run_group(cmd: list[str], *, cwd: Path, env: dict[str, str],
+              timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a launcher in its own session; on timeout kill the whole session, so no rank is
+    left behind (subprocess.run would kill only the launcher)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd[:4]} ran past {timeout} s (a hang):\n{out[-2000:]}\n"
+                             f"{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def ranks(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    return r0, r1
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_hf_trainer_agrees_and_stops_together(launcher: str, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
+    proc = launch(launcher, HF_EXAMPLE, ["--out", str(tmp_path), "--blow-up-at", "12",
+                                         "--blow-up-every", "12", "--steps", "80"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = ranks(tmp_path)
     assert r0["world"] == r1["world"] == 2
     assert r0["statuses"] == r1["statuses"]
     assert r0["recoveries"] == r1["recoveries"]
@@ -34,6 +88,23 @@ def test_hf_trainer_under_torchrun_agrees_and_stops_together(tmp_path: Path) -> 
     assert r0["global_step"] == r1["global_step"] < 80  # both ranks ended the run together
     assert r0["recoveries"][-1]["actions"][-1] == "stop"
     assert "CRITICAL" not in r0["statuses"][:12]  # healthy before the first blow-up
+    assert r0["statuses"][12] == "CRITICAL"  # the first blow-up is caught at once
     assert r0["collective_calls"] == len(r0["statuses"]) == r0["global_step"]
     assert r0["error"] is None
     assert r1["error"] is None
+
+
+def test_hf_trainer_hung_rank_raises_within_the_deadline(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    timeout = 3.0
+    proc = launch("torchrun", HF_EXAMPLE, ["--out", str(tmp_path), "--steps", "40",
+                                           "--hang-rank", "1", "--hang-at", "5",
+                                           "--timeout", str(timeout)], tmp_path)
+    # Rank 0 raised and exited with 3, so torchrun stopped the hung rank 1 and failed the job.
+    assert proc.returncode != 0
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert not (tmp_path / "rank1.json").exists()  # rank 1 never got past its hang
+    assert "the per-step reduction across 2 ranks failed on rank 0" in r0["error"]
+    assert "timeout 3 s" in r0["error"]
+    assert len(r0["statuses"]) == 4  # steps 1-4 monitored, step 5's collective never completed
+    assert timeout <= r0["waited_s"] < timeout + 20  # the guard's deadline, not gloo's 30 min
