@@ -4,10 +4,13 @@ The HF Trainer (examples/distributed_hf_trainer.py) under ``torchrun`` and under
 ``accelerate launch``: an LR blown up again and again makes both ranks CRITICAL at the same
 steps, take the same rungs, and stop together when the ladder says stop, with one guard
 reduction per step; a rank that hangs makes the other raise ``RankFailureError`` within the
-guard's deadline. Each launch costs about 10-40 s here (process start-up, imports)."""
+guard's deadline. Lightning ``strategy="ddp"``: a healthy fit and a blown-up one agree on both
+ranks, and a hung rank gives the guard's error. Each launch costs about 10-50 s here (process
+start-up and imports, by machine load)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -108,3 +111,62 @@ def test_hf_trainer_hung_rank_raises_within_the_deadline(tmp_path: Path) -> None
     assert "timeout 3 s" in r0["error"]
     assert len(r0["statuses"]) == 4  # steps 1-4 monitored, step 5's collective never completed
     assert timeout <= r0["waited_s"] < timeout + 20  # the guard's deadline, not gloo's 30 min
+
+
+def test_lightning_ddp_agrees_on_both_ranks(tmp_path: Path) -> None:
+    """One launch, two fits in the same 2 processes (Lightning starts rank 1 itself): a healthy
+    one with no CRITICAL, then an LR blow-up that is CRITICAL on both ranks at the same step
+    and rolled back to the same snapshot on both. 15-50 s here, by load."""
+    pytest.importorskip("lightning")
+    script = EXAMPLES / "distributed_lightning.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    proc = run_group([sys.executable, str(script), "--out", str(tmp_path)], cwd=tmp_path,
+                     env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = ranks(tmp_path)
+    assert r0["world"] == r1["world"] == 2
+    for r in (r0, r1):
+        assert r["error"] is None
+        assert len(r["healthy"]["statuses"]) == r["healthy"]["collective_calls"] == 40
+        assert "CRITICAL" not in r["healthy"]["statuses"]
+        assert r["healthy"]["recoveries"] == []
+        blow = r["blow_up"]["statuses"]
+        assert "CRITICAL" not in blow[:40]
+        assert blow[40] == "CRITICAL"  # the step the LR was blown up on every rank
+    assert r0["blow_up"]["statuses"] == r1["blow_up"]["statuses"]
+    assert r0["blow_up"]["recoveries"] == r1["blow_up"]["recoveries"]
+    first = r0["blow_up"]["recoveries"][0]
+    assert first["step"] == 40
+    assert first["restored_step"] is not None
+    assert first["restored_step"] < 40
+    assert r0["blow_up"]["param_sum"] == r1["blow_up"]["param_sum"]  # replicas still equal
+
+
+def test_lightning_ddp_hung_rank_raises_within_the_deadline(tmp_path: Path) -> None:
+    """Rank 1 hangs before its guard call at step 10: rank 0 raises RankFailureError at the
+    guard's 3 s deadline and writes its report. Under Lightning's own launcher rank 1 is rank
+    0's child and is NOT stopped when rank 0 leaves, so the test ends the session itself."""
+    pytest.importorskip("lightning")
+    import time
+
+    script = EXAMPLES / "distributed_lightning.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen([sys.executable, str(script), "--out", str(tmp_path), "--hang-rank",
+                             "1", "--hang-at", "10", "--timeout", "3"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    report = tmp_path / "rank0.json"
+    try:
+        deadline = time.monotonic() + 180
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.wait(timeout=30) == 3  # rank 0 left at once after its report
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # rank 1, still asleep
+    r0 = json.loads(report.read_text())
+    assert "the per-step reduction across 2 ranks failed on rank 0" in r0["error"]
+    assert "timeout 3 s" in r0["error"]
+    assert 3.0 <= r0["healthy"]["waited_s"] < 23.0
