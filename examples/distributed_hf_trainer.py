@@ -165,3 +165,7 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(3)
+    if dist.is_initialized():
+        # A clean end: left to interpreter exit, the group's threads were seen to abort
+        # ("terminate called without an active exception") under accelerate launch.
+        dist.destroy_process_group()
