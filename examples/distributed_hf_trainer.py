@@ -1,17 +1,22 @@
 """The HF Trainer with ZetaGuardCallback on several CPU processes (gloo), a tiny GPT-2 built from
-a config (nothing downloaded). Start it with:
+a config (nothing downloaded). Start it with either launcher:
 
     torchrun --nproc_per_node 2 examples/distributed_hf_trainer.py --out runs/hf
+    accelerate launch --multi_gpu --num_processes 2 examples/distributed_hf_trainer.py --out runs/hf
 
-(``accelerate launch --cpu --num_processes 2`` failed here before training: accelerate's state
-asked for the world size before a process group existed; not solved yet.)
+``--multi_gpu`` is the name of accelerate's torchrun-style launcher; ``use_cpu=True`` below puts
+the processes on the CPU with gloo. (``accelerate launch --cpu --num_processes 2`` starts several
+CPU processes only through ``mpirun``; without ``--mpirun_hostfile`` it starts ONE process,
+whose state then fails with "Default process group has not been initialized".)
 
 The Trainer initialises ``torch.distributed`` from the launcher's environment; the guard sees
 the process group and sums its one packet per step over the ranks, so every rank gets the same
 status and takes the same recovery action. ``--blow-up-at N`` multiplies the LR by 1000 at step
 N (every rank), ``--blow-up-every K`` again every K steps until the ladder says stop; ``--hang-rank R --hang-at N`` makes rank R stop calling the guard at step N, so
 the other ranks raise ``RankFailureError`` after ``--timeout`` seconds. Each rank writes what its
-guard saw to ``OUT/rank<R>.json``.
+guard saw to ``OUT/rank<R>.json``; a rank that raised exits at once with status 3 after writing
+it (``os._exit``: gloo's normal teardown would wait for the broken collective), so the launcher
+stops the hung rank and fails the job instead of waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +68,7 @@ class Faults(TrainerCallback):
                  hang_at: int | None) -> None:
         self.blow_up_at, self.every = blow_up_at, every
         self.hang_rank, self.hang_at = hang_rank, hang_at
+        self.hang_started: float | None = None  # when every rank reached the hang step
 
     def _blows_up(self, step: int) -> bool:
         if self.blow_up_at is None or step < self.blow_up_at:
@@ -77,8 +84,10 @@ class Faults(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
         # Runs before the guard's callback (callbacks run in order): this rank never reaches
         # the guard's collective for this step.
-        if state.global_step == self.hang_at and dist.get_rank() == self.hang_rank:
-            time.sleep(3600)
+        if state.global_step == self.hang_at:
+            self.hang_started = time.monotonic()
+            if dist.get_rank() == self.hang_rank:
+                time.sleep(3600)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -105,8 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # mode= explicit: "auto" chooses from each rank's local size (docs/scaling.md).
     guard = ZetaGuard(warmup_steps=10, mode="exact", recovery_mode="balanced")
     cb = ZetaGuardCallback(guard)
+    faults = Faults(a.blow_up_at, a.blow_up_every, a.hang_rank, a.hang_at)
     trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens(),
-                      callbacks=[Faults(a.blow_up_at, a.blow_up_every, a.hang_rank, a.hang_at), cb])
+                      callbacks=[faults, cb])
     distributed.configure(guard, timeout_s=a.timeout)  # before the first monitor()
     rank = dist.get_rank() if dist.is_initialized() else 0
     statuses: list[str] = []
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.train()
     except distributed.RankFailureError as e:
         error = str(e)
+    waited = None if faults.hang_started is None else time.monotonic() - faults.hang_started
     ctx = distributed.current(guard)
     out = {
         "rank": rank,
@@ -136,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for r in guard.recovery_reports
         ],
         "error": error,
+        "waited_s": waited if error else None,  # from the hang to the guard's error
     }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"rank{rank}.json").write_text(json.dumps(out))
@@ -146,4 +158,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    if main()["error"]:
+        # The group is broken: a normal exit would run gloo's teardown, which waits for the
+        # collective the hung rank never joined, up to the process group's own timeout
+        # (TrainingArguments.ddp_timeout, 30 min by default). Leave at once instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
+    if dist.is_initialized():
+        # A clean end: left to interpreter exit, the group's threads were seen to abort
+        # ("terminate called without an active exception") under accelerate launch.
+        dist.destroy_process_group()
