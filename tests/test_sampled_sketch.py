@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from zetaguard import _core
 
 
@@ -63,16 +62,17 @@ def test_matches_numpy_reference(
     got = [s.update(step) for step in xs]
     plans = [s.plan(i) for i in range(len(sizes))]
     want = reference_rows(xs, plans)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
     item = np.dtype(dtype).itemsize
-    for n, plan in zip(sizes, plans):
+    for n, plan in zip(sizes, plans, strict=True):
         blocks = plan["total_blocks"]
         assert plan["block"] == 256 // item  # a block is 256 bytes: whole cache lines
         assert blocks == math.ceil(n / plan["block"])
         k = len(plan["starts"])
         assert k == min(blocks, max(1, math.ceil(fraction * blocks - 1e-9)))
-        assert len(set(plan["starts"])) == k and plan["starts"] == sorted(plan["starts"])
+        assert len(set(plan["starts"])) == k
+        assert plan["starts"] == sorted(plan["starts"])
         assert all(st_ % plan["block"] == 0 and st_ < n for st_ in plan["starts"])
         assert plan["scale"] == pytest.approx(blocks / k)
 
@@ -81,9 +81,9 @@ def test_state_is_the_sample_not_the_model() -> None:
     big = [np.zeros(1 << 20, dtype=np.float32)]
     s = _core.Sampler(1 / 64, 256, 1)
     s.update(big)
-    # 1/64 of the 16384 blocks, 64 f32 each, three doubles per sampled element + the plan.
+    # 1/64 of the 16384 blocks, 64 f32 each, three f32 per sampled element + the plan.
     assert s.sampled_elements == 256 * 64
-    assert s.state_bytes < 3 * 8 * 256 * 64 + 8 * 256 + 1
+    assert s.state_bytes == 3 * 4 * 256 * 64 + 8 * 256
     assert s.state_bytes < big[0].nbytes // 10
 
 

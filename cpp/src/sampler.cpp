@@ -25,59 +25,110 @@ inline double load(const void* data, std::size_t i) noexcept {
 
 inline bool nonfinite(double x) noexcept { return !std::isfinite(x); }
 
-// One tensor's step. `slots` = {x[t-1], x[t-2], x[t-3]} as far as `history` defines them;
-// `write` is the slot that receives x[t] (it may be the x[t-3] slot: read before written).
+// Lanes of independent sums: the compiler may not reorder one double sum (no -ffast-math),
+// but it vectorises eight separate ones, and four chains hide the add latency.
+constexpr std::size_t kLanes = 8;
+
+// Blocks are scattered, so no hardware prefetcher sees the next one coming: ask for the
+// block kAhead places on while this one is summed (its cache lines, at most 16 of them).
+constexpr std::size_t kAhead = 2;
 template <class T>
-void sample_update(const SampleTensor& s, const void* data, int history, const double* p1,
-                   const double* p2, const double* p3, double* write, Channels& out) {
-    double x2 = 0, v2 = 0, a2 = 0, j2 = 0;
-    std::uint64_t nf = 0;
+inline void prefetch_block(const void* data, std::size_t start, std::size_t block) noexcept {
+    const char* p = static_cast<const char*>(data) + start * sizeof(T);
+    const std::size_t bytes = std::min<std::size_t>(block * sizeof(T), 1024);
+    for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 0);
+}
+
+// One tensor's step, the history fixed at compile time so the inner loop has no branch.
+// p1, p2, p3 = x[t-1], x[t-2], x[t-3] as far as H defines them; `write` receives x[t] (it may
+// be the x[t-3] slot: each element is read before it is written).
+template <class T, int H>
+void sample_update(const SampleTensor& s, const void* data, const T* p1, const T* p2,
+                   const T* p3, T* write, Channels& out) {
+    double x2[kLanes] = {}, v2[kLanes] = {}, a2[kLanes] = {}, j2[kLanes] = {};
     std::size_t p = 0;
-    for (std::size_t start : s.starts) {
-        const std::size_t end = std::min(start + s.block, s.numel);
-        for (std::size_t i = start; i < end; ++i, ++p) {
-            const double x = load<T>(data, i);
-            nf += nonfinite(x);
-            x2 += x * x;
-            if (history >= 1) {
-                const double v = x - p1[p];
-                v2 += v * v;
-                if (history >= 2) {
-                    const double v1 = p1[p] - p2[p];
-                    const double a = v - v1;
-                    a2 += a * a;
-                    if (history >= 3) {
-                        const double a1 = v1 - (p2[p] - p3[p]);
-                        const double j = a - a1;
-                        j2 += j * j;
-                    }
+    auto one = [&](std::size_t l, std::size_t i, std::size_t q) {
+        const T raw = static_cast<const T*>(data)[i];
+        const double x = to_double(raw);
+        x2[l] += x * x;
+        if constexpr (H >= 1) {
+            const double y1 = to_double(p1[q]);
+            const double v = x - y1;
+            v2[l] += v * v;
+            if constexpr (H >= 2) {
+                const double y2 = to_double(p2[q]);
+                const double v1 = y1 - y2;
+                const double a = v - v1;
+                a2[l] += a * a;
+                if constexpr (H >= 3) {
+                    const double a1 = v1 - (y2 - to_double(p3[q]));
+                    const double j = a - a1;
+                    j2[l] += j * j;
                 }
             }
-            write[p] = x;
+        }
+        write[q] = raw;
+    };
+    const std::size_t nb = s.starts.size();
+    for (std::size_t b = 0; b < nb; ++b) {
+        if (b + kAhead < nb) prefetch_block<T>(data, s.starts[b + kAhead], s.block);
+        const std::size_t start = s.starts[b];
+        const std::size_t end = std::min(start + s.block, s.numel);
+        std::size_t i = start;
+        for (; i + kLanes <= end; i += kLanes, p += kLanes)
+            for (std::size_t l = 0; l < kLanes; ++l) one(l, i + l, p + l);
+        for (std::size_t l = 0; i < end; ++i, ++p, ++l) one(l, i, p);
+    }
+    double sx = 0, sv = 0, sa = 0, sj = 0;
+    for (std::size_t l = 0; l < kLanes; ++l) {
+        sx += x2[l];
+        sv += v2[l];
+        sa += a2[l];
+        sj += j2[l];
+    }
+    out.x2 = s.scale * sx;
+    out.v2 = s.scale * sv;
+    out.a2 = s.scale * sa;
+    out.j2 = s.scale * sj;
+    // A non-finite element makes the sum of squares non-finite: count them only then.
+    out.nonfinite = 0;
+    if (!std::isfinite(sx)) {
+        for (std::size_t start : s.starts) {
+            const std::size_t end = std::min(start + s.block, s.numel);
+            for (std::size_t k = start; k < end; ++k) out.nonfinite += nonfinite(load<T>(data, k));
         }
     }
-    out.x2 = s.scale * x2;
-    out.v2 = s.scale * v2;
-    out.a2 = s.scale * a2;
-    out.j2 = s.scale * j2;
-    out.nonfinite = nf;
 }
 
 template <class T>
 void sample_norm(const SampleTensor& s, const void* data, Channels& out) {
-    double x2 = 0;
-    std::uint64_t nf = 0;
-    for (std::size_t start : s.starts) {
+    double x2[kLanes] = {};
+    const std::size_t nb = s.starts.size();
+    for (std::size_t b = 0; b < nb; ++b) {
+        if (b + kAhead < nb) prefetch_block<T>(data, s.starts[b + kAhead], s.block);
+        const std::size_t start = s.starts[b];
         const std::size_t end = std::min(start + s.block, s.numel);
-        for (std::size_t i = start; i < end; ++i) {
+        std::size_t i = start;
+        for (; i + kLanes <= end; i += kLanes)
+            for (std::size_t l = 0; l < kLanes; ++l) {
+                const double x = load<T>(data, i + l);
+                x2[l] += x * x;
+            }
+        for (std::size_t l = 0; i < end; ++i, ++l) {
             const double x = load<T>(data, i);
-            nf += nonfinite(x);
-            x2 += x * x;
+            x2[l] += x * x;
         }
     }
+    double sx = 0;
+    for (std::size_t l = 0; l < kLanes; ++l) sx += x2[l];
     out = Channels{};
-    out.x2 = s.scale * x2;
-    out.nonfinite = nf;
+    out.x2 = s.scale * sx;
+    if (!std::isfinite(sx)) {
+        for (std::size_t start : s.starts) {
+            const std::size_t end = std::min(start + s.block, s.numel);
+            for (std::size_t k = start; k < end; ++k) out.nonfinite += nonfinite(load<T>(data, k));
+        }
+    }
 }
 
 template <class F>
@@ -144,7 +195,7 @@ void Sampler::initialise(const std::vector<TensorView>& tensors) {
     tensors_.reserve(tensors.size());
     for (std::size_t i = 0; i < tensors.size(); ++i) {
         SampleTensor s = plan(config_, i, tensors[i].numel, tensors[i].dtype);
-        for (auto& r : s.ring) r.assign(s.sampled, 0.0);
+        for (auto& r : s.ring) r.assign(s.sampled * dtype_size(s.dtype), 0);
         tensors_.push_back(std::move(s));
     }
     history_ = 0;
@@ -177,13 +228,20 @@ void Sampler::update(const std::vector<TensorView>& tensors, std::vector<Channel
     for (std::size_t i = 0; i < tensors.size(); ++i) {
         SampleTensor& s = tensors_[i];
         if (s.sampled == 0) continue;
-        const double* p1 = h >= 1 ? s.ring[s1].data() : nullptr;
-        const double* p2 = h >= 2 ? s.ring[s2].data() : nullptr;
-        const double* p3 = h >= 3 ? s.ring[s3].data() : nullptr;
-        double* w = s.ring[slot].data();
         by_dtype(s.dtype, [&](auto tag) {
             using T = decltype(tag);
-            sample_update<T>(s, tensors[i].data, h, p1, p2, p3, w, out[i]);
+            auto slot_of = [&](int k) { return reinterpret_cast<T*>(s.ring[k].data()); };
+            const T* p1 = h >= 1 ? slot_of(s1) : nullptr;
+            const T* p2 = h >= 2 ? slot_of(s2) : nullptr;
+            const T* p3 = h >= 3 ? slot_of(s3) : nullptr;
+            T* w = slot_of(slot);
+            const void* d = tensors[i].data;
+            switch (h) {
+                case 0: sample_update<T, 0>(s, d, p1, p2, p3, w, out[i]); break;
+                case 1: sample_update<T, 1>(s, d, p1, p2, p3, w, out[i]); break;
+                case 2: sample_update<T, 2>(s, d, p1, p2, p3, w, out[i]); break;
+                default: sample_update<T, 3>(s, d, p1, p2, p3, w, out[i]); break;
+            }
         });
     }
     head_ = slot;
@@ -211,7 +269,7 @@ void Sampler::norms(const std::vector<TensorView>& tensors, std::vector<Channels
 std::size_t Sampler::state_bytes() const noexcept {
     std::size_t n = 0;
     for (const auto& s : tensors_)
-        n += 3 * s.sampled * sizeof(double) + s.starts.size() * sizeof(std::size_t);
+        n += 3 * s.ring[0].size() + s.starts.size() * sizeof(std::size_t);
     return n;
 }
 

@@ -16,6 +16,7 @@ using namespace zetaguard;
 static void test_plan() {
     SamplerConfig c;
     c.fraction = 1.0 / 32;
+    c.block_bytes = 256;
     for (std::size_t numel : {std::size_t{1}, std::size_t{63}, std::size_t{64}, std::size_t{65},
                               std::size_t{10000}, std::size_t{1} << 20}) {
         SampleTensor s = Sampler::plan(c, 3, numel, DType::f32);

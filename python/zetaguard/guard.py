@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 
-from zetaguard import _core, _validate, distributed, state
+from zetaguard import _core, _validate, distributed, state, tiered
 from zetaguard._validate import as_float as _as_float
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot, default_threads, snapshot
 from zetaguard.detector import Calibration, Detector
@@ -69,9 +69,16 @@ class ZetaGuard:
         checkpoint_dir: where emergency checkpoints go.
         calibration: ``"auto"`` (calibrated zeta, the default) or ``"none"`` (JAR as specified:
             smoothed raw JAR against the fixed thresholds).
-        mode: engine state: ``"exact"`` rings of the last three snapshots, ``"sketch"``
-            O(sketch_buckets) state whatever the model size, ``"auto"`` exact while three
-            snapshots fit in ``exact_memory_budget`` bytes.
+        mode: ``"auto"`` (the default): tiered monitoring (:mod:`zetaguard.tiered`,
+            docs/always-on.md): every step reads a sampled block sketch of
+            ``sample_fraction`` of each tensor; a full pass reads everything every
+            ``full_pass_interval`` steps and, in the same call, whenever a cheap channel
+            reaches DRIFT. The full pass is exact while three snapshots fit in
+            ``exact_memory_budget`` bytes, else the bucket sketch. ``"exact"``: every element
+            every step, rings of the last three snapshots; ``"sketch"``: every element every
+            step, O(sketch_buckets) state whatever the model size.
+        sample_fraction: share of each tensor's blocks the cheap tier reads, in (0, 1].
+        full_pass_interval: steps between scheduled full passes in ``mode="auto"``, >= 1.
         group_by: per-group results by ``"layer"`` (module path), ``"tensor"`` or ``"none"``.
         threads: engine threads for large models (default: up to 4).
         run_dir: write every step to a run store (SQLite) under this directory.
@@ -108,6 +115,8 @@ class ZetaGuard:
         snapshot_interval: int = 10,
         snapshot_memory_budget: int = 1 << 30,
         device: DevicePath = "auto",
+        sample_fraction: float = tiered.DEFAULT_SAMPLE_FRACTION,
+        full_pass_interval: int = tiered.DEFAULT_FULL_PASS_INTERVAL,
     ) -> None:
         _validate.guard_arguments(
             drift_threshold=drift_threshold, snap_threshold=snap_threshold, alpha=alpha,
@@ -142,7 +151,7 @@ class ZetaGuard:
         self.recovery_protocol = recovery_protocol
         self.checkpoint_dir = checkpoint_dir
         self.calibration: Calibration = calibration
-        self.mode: EngineMode = mode
+        self._set_mode(mode, sample_fraction, full_pass_interval, int(seed))
         self.sketch_buckets = int(sketch_buckets)
         self.exact_memory_budget = int(exact_memory_budget)
         self.group_by: GroupBy = group_by
@@ -224,6 +233,20 @@ class ZetaGuard:
         self._reset_tracking()
         return self
 
+    def _set_mode(self, mode: Any, sample_fraction: Any, full_pass_interval: Any,
+                  seed: int | None = None) -> None:
+        if mode not in ("auto", "exact", "sketch"):
+            raise ValueError(f"mode must be 'auto', 'exact' or 'sketch', got {mode!r}")
+        tiered.check_settings(sample_fraction, full_pass_interval)
+        self.mode: EngineMode = cast(EngineMode, mode)
+        self.sample_fraction = float(sample_fraction)
+        self.full_pass_interval = int(full_pass_interval)
+        self._tiered: tiered.TieredPipeline | None = (  # mode="auto": zetaguard.tiered
+            tiered.TieredPipeline(self.sample_fraction, self.full_pass_interval,
+                                  self.seed if seed is None else seed)
+            if mode == "auto" else None
+        )
+
     def _reset_tracking(self) -> None:
         self._tracker: _core.Tracker | DeviceTracker | None = None
         self._names: tuple[str, ...] = ()
@@ -235,6 +258,8 @@ class ZetaGuard:
         self._names_all_seen: list[str] | None = None
         self._names_all: tuple[str, ...] = ()
         self._detector.reset()
+        if self._tiered is not None:
+            self._tiered.reset()
         self._step = 0
         self._last: StabilityResult | None = None
         self._status_counts: Counter[str] = Counter()
@@ -318,6 +343,16 @@ class ZetaGuard:
         self._names_seen = names
         history = tracker.history
         grad_rows = None
+        loss_value = _as_float(loss, "loss")
+        if (  # tiered (mode="auto"): the host engine on one process; else every element
+            self._tiered is not None and self._dist is None
+            and snap.framework != DEVICE_FRAMEWORK
+        ):
+            ts = self._tiered.step(snap, cast(_core.Tracker, tracker), self._detector,
+                                   self._aggregate, loss_value, _as_float(grad_norm, "grad_norm"))
+            obs, group_rows, history, grad_value = ts.obs, ts.group_rows, ts.history, ts.grad_norm
+            return self._finish(obs, group_rows, history, grad_value, loss_value, step,
+                                batch_index)
         if snap.framework == DEVICE_FRAMEWORK:  # parameters and gradients: one transfer
             rows, grad_rows = cast("DeviceTracker", tracker).update_with_grads(
                 snap.tensors, snap.grads if grad_norm is None else None
@@ -334,7 +369,6 @@ class ZetaGuard:
             else:
                 grad_sq, grad_bad = host.total_norm(snap.grads)
             grad_norm = math.sqrt(grad_sq) if grad_bad == 0 else math.inf
-        loss_value = _as_float(loss, "loss")
         grad_value = _as_float(grad_norm, "grad_norm")
         if self._dist is None:
             group_rows = self._aggregate(rows)
@@ -343,6 +377,18 @@ class ZetaGuard:
                 self._names, self._aggregate, tracker, rows, loss_value, grad_value
             )
         obs = self._detector.observe(group_rows, history, loss=loss_value, grad_norm=grad_value)
+        return self._finish(obs, group_rows, history, grad_value, loss_value, step, batch_index)
+
+    def _finish(
+        self,
+        obs: Any,
+        group_rows: npt.NDArray[np.float64],
+        history: int,
+        grad_value: float | None,
+        loss_value: float | None,
+        step: int | None,
+        batch_index: int | None,
+    ) -> StabilityResult:
         current = self._step if step is None else int(step)
         self._step = current + 1
         result = StabilityResult(
@@ -419,7 +465,9 @@ class ZetaGuard:
         on_device = snap.framework == DEVICE_FRAMEWORK
         # A tracker holding no tensors saw only refused steps: start afresh, so fixing the
         # input does not read as the parameter set having changed.
-        if self._tracker is not None and self._tracker.tensor_count > 0:
+        if self._tracker is not None and (
+            self._tracker.tensor_count > 0 or (self._tiered is not None and self._tiered.started)
+        ):
             if _is_device_tracker(self._tracker) == on_device:
                 return self._tracker
             # The same trajectory on the other engine (a restored state meeting CUDA tensors,
@@ -578,6 +626,8 @@ class ZetaGuard:
         states from before and after it) but keep the calibration."""
         if self._tracker is not None:
             self._tracker.reset()
+        if self._tiered is not None:
+            self._tiered.restart_trajectory()
         self._detector.restart_trajectory()
 
     # ---- reading back ------------------------------------------------------------------
@@ -635,6 +685,8 @@ class ZetaGuard:
             "recovery_mode": self.recovery_mode,
             "calibration": self.calibration,
             "mode": self.mode,
+            "sample_fraction": self.sample_fraction,
+            "full_pass_interval": self.full_pass_interval,
             "sketch_buckets": self.sketch_buckets,
             "exact_memory_budget": self.exact_memory_budget,
             "group_by": self.group_by,
@@ -688,6 +740,7 @@ class ZetaGuard:
                 "state_bytes": t.state_bytes if t else 0,
             },
             "groups": len(self._group_names),
+            **({"tiered": self._tiered.statistics()} if self._tiered is not None else {}),
         }
 
     def full_diagnostics(self, model: Any = None) -> Diagnostics:
@@ -797,6 +850,13 @@ class ZetaGuard:
             )
             detector.load_state_dict(meta["detector"])
             pattern = re.compile(meta["pattern"]) if meta["pattern"] else None
+            # Files from before tiered monitoring carry no fraction or interval: the defaults.
+            tiered_cfg = (cfg.get("mode", self.mode),
+                          cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION),
+                          cfg.get("full_pass_interval", tiered.DEFAULT_FULL_PASS_INTERVAL))
+            if tiered_cfg[0] not in ("auto", "exact", "sketch"):
+                raise ValueError(f"unknown mode {tiered_cfg[0]!r}")
+            tiered.check_settings(tiered_cfg[1], tiered_cfg[2])
             tracker: _core.Tracker | None = None
             if meta["engine_mode"] is not None:
                 tracker = _core.Tracker(
@@ -839,6 +899,7 @@ class ZetaGuard:
             self.group_by = cfg["group_by"]
             self.sketch_buckets = int(cfg["sketch_buckets"])
             self.seed = int(cfg["seed"])
+            self._set_mode(*tiered_cfg)
             self._reset_tracking()  # before the swap: it clears the detector it finds
             self._detector = detector
             self._pattern = pattern

@@ -1,6 +1,6 @@
 // The sampled block sketch: finite differences of a fixed, seeded sample of each tensor.
 //
-// Each tensor is cut into blocks of `block_bytes` bytes (block b holds elements
+// Each tensor is cut into blocks of `block_bytes` bytes (default 1024) (block b holds elements
 // [b*B, (b+1)*B), B = block_bytes / element size, so a block starts on a cache line whenever
 // the tensor's storage does). A fixed set of k of its N_b blocks, drawn without replacement
 // from a seeded generator, is read every step: k = ceil(fraction * N_b), at least 1, at most
@@ -25,7 +25,7 @@ namespace zetaguard {
 
 struct SamplerConfig {
     double fraction = 1.0 / 64.0;  // share of each tensor's blocks read, in (0, 1]
-    std::size_t block_bytes = 256;  // four 64-byte cache lines
+    std::size_t block_bytes = 1024;  // sixteen 64-byte cache lines
     std::uint64_t seed = 0x5eed;
 };
 
@@ -37,7 +37,9 @@ struct SampleTensor {
     std::vector<std::size_t> starts;        // first element of each sampled block, ascending
     std::size_t sampled = 0;                // elements read per step
     double scale = 1.0;                     // N_b / k
-    std::vector<double> ring[3];            // the sampled values, `sampled` doubles each
+    // The sampled values as they were read, in the tensor's dtype (`sampled` elements each):
+    // differences are taken in double, where the difference of two stored values is exact.
+    std::vector<std::uint8_t> ring[3];
 };
 
 class Sampler {
