@@ -26,7 +26,8 @@ py::array_t<double> rows_array(const std::vector<Channels>& rows) {
     return out;
 }
 
-SamplerConfig make_config(double fraction, std::size_t block_bytes, std::uint64_t seed) {
+SamplerConfig make_config(double fraction, std::size_t block_bytes, std::uint64_t seed,
+                          std::size_t min_elements) {
     if (!(fraction > 0.0 && fraction <= 1.0))
         throw py::value_error("sample_fraction must be in (0, 1] (for example 1/64), got " +
                               std::to_string(fraction));
@@ -35,14 +36,16 @@ SamplerConfig make_config(double fraction, std::size_t block_bytes, std::uint64_
     c.fraction = fraction;
     c.block_bytes = block_bytes;
     c.seed = seed;
+    c.min_elements = min_elements;
     return c;
 }
 
 // The engine plus a lock (two Python threads sharing a guard serialise on the ring).
 class PySampler {
 public:
-    PySampler(double fraction, std::size_t block_bytes, std::uint64_t seed)
-        : sampler_(make_config(fraction, block_bytes, seed)) {}
+    PySampler(double fraction, std::size_t block_bytes, std::uint64_t seed,
+              std::size_t min_elements)
+        : sampler_(make_config(fraction, block_bytes, seed, min_elements)) {}
 
     py::array_t<double> update(const py::sequence& tensors) {
         ParsedInputs in = parse_inputs(tensors, "parameter");
@@ -119,8 +122,9 @@ private:
 
 void register_sampler(py::module_& m) {
     py::class_<PySampler>(m, "Sampler")
-        .def(py::init<double, std::size_t, std::uint64_t>(), py::arg("fraction") = 1.0 / 64.0,
-             py::arg("block_bytes") = 256, py::arg("seed") = 0x5eed)
+        .def(py::init<double, std::size_t, std::uint64_t, std::size_t>(),
+             py::arg("fraction") = 1.0 / 64.0, py::arg("block_bytes") = 1024,
+             py::arg("seed") = 0x5eed, py::arg("min_elements") = 4096)
         .def("update", &PySampler::update, py::arg("tensors"))
         .def("update_raw", &PySampler::update_raw, py::arg("pointers"))
         .def("total_norm", &PySampler::total_norm, py::arg("tensors"))

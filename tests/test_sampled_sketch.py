@@ -58,7 +58,7 @@ def test_matches_numpy_reference(
     xs = [[rng.normal(size=n).astype(dtype) for n in sizes]]
     for _ in range(steps - 1):
         xs.append([x + rng.normal(scale=0.1, size=x.size).astype(dtype) for x in xs[-1]])
-    s = _core.Sampler(fraction, 256, seed)
+    s = _core.Sampler(fraction, 256, seed, 0)
     got = [s.update(step) for step in xs]
     plans = [s.plan(i) for i in range(len(sizes))]
     want = reference_rows(xs, plans)
@@ -79,7 +79,7 @@ def test_matches_numpy_reference(
 
 def test_state_is_the_sample_not_the_model() -> None:
     big = [np.zeros(1 << 20, dtype=np.float32)]
-    s = _core.Sampler(1 / 64, 256, 1)
+    s = _core.Sampler(1 / 64, 256, 1, 0)
     s.update(big)
     # 1/64 of the 16384 blocks, 64 f32 each, three f32 per sampled element + the plan.
     assert s.sampled_elements == 256 * 64
@@ -120,7 +120,7 @@ def test_bias_and_variance_against_exact_values() -> None:
     est: dict[str, list[float]] = {name: [] for name in exact}
     jars = []
     for seed in range(400):
-        s = _core.Sampler(fraction, 256, 1000 + seed)
+        s = _core.Sampler(fraction, 256, 1000 + seed, 0)
         for x in xs32:
             rows = s.update([x])
         for c, name in enumerate(exact):

@@ -160,8 +160,10 @@ SampleTensor Sampler::plan(const SamplerConfig& config, std::size_t index, std::
     s.total_blocks = (numel + s.block - 1) / s.block;
     if (s.total_blocks == 0) return s;  // an empty tensor: nothing to read, estimates 0
     const double want = std::ceil(config.fraction * static_cast<double>(s.total_blocks) - 1e-9);
+    const std::size_t floor_blocks = (config.min_elements + s.block - 1) / s.block;
     const std::size_t k = std::min(
-        s.total_blocks, std::max<std::size_t>(1, static_cast<std::size_t>(want)));
+        s.total_blocks,
+        std::max({std::size_t{1}, floor_blocks, static_cast<std::size_t>(want)}));
     std::vector<std::size_t> blocks;
     blocks.reserve(k);
     if (k == s.total_blocks) {

@@ -17,6 +17,7 @@ static void test_plan() {
     SamplerConfig c;
     c.fraction = 1.0 / 32;
     c.block_bytes = 256;
+    c.min_elements = 0;
     for (std::size_t numel : {std::size_t{1}, std::size_t{63}, std::size_t{64}, std::size_t{65},
                               std::size_t{10000}, std::size_t{1} << 20}) {
         SampleTensor s = Sampler::plan(c, 3, numel, DType::f32);
@@ -36,6 +37,12 @@ static void test_plan() {
         SampleTensor again = Sampler::plan(c, 3, numel, DType::f32);
         CHECK(again.starts == s.starts, "the plan is deterministic");
     }
+    SamplerConfig floor = c;
+    floor.min_elements = 4096;
+    SampleTensor f = Sampler::plan(floor, 0, 8192, DType::f32);
+    CHECK(f.sampled == 4096, "min_elements: 4096 of 8192 read, got %zu", f.sampled);
+    SampleTensor small = Sampler::plan(floor, 0, 1000, DType::f32);
+    CHECK(small.sampled == 1000 && small.scale == 1.0, "a small tensor is read whole");
     SampleTensor h = Sampler::plan(c, 0, 1000, DType::bf16);
     CHECK(h.block == 128, "bf16 blocks of 256 bytes hold 128 elements");
     bool threw = false;
@@ -53,6 +60,7 @@ static void test_plan() {
 static void test_matches_direct() {
     SamplerConfig c;
     c.fraction = 0.1;
+    c.min_elements = 0;
     std::mt19937_64 rng(7);
     std::normal_distribution<double> d(0.0, 1.0);
     const std::size_t n = 5000;
@@ -124,6 +132,7 @@ static void test_unbiased() {
     for (int k = 0; k < seeds; ++k) {
         SamplerConfig c;
         c.fraction = 1.0 / 16;
+        c.min_elements = 0;
         c.seed = 1000 + k;
         Sampler s(c);
         std::vector<Channels> out;

@@ -8,18 +8,17 @@ the estimates, and how late a non-finite value outside the sample can be caught.
   cache-line-aligned blocks per tensor, ``sample_fraction`` of the blocks (at least one per
   tensor), whose finite differences give Horvitz-Thompson estimates of ``||x||^2``, ``||v||^2``,
   ``||a||^2``, ``||j||^2``.
-* **Full pass**: the full engine (exact, or the bucket sketch when three snapshots do not fit
-  ``exact_memory_budget``) and the exact gradient norm. It runs every ``full_pass_interval``
-  steps (a read of every element: non-finite values anywhere, the exact gradient norm) and, in
-  the same ``monitor()`` call, whenever the cheap tier's observation reaches DRIFT: the
-  detector's state is put back and the step is scored again with the full data. Once escalated,
-  the full pass runs every step (so its ring fills and the differences become exact) until
-  ``CALM_STEPS`` consecutive steps are STABLE.
+* **Full pass**: every parameter and gradient read once (the engine's exact norms pass):
+  non-finite values anywhere. It runs every ``full_pass_interval`` steps and, in the same
+  ``monitor()`` call, whenever the cheap tier's observation reaches DRIFT: the detector's state
+  is put back and the step is scored again with the full pass's non-finite counts. Once
+  escalated, the full pass runs every step until ``CALM_STEPS`` consecutive steps are STABLE.
 
 So every DRIFT and CRITICAL status, and every recovery action that follows one, comes from an
-observation made in a call that read every element. The parameter norm (``x2``) the detector
-sees always comes from the sample, so the growth and parameter-norm channels follow one
-consistent series and never see a jump from estimate to exact value.
+observation made in a call that read every element. The magnitude channels (parameter,
+update, acceleration and jerk norms, the gradient norm when the framework did not pass one)
+stay the sample's estimates on every step, full or not: a fixed sample's estimate differs from
+the exact value by a steady factor, and switching between the two would read as a jump.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SAMPLE_FRACTION = 1.0 / 64.0
 DEFAULT_FULL_PASS_INTERVAL = 50
-# STABLE steps in a row that end an escalation. Four: the full ring holds three snapshots
-# after three steps, so at least one fully exact step is STABLE before the cheap tier resumes.
+# STABLE steps in a row, each with a full pass, that end an escalation.
 CALM_STEPS = 4
 BLOCK_BYTES = 1024  # sixteen 64-byte cache lines: fewer scattered starts, each prefetched
 
@@ -92,7 +90,6 @@ class TieredPipeline:
     def reset(self) -> None:
         self.sampler = _core.Sampler(self.sample_fraction, BLOCK_BYTES, self.seed)
         self._count = 0  # tiered steps seen
-        self._full_last = -2  # the tiered step of the last full engine update
         self._escalated = False
         self._calm = 0
         self.full_passes = 0
@@ -101,7 +98,6 @@ class TieredPipeline:
     def restart_trajectory(self) -> None:
         """After a rollback: the sample ring must not mix states from before and after it."""
         self.sampler.reset()
-        self._full_last = -2
 
     def statistics(self) -> dict[str, Any]:
         """What the tiers did so far (``get_statistics()["tiered"]``)."""
@@ -134,7 +130,7 @@ class TieredPipeline:
         grad_norm: float | None,
     ) -> TieredStep:
         t = self._count
-        self._count += 1
+        self._count += 1  # tiered steps seen
         sampler = self.sampler
         history = sampler.history
         rows = sampler.update_raw(snap.tensors) if snap.raw else sampler.update(snap.tensors)
@@ -157,8 +153,7 @@ class TieredPipeline:
             self._escalated = True
             self._calm = 0
             self.escalations += 1
-        return self._full_step(snap, tracker, detector, aggregate, rows, history, loss,
-                               grad_norm, grad_est, t)
+        return self._full_step(snap, tracker, detector, aggregate, rows, history, loss, grad_est)
 
     def _full_step(
         self,
@@ -169,37 +164,24 @@ class TieredPipeline:
         rows: npt.NDArray[np.float64],
         history: int,
         loss: float | None,
-        grad_norm: float | None,
         grad_est: float | None,
-        t: int,
     ) -> TieredStep:
         self.full_passes += 1
-        if self._escalated:
-            # The full ring continues only across consecutive steps; after a gap its snapshots
-            # are stale and the differences would span many steps.
-            if self._full_last != t - 1:
-                tracker.reset()
-            full_history = tracker.history
-            full = tracker.update_raw(snap.tensors) if snap.raw else tracker.update(snap.tensors)
-            self._full_last = t
-        else:  # scheduled check: every element read once, no ring written
-            full_history = 0
-            full = tracker.norms_raw(snap.tensors) if snap.raw else tracker.norms(snap.tensors)
+        # Every element read once: parameters and gradients. The detector keeps seeing the
+        # sample's estimates (one consistent series per channel: the fixed sample's estimate
+        # differs from the exact value by a steady factor, and switching between the two would
+        # read as a jump); the full pass adds what only it can see, non-finite values anywhere.
+        full = tracker.norms_raw(snap.tensors) if snap.raw else tracker.norms(snap.tensors)
         combined = rows.copy()
-        # The differences the full ring defines replace the estimates; x2 stays the sample's.
-        upto = min(full_history, history, 3)
-        if upto:
-            combined[:, 1 : 1 + upto] = full[:, 1 : 1 + upto]
         combined[:, 4] = full[:, 4]
-        grad_value = grad_norm
-        if grad_value is None and snap.grads:
-            g2, bad = (
+        grad_value = grad_est
+        if snap.grads:
+            _, bad = (
                 tracker.total_norm_raw(snap.grads) if snap.grads_raw
                 else tracker.total_norm(snap.grads)
             )
-            grad_value = math.sqrt(g2) if bad == 0 else math.inf
-        elif grad_value is None:
-            grad_value = grad_est
+            if bad:
+                grad_value = math.inf
         group_rows = aggregate(combined)
         obs = detector.observe(group_rows, history, loss=loss, grad_norm=grad_value)
         if self._escalated:

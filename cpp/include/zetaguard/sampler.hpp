@@ -3,8 +3,8 @@
 // Each tensor is cut into blocks of `block_bytes` bytes (default 1024) (block b holds elements
 // [b*B, (b+1)*B), B = block_bytes / element size, so a block starts on a cache line whenever
 // the tensor's storage does). A fixed set of k of its N_b blocks, drawn without replacement
-// from a seeded generator, is read every step: k = ceil(fraction * N_b), at least 1, at most
-// N_b. The ring holds the last three values of the sampled elements only, so the state is
+// from a seeded generator, is read every step: k = ceil(fraction * N_b), at least 1 and at
+// least min_elements / B, at most N_b. The ring holds the last three values of the sampled elements only, so the state is
 // O(sampled elements) and a step reads fraction * model size.
 //
 // The finite differences of a fixed sample are the sample of the finite differences, so
@@ -27,6 +27,9 @@ struct SamplerConfig {
     double fraction = 1.0 / 64.0;  // share of each tensor's blocks read, in (0, 1]
     std::size_t block_bytes = 1024;  // sixteen 64-byte cache lines
     std::uint64_t seed = 0x5eed;
+    // At least this many elements per tensor (all of a smaller one): a block or two of a small
+    // layer is too noisy an estimate, and reading a few thousand elements costs nothing.
+    std::size_t min_elements = 4096;
 };
 
 struct SampleTensor {
