@@ -93,7 +93,7 @@ def test_bad_settings_are_refused() -> None:
             _core.Sampler(bad, 256, 1)
     s = _core.Sampler(0.5, 256, 1)
     s.update([np.zeros(100, dtype=np.float32)])
-    with pytest.raises(ValueError, match="changed size"):
+    with pytest.raises(ValueError, match=r"changed from 100 x float32 to 101 x float32.*reset\(\)"):
         s.update([np.zeros(101, dtype=np.float32)])
 
 

@@ -205,18 +205,21 @@ void Sampler::initialise(const std::vector<TensorView>& tensors) {
 }
 
 void Sampler::check_same_set(const std::vector<TensorView>& tensors) const {
+    // The same words as the full engine's (tracker.cpp): users see one message either way.
     if (tensors.size() != tensors_.size())
-        throw StateError("the set of monitored tensors changed: " +
-                         std::to_string(tensors_.size()) + " before, " +
-                         std::to_string(tensors.size()) + " now; reset the guard after changing "
-                         "the model");
+        throw StateError("the monitored set changed: the guard tracks " +
+                         std::to_string(tensors_.size()) + " tensors but this step passed " +
+                         std::to_string(tensors.size()) +
+                         "; pass the same parameters every step, or call reset() after "
+                         "changing the model");
     for (std::size_t i = 0; i < tensors.size(); ++i) {
         if (tensors[i].numel != tensors_[i].numel || tensors[i].dtype != tensors_[i].dtype)
-            throw StateError("tensor " + std::to_string(i) + " changed size or dtype (" +
-                             std::to_string(tensors_[i].numel) + " " +
-                             dtype_name(tensors_[i].dtype) + " before, " +
-                             std::to_string(tensors[i].numel) + " " +
-                             dtype_name(tensors[i].dtype) + " now); reset the guard");
+            throw StateError("tensor " + std::to_string(i) + " changed from " +
+                             std::to_string(tensors_[i].numel) + " x " +
+                             dtype_name(tensors_[i].dtype) + " to " +
+                             std::to_string(tensors[i].numel) + " x " +
+                             dtype_name(tensors[i].dtype) +
+                             " between steps; call reset() after resizing or casting the model");
     }
 }
 
