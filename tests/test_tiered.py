@@ -5,6 +5,7 @@ is caught."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,23 @@ def test_detector_rollback_scores_a_step_once() -> None:
     d.observe(rows, 3, 1.0, 1.0)
     d.rollback()
     assert d.steps == 3
+
+
+def test_load_state_restores_the_mode_and_tiered_settings(tmp_path: Path) -> None:
+    steps = _walk(np.random.default_rng(6), 6)
+    exact = ZetaGuard(auto_recover=False, mode="exact")
+    tiered = ZetaGuard(auto_recover=False, sample_fraction=0.25, full_pass_interval=7)
+    for p in steps:
+        exact.monitor(p)
+        tiered.monitor(p)
+    exact.save_state(tmp_path / "exact.npz")
+    tiered.save_state(tmp_path / "tiered.npz")
+    a = ZetaGuard(auto_recover=False)
+    a.load_state(tmp_path / "exact.npz")
+    assert a.mode == "exact"
+    assert a._tiered is None
+    b = ZetaGuard(auto_recover=False, mode="sketch")
+    b.load_state(tmp_path / "tiered.npz")
+    assert (b.mode, b.sample_fraction, b.full_pass_interval) == ("auto", 0.25, 7)
+    assert b._tiered is not None
+    assert b.monitor(steps[-1]).status == "STABLE"
