@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "zetaguard's compiled engine: finite differences of parameter trajectories";
     zetaguard::bindings::register_tracker(m);
     zetaguard::bindings::register_detector(m);
+    zetaguard::bindings::register_sampler(m);
 }

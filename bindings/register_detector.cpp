@@ -106,6 +106,11 @@ public:
     void reset() { detector_.reset(); }
 
     void restart_trajectory() { detector_.restart_trajectory(); }
+    // A tentative observation (the tiered pipeline, python/zetaguard/tiered.py): keep the
+    // state, observe on the cheap tier's estimates, and if that reaches DRIFT put the state
+    // back and observe again on full data, so a step is learned from once.
+    void checkpoint() { saved_ = detector_.state(); }
+    void rollback() { detector_.state() = saved_; }
 
     const DetectorConfig& config() const { return detector_.config(); }
     std::int64_t steps() const { return detector_.state().steps; }
@@ -207,6 +212,7 @@ private:
     }
 
     Detector detector_;
+    DetectorState saved_;
     Observation obs_;  // reused: observe() allocates nothing in steady state
 };
 
@@ -267,6 +273,8 @@ void register_detector(py::module_& m) {
              py::arg("loss") = py::none(), py::arg("grad_norm") = py::none())
         .def("reset", &PyDetector::reset)
         .def("restart_trajectory", &PyDetector::restart_trajectory)
+        .def("checkpoint", &PyDetector::checkpoint)
+        .def("rollback", &PyDetector::rollback)
         .def("confidence", &PyDetector::confidence)
         .def("get_state", &PyDetector::get_state)
         .def("set_state", &PyDetector::set_state, py::arg("state"))

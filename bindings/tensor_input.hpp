@@ -39,5 +39,6 @@ DType dtype_from_name(const std::string& name);
 
 void register_tracker(py::module_& m);
 void register_detector(py::module_& m);
+void register_sampler(py::module_& m);
 
 }  // namespace zetaguard::bindings

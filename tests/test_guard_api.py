@@ -38,7 +38,9 @@ def test_result_carries_every_field_of_the_seed() -> None:
 
 
 def test_raw_jar_is_the_seed_formula_to_the_letter() -> None:
-    guard = ZetaGuard()
+    # mode="exact": every element every step (the default tiered mode estimates it between
+    # full passes; tests/test_tiered.py holds those estimates to the same formula on the sample)
+    guard = ZetaGuard(mode="exact")
     history: list[np.ndarray] = []
     for i, p in enumerate(_walk(np.random.default_rng(1), SHAPES, 9)):
         flat = np.concatenate([v.ravel() for v in p.values()]).astype(np.float64)
@@ -156,8 +158,13 @@ def test_get_metrics_and_statistics() -> None:
     s = guard.get_statistics()
     assert s["steps"] == 8
     assert sum(s["status_counts"].values()) == 8
-    assert s["engine"]["mode"] == "exact"
-    assert s["engine"]["tensors"] == 3
+    assert s["engine"]["mode"] == "exact"  # the full pass of the default tiered mode
+    assert s["tiered"]["full_passes"] == 0  # the first scheduled one is at step 50
+    assert s["tiered"]["sampled_elements"] > 0
+    exact = ZetaGuard(warmup_steps=4, mode="exact")
+    for p in _walk(np.random.default_rng(7), SHAPES, 8):
+        exact.monitor(p, loss=1.0)
+    assert exact.get_statistics()["engine"]["tensors"] == 3
 
 
 def test_confidence_rises_through_warmup() -> None:

@@ -245,7 +245,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, FamilyScore]]:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--cache", type=Path, help="pickle of recorded traces to reuse or create")
     ap.add_argument("--plots", type=Path, help="write PNGs of representative runs here")
+    ap.add_argument("--mode", choices=("auto", "exact", "sketch"), default="auto",
+                    help="the live guard's engine mode (default auto: tiered monitoring)")
     args = ap.parse_args(argv)
+    import scenarios
+
+    scenarios.GUARD_MODE = args.mode
+    print(f"live guard: ZetaGuard(mode={args.mode!r})")
     torch.set_num_threads(1)
     seeds = 1 if args.quick else args.seeds
     t0, c0 = time.perf_counter(), time.process_time()
@@ -262,6 +268,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, FamilyScore]]:
             atomic_write(args.cache, lambda f: pickle.dump(traces, f))
     scores = evaluate(traces)
     print_tables(traces, scores)
+    zg = scores["zetaguard"]
+    print("\nzetaguard per unstable family: collapsed, any-alarm hits, CRITICAL hits, "
+          "any-alarm leads, CRITICAL leads")
+    for f in UNSTABLE_FAMILIES:
+        if f in zg:
+            s = zg[f]
+            print(f"  {f:<18} {s.collapsed} {s.any_hits} {s.critical_hits} "
+                  f"{list(s.any_leads)} {list(s.critical_leads)}")
     mismatch = live_matches_replay(traces)
     print(f"\nlive guard vs replayed detector: {mismatch} step(s) differ"
           + ("" if mismatch == 0 else " (recorded with another detector version?)"))

@@ -23,6 +23,10 @@ import torch
 from torch import nn
 from zetaguard import ZetaGuard
 
+# The engine mode the live guard records with (run_suite.py --mode): "auto" is the default,
+# tiered monitoring; "exact" reads every element every step.
+GUARD_MODE = "auto"
+
 logging.getLogger("zetaguard").setLevel(logging.ERROR)
 
 STABLE_STEPS = 400
@@ -161,7 +165,7 @@ def record(
     step_fn: StepFn,
     meta: dict[str, Any] | None = None,
 ) -> Trace:
-    guard = ZetaGuard(auto_recover=False, threads=1)
+    guard = ZetaGuard(auto_recover=False, threads=1, mode=GUARD_MODE)  # type: ignore[arg-type]
     loss_log: list[float] = []
     grad_log: list[float] = []
     rows: list[np.ndarray] = []

@@ -199,7 +199,8 @@ def run(spec: Model, scenario: str, seed: int, arm: str) -> Outcome:
     zc = olmo = fabric = spike = None
     tmp = tempfile.TemporaryDirectory()
     if arm == "zetaguard":
-        guard = ZetaGuard(recovery_mode="balanced", snapshot_interval=INTERVAL).attach(
+        guard = ZetaGuard(recovery_mode="balanced", snapshot_interval=INTERVAL,
+                          mode=GUARD_MODE).attach(
             model, opt, sched
         )
     elif arm == "zclip":
@@ -344,6 +345,10 @@ def snapshot_overhead(repeats: int = 100) -> list[tuple[str, int, float, float, 
     return rows
 
 
+# The zetaguard arm's engine mode (--mode): "auto" is the default, tiered monitoring.
+GUARD_MODE = "auto"
+
+
 # ---- main ------------------------------------------------------------------------------------
 
 
@@ -351,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1 seed, for a smoke run")
+    ap.add_argument("--mode", choices=("auto", "exact", "sketch"), default="auto",
+                    help="the zetaguard arm's engine mode (default auto: tiered monitoring)")
     args = ap.parse_args(argv)
+    global GUARD_MODE
+    GUARD_MODE = args.mode
+    print(f"zetaguard arm: ZetaGuard(mode={args.mode!r})")
     seeds = 1 if args.quick else args.seeds
     started = time.perf_counter()
     wins: dict[str, int] = dict.fromkeys(ARMS, 0)

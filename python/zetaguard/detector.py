@@ -153,6 +153,15 @@ class Detector:
         blow-up just undone), keep the calibration."""
         self._core.restart_trajectory()
 
+    def checkpoint(self) -> None:
+        """Keep the state, so that :meth:`rollback` can undo the next observation (the tiered
+        pipeline scores a step again on full data when the cheap tier reaches DRIFT)."""
+        self._core.checkpoint()
+
+    def rollback(self) -> None:
+        """Put back the state :meth:`checkpoint` kept."""
+        self._core.rollback()
+
     def observe(
         self,
         rows: npt.NDArray[np.float64],

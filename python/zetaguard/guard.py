@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from zetaguard import _validate, distributed, state
+from zetaguard import _validate, distributed, state, tiered
 from zetaguard._validate import as_float as _as_float
 from zetaguard.adapters import Snapshot, default_threads, snapshot
 from zetaguard.detector import Calibration, Detector
@@ -62,9 +62,15 @@ class ZetaGuard:
         checkpoint_dir: where emergency checkpoints go.
         calibration: ``"auto"`` (calibrated zeta, the default) or ``"none"`` (JAR as specified:
             smoothed raw JAR against the fixed thresholds).
-        mode: engine state: ``"exact"`` rings of the last three snapshots, ``"sketch"``
-            O(sketch_buckets) state whatever the model size, ``"auto"`` exact while three
-            snapshots fit in ``exact_memory_budget`` bytes.
+        mode: ``"auto"`` (the default): tiered monitoring (:mod:`zetaguard.tiered`,
+            docs/always-on.md): every step reads a sampled block sketch of
+            ``sample_fraction`` of each tensor; a full pass reads everything every
+            ``full_pass_interval`` steps and, in the same call, whenever a cheap channel
+            reaches DRIFT. ``"exact"``: every element every step, rings of the last three
+            snapshots; ``"sketch"``: every element every step, O(sketch_buckets) state
+            whatever the model size.
+        sample_fraction: share of each tensor's blocks the cheap tier reads, in (0, 1].
+        full_pass_interval: steps between scheduled full passes in ``mode="auto"``, >= 1.
         group_by: per-group results by ``"layer"`` (module path), ``"tensor"`` or ``"none"``.
         threads: engine threads for large models (default: up to 4).
         run_dir: write every step to a run store (SQLite) under this directory.
@@ -101,7 +107,10 @@ class ZetaGuard:
         snapshot_interval: int = 10,
         snapshot_memory_budget: int = 1 << 30,
         device: DevicePath = "auto",
+        sample_fraction: float = tiered.DEFAULT_SAMPLE_FRACTION,
+        full_pass_interval: int = tiered.DEFAULT_FULL_PASS_INTERVAL,
     ) -> None:
+        tiered.check_settings(sample_fraction, full_pass_interval)
         _validate.guard_arguments(
             drift_threshold=drift_threshold, snap_threshold=snap_threshold, alpha=alpha,
             warmup_steps=warmup_steps, auto_recover=auto_recover, sketch_buckets=sketch_buckets,
@@ -121,6 +130,8 @@ class ZetaGuard:
         self.checkpoint_dir = checkpoint_dir
         self.calibration: Calibration = calibration
         self.mode: EngineMode = mode
+        self.sample_fraction = float(sample_fraction)
+        self.full_pass_interval = int(full_pass_interval)
         self.sketch_buckets = int(sketch_buckets)
         self.exact_memory_budget = int(exact_memory_budget)
         self.group_by: GroupBy = group_by
@@ -134,6 +145,7 @@ class ZetaGuard:
         # The parts (each knows nothing of the guard; the engine reads the settings above).
         self._selection = ParameterSelection()
         self._engine = EngineSession(self)
+        self._set_tiers()
         self._detector = Detector(
             drift_threshold=self.drift_threshold,
             snap_threshold=self.snap_threshold,
@@ -183,6 +195,15 @@ class ZetaGuard:
         self._selection.set_layers(layers, self.model)
         self._reset_tracking()
         return self
+
+    def _set_tiers(self) -> None:
+        """mode="auto" monitors in tiers (zetaguard.tiered); "exact" and "sketch" read every
+        element every step."""
+        self._engine.tiered = (
+            tiered.TieredPipeline(self.sample_fraction, self.full_pass_interval, self.seed)
+            if self.mode == "auto"
+            else None
+        )
 
     def _reset_tracking(self) -> None:
         self._engine.reset()
@@ -236,16 +257,25 @@ class ZetaGuard:
                 "non-empty list or dict of arrays"
             )
         snap = self._selection.apply(snap)
-        numbers = self._engine.step(
-            snap,
-            loss=_as_float(loss, "loss"),
-            grad_norm=_as_float(grad_norm, "grad_norm"),
-            group_of=self.group_of,
-            dist=self._dist,
-        )
-        obs = self._detector.observe(
-            numbers.group_rows, numbers.history, loss=numbers.loss, grad_norm=numbers.grad_norm
-        )
+        loss_value = _as_float(loss, "loss")
+        grad_value = _as_float(grad_norm, "grad_norm")
+        if self._engine.uses_tiers(snap, self._dist):  # mode="auto": zetaguard.tiered
+            tiered_step = self._engine.tiered_step(
+                snap, self._detector, loss=loss_value, grad_norm=grad_value,
+                group_of=self.group_of,
+            )
+            obs, group_rows, history = tiered_step.obs, tiered_step.group_rows, tiered_step.history
+            grad_value = tiered_step.grad_norm
+        else:
+            numbers = self._engine.step(
+                snap, loss=loss_value, grad_norm=grad_value, group_of=self.group_of,
+                dist=self._dist,
+            )
+            group_rows, history = numbers.group_rows, numbers.history
+            loss_value, grad_value = numbers.loss, numbers.grad_norm
+            obs = self._detector.observe(
+                group_rows, history, loss=loss_value, grad_norm=grad_value
+            )
         current = self._stats.take_step(step)
         result = StabilityResult(
             status=obs.status,
@@ -260,16 +290,16 @@ class ZetaGuard:
             in_warmup=obs.in_warmup,
             _group_names=self._engine.group_names,
             _module_types=snap.module_types,
-            _group_rows=numbers.group_rows,
+            _group_rows=group_rows,
             _group_zeta=obs.group_zeta,
             _thresholds=(self.drift_threshold, self.snap_threshold),
-            _history=numbers.history,
+            _history=history,
         )
         if obs.status != "STABLE":  # advice, and the worst group it names, only when needed
             result.recommendations = recommendations(obs, result.worst_group)
         if self._dist is not None:
             result.channels.update(self._dist.channels)
-        self._stats.book(result, numbers.grad_norm, numbers.loss)
+        self._stats.book(result, grad_value, loss_value)
         self._record(result)
         if result.status == "DRIFT":  # CRITICAL steps are logged once, by the recovery manager
             log.info(
@@ -441,6 +471,8 @@ class ZetaGuard:
             "recovery_mode": self.recovery_mode,
             "calibration": self.calibration,
             "mode": self.mode,
+            "sample_fraction": self.sample_fraction,
+            "full_pass_interval": self.full_pass_interval,
             "sketch_buckets": self.sketch_buckets,
             "exact_memory_budget": self.exact_memory_budget,
             "group_by": self.group_by,
@@ -462,6 +494,7 @@ class ZetaGuard:
             "recoveries": len(self._reports),
             "engine": self._engine.describe(),
             "groups": len(self._engine.group_names),
+            **({"tiered": t.statistics()} if (t := self._engine.tiered) is not None else {}),
         }
 
     def full_diagnostics(self, model: Any = None) -> Diagnostics:
@@ -533,7 +566,20 @@ class ZetaGuard:
             path, threads=self.threads, parse_recovery=RecoveryManager.parse_counters
         )
         cfg = saved.config
+        # Files from before tiered monitoring carry no fraction or interval: the defaults.
+        mode = cfg.get("mode", self.mode)
+        sample_fraction = cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION)
+        full_pass_interval = cfg.get("full_pass_interval", tiered.DEFAULT_FULL_PASS_INTERVAL)
+        if mode not in ("auto", "exact", "sketch"):
+            raise state.StateFileError(f"{os.fspath(path)}: unknown engine mode {mode!r}")
+        try:
+            tiered.check_settings(sample_fraction, full_pass_interval)
+        except (TypeError, ValueError) as e:
+            raise state.StateFileError(f"{os.fspath(path)}: {e}") from e
         with self._lock:
+            self.mode = mode
+            self.sample_fraction = float(sample_fraction)
+            self.full_pass_interval = int(full_pass_interval)
             self.drift_threshold = saved.detector.drift_threshold
             self.snap_threshold = saved.detector.snap_threshold
             self.alpha = saved.detector.alpha
@@ -544,6 +590,7 @@ class ZetaGuard:
             self.seed = int(cfg["seed"])
             self._selection.set_pattern(saved.pattern)
             self._detector = saved.detector
+            self._set_tiers()
             self._engine.restore(saved.tracker, saved.names, self.group_of)
             self._stats = saved.stats
             if saved.recovery is not None:

@@ -20,8 +20,10 @@ import numpy.typing as npt
 
 from zetaguard import _core
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
+from zetaguard.tiered import TieredPipeline, TieredStep
 
 if TYPE_CHECKING:
+    from zetaguard.detector import Detector
     from zetaguard.distributed import DistributedContext
     from zetaguard.engine.device import DeviceTracker
 
@@ -67,6 +69,8 @@ class EngineSession:
         # The names list object last seen equal to ``names``: adapters hand back the same list
         # while the parameter set is unchanged, so most steps check it by identity.
         self._names_list_seen: list[str] | None = None
+        # mode="auto": the sampled tier and the schedule of full passes (zetaguard.tiered).
+        self.tiered: TieredPipeline | None = None
 
     def reset(self) -> None:
         """Forget the tracker and the names (the next step starts a new trajectory)."""
@@ -75,11 +79,20 @@ class EngineSession:
         self.group_names = ()
         self.group_index = np.zeros(0, dtype=np.int64)
         self._names_list_seen = None
+        if self.tiered is not None:
+            self.tiered.reset()
 
     def reset_trajectory(self) -> None:
         """Forget the finite-difference history but keep the tracker and its layout."""
         if self.tracker is not None:
             self.tracker.reset()
+        if self.tiered is not None:
+            self.tiered.restart_trajectory()
+
+    def uses_tiers(self, snap: Snapshot, dist: DistributedContext | None) -> bool:
+        """Tiered monitoring runs on the host engine in one process; the device path and
+        multi-rank runs read every element every step (one collective, one transfer)."""
+        return self.tiered is not None and dist is None and snap.framework != DEVICE_FRAMEWORK
 
     def restore(
         self, tracker: _core.Tracker | None, names: list[str], group_of: Callable[[str], str]
@@ -105,15 +118,7 @@ class EngineSession:
 
         ``grad_norm`` given wins over the snapshot's gradients; ``group_of`` names the group of
         a tensor (used when the tracker is created); ``dist`` reduces over the process group."""
-        tracker = self._ensure_tracker(snap, group_of)
-        names = snap.names
-        if names is not self._names_list_seen and tuple(names) != self.names:
-            raise ValueError(
-                "the monitored parameters changed names between steps "
-                f"({len(self.names)} before, {len(snap.names)} now); call guard.reset() "
-                "after changing the model"
-            )
-        self._names_list_seen = names
+        tracker = self._checked_tracker(snap, group_of)
         history = tracker.history
         grad_rows = None
         if snap.framework == DEVICE_FRAMEWORK:  # parameters and gradients: one transfer
@@ -140,6 +145,35 @@ class EngineSession:
         )
         return EngineStep(group_rows, history, loss, grad_norm)
 
+    def tiered_step(
+        self,
+        snap: Snapshot,
+        detector: Detector,
+        *,
+        loss: float | None,
+        grad_norm: float | None,
+        group_of: Callable[[str], str],
+    ) -> TieredStep:
+        """One step of ``mode="auto"``: the sampled tier, and the full pass when it is due or a
+        cheap channel reached DRIFT (the detector scores the step; see zetaguard.tiered)."""
+        assert self.tiered is not None, "tiered_step() needs mode='auto' (see uses_tiers())"
+        tracker = cast(_core.Tracker, self._checked_tracker(snap, group_of))
+        return self.tiered.step(snap, tracker, detector, self.aggregate, loss, grad_norm)
+
+    def _checked_tracker(
+        self, snap: Snapshot, group_of: Callable[[str], str]
+    ) -> _core.Tracker | DeviceTracker:
+        tracker = self._ensure_tracker(snap, group_of)
+        names = snap.names
+        if names is not self._names_list_seen and tuple(names) != self.names:
+            raise ValueError(
+                "the monitored parameters changed names between steps "
+                f"({len(self.names)} before, {len(snap.names)} now); call guard.reset() "
+                "after changing the model"
+            )
+        self._names_list_seen = names
+        return tracker
+
     def aggregate(self, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Per-tensor rows -> per-group rows (sums of squares add)."""
         groups = len(self.group_names)
@@ -154,8 +188,10 @@ class EngineSession:
     ) -> _core.Tracker | DeviceTracker:
         on_device = snap.framework == DEVICE_FRAMEWORK
         # A tracker holding no tensors saw only refused steps: start afresh, so fixing the
-        # input does not read as the parameter set having changed.
-        if self.tracker is not None and self.tracker.tensor_count > 0:
+        # input does not read as the parameter set having changed. In tiered mode the tracker
+        # only takes full passes (it holds no ring); the sample says whether steps were taken.
+        started = self.tiered is not None and self.tiered.started
+        if self.tracker is not None and (self.tracker.tensor_count > 0 or started):
             if is_device_tracker(self.tracker) == on_device:
                 return self.tracker
             # The same trajectory on the other engine (a restored state meeting CUDA tensors,

@@ -1,0 +1,141 @@
+// zetaguard._core.Sampler: the sampled block sketch (cpp/include/zetaguard/sampler.hpp).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <mutex>
+#include <string>
+
+#include "tensor_input.hpp"
+#include "zetaguard/sampler.hpp"
+
+namespace zetaguard::bindings {
+namespace {
+
+py::array_t<double> rows_array(const std::vector<Channels>& rows) {
+    py::array_t<double> out({static_cast<py::ssize_t>(rows.size()), py::ssize_t{5}});
+    auto m = out.mutable_unchecked<2>();
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+        const auto r = static_cast<py::ssize_t>(i);
+        m(r, 0) = rows[i].x2;
+        m(r, 1) = rows[i].v2;
+        m(r, 2) = rows[i].a2;
+        m(r, 3) = rows[i].j2;
+        m(r, 4) = static_cast<double>(rows[i].nonfinite);
+    }
+    return out;
+}
+
+SamplerConfig make_config(double fraction, std::size_t block_bytes, std::uint64_t seed,
+                          std::size_t min_elements) {
+    if (!(fraction > 0.0 && fraction <= 1.0))
+        throw py::value_error("sample_fraction must be in (0, 1] (for example 1/64), got " +
+                              std::to_string(fraction));
+    if (block_bytes < 8) throw py::value_error("block_bytes must be at least 8");
+    SamplerConfig c;
+    c.fraction = fraction;
+    c.block_bytes = block_bytes;
+    c.seed = seed;
+    c.min_elements = min_elements;
+    return c;
+}
+
+// The engine plus a lock (two Python threads sharing a guard serialise on the ring).
+class PySampler {
+public:
+    PySampler(double fraction, std::size_t block_bytes, std::uint64_t seed,
+              std::size_t min_elements)
+        : sampler_(make_config(fraction, block_bytes, seed, min_elements)) {}
+
+    py::array_t<double> update(const py::sequence& tensors) {
+        ParsedInputs in = parse_inputs(tensors, "parameter");
+        return run(in, true);
+    }
+    py::array_t<double> update_raw(const py::sequence& pointers) {
+        ParsedInputs in = parse_raw(pointers);
+        return run(in, true);
+    }
+    py::tuple total_norm(const py::sequence& tensors) {
+        ParsedInputs in = parse_inputs(tensors, "gradient");
+        return total(in);
+    }
+    py::tuple total_norm_raw(const py::sequence& pointers) {
+        ParsedInputs in = parse_raw(pointers);
+        return total(in);
+    }
+
+    // The block starts of tensor i (tests and the NumPy reference).
+    py::dict plan(std::size_t i) const {
+        if (i >= sampler_.tensor_count()) throw py::index_error("no such tensor");
+        const SampleTensor& s = sampler_.tensors()[i];
+        py::dict d;
+        d["starts"] = s.starts;
+        d["block"] = s.block;
+        d["total_blocks"] = s.total_blocks;
+        d["scale"] = s.scale;
+        d["sampled"] = s.sampled;
+        return d;
+    }
+
+    int history() const { return sampler_.history(); }
+    std::size_t tensor_count() const { return sampler_.tensor_count(); }
+    std::size_t state_bytes() const { return sampler_.state_bytes(); }
+    std::size_t sampled_elements() const { return sampler_.sampled_elements(); }
+    double fraction() const { return sampler_.config().fraction; }
+    void reset() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        sampler_.reset();
+    }
+
+private:
+    py::array_t<double> run(ParsedInputs& in, bool) {
+        std::vector<Channels> rows;
+        {
+            // Safe without the GIL: `in` keeps the buffers alive, the engine touches no Python.
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            sampler_.update(in.views, rows);
+        }
+        return rows_array(rows);
+    }
+    py::tuple total(ParsedInputs& in) {
+        std::vector<Channels> rows;
+        {
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            sampler_.norms(in.views, rows);
+        }
+        double x2 = 0.0;
+        std::uint64_t nf = 0;
+        for (const Channels& r : rows) {
+            x2 += r.x2;
+            nf += r.nonfinite;
+        }
+        return py::make_tuple(x2, nf);
+    }
+
+    Sampler sampler_;
+    std::mutex mutex_;
+};
+
+}  // namespace
+
+void register_sampler(py::module_& m) {
+    py::class_<PySampler>(m, "Sampler")
+        .def(py::init<double, std::size_t, std::uint64_t, std::size_t>(),
+             py::arg("fraction") = 1.0 / 64.0, py::arg("block_bytes") = 1024,
+             py::arg("seed") = 0x5eed, py::arg("min_elements") = 4096)
+        .def("update", &PySampler::update, py::arg("tensors"))
+        .def("update_raw", &PySampler::update_raw, py::arg("pointers"))
+        .def("total_norm", &PySampler::total_norm, py::arg("tensors"))
+        .def("total_norm_raw", &PySampler::total_norm_raw, py::arg("pointers"))
+        .def("plan", &PySampler::plan, py::arg("index"))
+        .def("reset", &PySampler::reset)
+        .def_property_readonly("history", &PySampler::history)
+        .def_property_readonly("tensor_count", &PySampler::tensor_count)
+        .def_property_readonly("state_bytes", &PySampler::state_bytes)
+        .def_property_readonly("sampled_elements", &PySampler::sampled_elements)
+        .def_property_readonly("fraction", &PySampler::fraction);
+}
+
+}  // namespace zetaguard::bindings

@@ -1,0 +1,191 @@
+"""Tiered monitoring, the default (``ZetaGuard(mode="auto")``): read a little every step, all
+of it when it matters. docs/always-on.md states what each tier sees, the bias and variance of
+the estimates, and how late a non-finite value outside the sample can be caught.
+
+* **Cheap tier, every step**: the loss when given; the gradient norm the framework already
+  computed when passed as ``grad_norm=`` (else estimated from the gradients' sampled blocks);
+  and the sampled block sketch (``_core.Sampler``): a fixed, seeded set of contiguous,
+  cache-line-aligned blocks per tensor, ``sample_fraction`` of the blocks (at least one per
+  tensor), whose finite differences give Horvitz-Thompson estimates of ``||x||^2``, ``||v||^2``,
+  ``||a||^2``, ``||j||^2``.
+* **Full pass**: every parameter and gradient read once (the engine's exact norms pass):
+  non-finite values anywhere. It runs every ``full_pass_interval`` steps and, in the same
+  ``monitor()`` call, whenever the cheap tier's observation reaches DRIFT: the detector's state
+  is put back and the step is scored again with the full pass's non-finite counts. Once
+  escalated, the full pass runs every step until ``CALM_STEPS`` consecutive steps are STABLE.
+
+So every DRIFT and CRITICAL status, and every recovery action that follows one, comes from an
+observation made in a call that read every element. The magnitude channels (parameter,
+update, acceleration and jerk norms, the gradient norm when the framework did not pass one)
+stay the sample's estimates on every step, full or not: a fixed sample's estimate differs from
+the exact value by a steady factor, and switching between the two would read as a jump.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from zetaguard import _core
+
+if TYPE_CHECKING:
+    from zetaguard.adapters import Snapshot
+    from zetaguard.detector import Detector, Observation
+
+DEFAULT_SAMPLE_FRACTION = 1.0 / 64.0
+DEFAULT_FULL_PASS_INTERVAL = 50
+# STABLE steps in a row, each with a full pass, that end an escalation.
+CALM_STEPS = 4
+BLOCK_BYTES = 1024  # sixteen 64-byte cache lines: fewer scattered starts, each prefetched
+
+
+def check_settings(sample_fraction: Any, full_pass_interval: Any) -> None:
+    """Refuse bad tiered settings with a message naming the fix."""
+    if isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float)):
+        raise TypeError(
+            f"sample_fraction must be a number in (0, 1], got {type(sample_fraction).__name__}"
+        )
+    if not (0.0 < float(sample_fraction) <= 1.0) or math.isnan(float(sample_fraction)):
+        raise ValueError(
+            f"sample_fraction must be in (0, 1] (for example 1/64; 1 reads every element), "
+            f"got {sample_fraction!r}"
+        )
+    if isinstance(full_pass_interval, bool) or not isinstance(full_pass_interval, int):
+        raise TypeError(
+            f"full_pass_interval must be an integer >= 1, got {type(full_pass_interval).__name__}"
+        )
+    if full_pass_interval < 1:
+        raise ValueError(
+            f"full_pass_interval must be >= 1 (1 runs the full pass every step), got "
+            f"{full_pass_interval}"
+        )
+
+
+@dataclass(slots=True)
+class TieredStep:
+    """What one tiered step hands back to the guard."""
+
+    obs: Observation
+    group_rows: npt.NDArray[np.float64]
+    history: int
+    grad_norm: float | None
+    full: bool  # a full pass ran in this call
+
+
+class TieredPipeline:
+    """The cheap tier, the schedule of full passes and the DRIFT-triggered escalation."""
+
+    def __init__(self, sample_fraction: float, full_pass_interval: int, seed: int) -> None:
+        check_settings(sample_fraction, full_pass_interval)
+        self.sample_fraction = float(sample_fraction)
+        self.full_pass_interval = int(full_pass_interval)
+        self.seed = int(seed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sampler = _core.Sampler(self.sample_fraction, BLOCK_BYTES, self.seed)
+        self._count = 0  # tiered steps seen
+        self._escalated = False
+        self._calm = 0
+        self.full_passes = 0
+        self.escalations = 0
+
+    def restart_trajectory(self) -> None:
+        """After a rollback: the sample ring must not mix states from before and after it."""
+        self.sampler.reset()
+
+    def statistics(self) -> dict[str, Any]:
+        """What the tiers did so far (``get_statistics()["tiered"]``)."""
+        return {
+            "sample_fraction": self.sample_fraction,
+            "full_pass_interval": self.full_pass_interval,
+            "sampled_elements": self.sampler.sampled_elements,
+            "sample_state_bytes": self.sampler.state_bytes,
+            "full_passes": self.full_passes,
+            "escalations": self.escalations,
+            "escalated": self._escalated,
+        }
+
+    @property
+    def started(self) -> bool:
+        """True once the sample holds tensors (the full engine may still hold none)."""
+        return self.sampler.tensor_count > 0
+
+    @property
+    def escalated(self) -> bool:
+        return self._escalated
+
+    def step(
+        self,
+        snap: Snapshot,
+        tracker: _core.Tracker,
+        detector: Detector,
+        aggregate: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]],
+        loss: float | None,
+        grad_norm: float | None,
+    ) -> TieredStep:
+        t = self._count
+        self._count += 1  # tiered steps seen
+        sampler = self.sampler
+        history = sampler.history
+        rows = sampler.update_raw(snap.tensors) if snap.raw else sampler.update(snap.tensors)
+        grad_est = grad_norm
+        if grad_est is None and snap.grads:
+            g2, bad = (
+                sampler.total_norm_raw(snap.grads) if snap.grads_raw
+                else sampler.total_norm(snap.grads)
+            )
+            grad_est = math.sqrt(g2) if bad == 0 else math.inf
+        scheduled = (t + 1) % self.full_pass_interval == 0
+        if not scheduled and not self._escalated:
+            group_rows = aggregate(rows)
+            detector.checkpoint()
+            obs = detector.observe(group_rows, history, loss=loss, grad_norm=grad_est)
+            if obs.status == "STABLE":
+                return TieredStep(obs, group_rows, history, grad_est, False)
+            # A cheap channel reached DRIFT: score this step again on full data.
+            detector.rollback()
+            self._escalated = True
+            self._calm = 0
+            self.escalations += 1
+        return self._full_step(snap, tracker, detector, aggregate, rows, history, loss, grad_est)
+
+    def _full_step(
+        self,
+        snap: Snapshot,
+        tracker: _core.Tracker,
+        detector: Detector,
+        aggregate: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]],
+        rows: npt.NDArray[np.float64],
+        history: int,
+        loss: float | None,
+        grad_est: float | None,
+    ) -> TieredStep:
+        self.full_passes += 1
+        # Every element read once: parameters and gradients. The detector keeps seeing the
+        # sample's estimates (one consistent series per channel: the fixed sample's estimate
+        # differs from the exact value by a steady factor, and switching between the two would
+        # read as a jump); the full pass adds what only it can see, non-finite values anywhere.
+        full = tracker.norms_raw(snap.tensors) if snap.raw else tracker.norms(snap.tensors)
+        combined = rows.copy()
+        combined[:, 4] = full[:, 4]
+        grad_value = grad_est
+        if snap.grads:
+            _, bad = (
+                tracker.total_norm_raw(snap.grads) if snap.grads_raw
+                else tracker.total_norm(snap.grads)
+            )
+            if bad:
+                grad_value = math.inf
+        group_rows = aggregate(combined)
+        obs = detector.observe(group_rows, history, loss=loss, grad_norm=grad_value)
+        if self._escalated:
+            self._calm = self._calm + 1 if obs.status == "STABLE" else 0
+            if self._calm >= CALM_STEPS:
+                self._escalated = False
+        return TieredStep(obs, group_rows, history, grad_value, True)
