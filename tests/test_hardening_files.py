@@ -228,3 +228,18 @@ def test_sizes_are_bounded_before_decompressing(tmp_path: Path) -> None:
             z.writestr(name, data)
     with pytest.raises(StateFileError, match="declares"):
         ZetaGuard().load_state(tmp_path / "huge.zg")
+
+
+def test_bad_tiered_settings_in_a_state_file_are_refused(tmp_path: Path) -> None:
+    meta, arrays = _good(tmp_path)
+    for fraction in (0.0, 1.5, -0.25, float("inf"), "0.5", True):
+        bad = {**meta, "config": {**meta["config"], "sample_fraction": fraction}}
+        _refused(tmp_path, bad, arrays, "sample_fraction")
+    for interval in (0, -3, 2.5, "7", 2**40):
+        bad = {**meta, "config": {**meta["config"], "full_pass_interval": interval}}
+        _refused(tmp_path, bad, arrays, "full_pass_interval")
+    ok = {**meta, "config": {**meta["config"], "sample_fraction": 0.25, "full_pass_interval": 7}}
+    state.save(tmp_path / "ok.zg", ok, arrays)
+    g = ZetaGuard()
+    g.load_state(tmp_path / "ok.zg")
+    assert (g.sample_fraction, g.full_pass_interval) == (0.25, 7)

@@ -249,6 +249,11 @@ def validate(meta: dict[str, Any], arrays: Mapping[str, npt.NDArray[Any]]) -> No
             ("conservative", "balanced", "aggressive"))
     _choice(c("calibration"), "config.calibration", ("auto", "none"))
     _choice(cfg.get("mode", "auto"), "config.mode", ("auto", "exact", "sketch"))
+    # Tiered settings (files from before tiered monitoring have none: the defaults apply).
+    fraction = _num(cfg.get("sample_fraction", 1.0), "config.sample_fraction")
+    if not 0.0 < fraction <= 1.0:
+        raise Refusal(f"config.sample_fraction must be in (0, 1], got {fraction}")
+    _int(cfg.get("full_pass_interval", 1), "config.full_pass_interval", 1, 2**31 - 1)
     _int(c("sketch_buckets"), "config.sketch_buckets", 1, 2**31 - 1)
     _int(cfg.get("exact_memory_budget", 0), "config.exact_memory_budget", 0, _INT64)
     _choice(c("group_by"), "config.group_by", ("layer", "tensor", "none"))

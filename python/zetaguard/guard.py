@@ -566,20 +566,15 @@ class ZetaGuard:
             path, threads=self.threads, parse_recovery=RecoveryManager.parse_counters
         )
         cfg = saved.config
-        # Files from before tiered monitoring carry no fraction or interval: the defaults.
-        mode = cfg.get("mode", self.mode)
-        sample_fraction = cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION)
-        full_pass_interval = cfg.get("full_pass_interval", tiered.DEFAULT_FULL_PASS_INTERVAL)
-        if mode not in ("auto", "exact", "sketch"):
-            raise state.StateFileError(f"{os.fspath(path)}: unknown engine mode {mode!r}")
-        try:
-            tiered.check_settings(sample_fraction, full_pass_interval)
-        except (TypeError, ValueError) as e:
-            raise state.StateFileError(f"{os.fspath(path)}: {e}") from e
         with self._lock:
-            self.mode = mode
-            self.sample_fraction = float(sample_fraction)
-            self.full_pass_interval = int(full_pass_interval)
+            # Files from before tiered monitoring carry no fraction or interval: the defaults.
+            self.mode = cfg.get("mode", self.mode)
+            self.sample_fraction = float(
+                cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION)
+            )
+            self.full_pass_interval = int(
+                cfg.get("full_pass_interval", tiered.DEFAULT_FULL_PASS_INTERVAL)
+            )
             self.drift_threshold = saved.detector.drift_threshold
             self.snap_threshold = saved.detector.snap_threshold
             self.alpha = saved.detector.alpha
