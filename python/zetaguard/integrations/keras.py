@@ -87,7 +87,14 @@ class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
         self._epoch_zeta = -math.inf
         self._epoch_level = 0
 
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        # Keras has no optimizer step hooks: the LR watch runs around the batch (it does
+        # nothing before the guard's first LR cut). A callback that sets the LR each batch
+        # must come before this one in `callbacks=` for the held cut to apply to its value.
+        self.guard.recovery.before_optimizer_step()
+
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.guard.recovery.after_optimizer_step()
         self._batches += 1
         if self._batches % self.every_n_batches:
             return

@@ -30,6 +30,7 @@ from zetaguard.recovery.ladder import (
     ROLLBACK_IF_NEEDED,
     Ladder,
 )
+from zetaguard.recovery.lr_watch import LrWatch
 from zetaguard.recovery.snapshots import SnapshotKeeper
 from zetaguard.results import RecoveryReport, StabilityResult
 
@@ -87,6 +88,10 @@ class RecoveryManager:
         keep_checkpoints: emergency checkpoints kept in ``checkpoint_dir`` (older ones deleted).
         restore_rng: restore the RNG states of the snapshot on rollback (a deterministic replay
             from the stable state; the LR cut makes the trajectory differ anyway).
+        hold_lr_cut: when the loop sets the learning rate itself and so overwrites a cut, keep
+            the cut in force as a factor on whatever the loop sets until the episode ends
+            (:mod:`zetaguard.recovery.lr_watch`); False lets the loop's LR apply as it is (the
+            one warning is logged either way).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class RecoveryManager:
         keep_snapshots: int = 2,
         keep_checkpoints: int = 3,
         restore_rng: bool = True,
+        hold_lr_cut: bool = True,
     ) -> None:
         self.guard = guard
         self.keeper = SnapshotKeeper(snapshot_interval, keep_snapshots, snapshot_memory_budget)
@@ -107,6 +113,8 @@ class RecoveryManager:
         self._backend: RecoveryBackend | None = None
         self._params: Any = None
         self._in_protocol = False
+        self.lr_watch = LrWatch()
+        self.lr_watch.hold = hold_lr_cut
         self.reset()
 
     def reset(self) -> None:
@@ -123,6 +131,17 @@ class RecoveryManager:
         self.losses = clip.RobustHistory()
         self.grad_norms = clip.RobustHistory()
         self.last_report: RecoveryReport | None = None
+        self.lr_watch.warned = False
+        self.lr_watch.end_episode()
+
+    @property
+    def hold_lr_cut(self) -> bool:
+        """See the class docstring; changeable at any time."""
+        return self.lr_watch.hold
+
+    @hold_lr_cut.setter
+    def hold_lr_cut(self, value: bool) -> None:
+        self.lr_watch.hold = bool(value)
 
     # ---- persistence (save_state) ---------------------------------------------------------
 
@@ -172,7 +191,7 @@ class RecoveryManager:
         the last-resort snapshot."""
         if scheduler is not None:
             self.scheduler = scheduler
-        self._backend = None
+        self._drop_backend()
         backend = self.backend
         if backend is not None and model is not None:
             self.keeper.reset()
@@ -195,6 +214,24 @@ class RecoveryManager:
             if set_params is not None:
                 set_params(params)
         return params
+
+    def _drop_backend(self) -> None:
+        close = getattr(self._backend, "close", None)
+        if close is not None:  # optimizer hooks of the LR watch
+            close()
+        self._backend = None
+        self.lr_watch.end_episode()
+
+    def before_optimizer_step(self) -> None:
+        """For integrations whose framework has no optimizer step hooks (Keras): call just
+        before the update; applies the LR watch (torch backends hook the optimizer instead)."""
+        if self.lr_watch.active and self._backend is not None:
+            self.lr_watch.before_step(self._backend, self.scheduler)
+
+    def after_optimizer_step(self) -> None:
+        """The counterpart of :meth:`before_optimizer_step`, just after the update."""
+        if self.lr_watch.active and self._backend is not None:
+            self.lr_watch.after_step(self._backend, self.scheduler)
 
     @property
     def backend(self) -> RecoveryBackend | None:
@@ -223,6 +260,8 @@ class RecoveryManager:
             self.calm += 1
             if self.calm >= self.ladder.calm_steps:
                 self.episode = 0
+                if self.lr_watch.active:  # the cut is no longer held over the loop's LR
+                    self.lr_watch.end_episode()
         if result.status != "CRITICAL":
             return None
         self.calm = 0
@@ -264,6 +303,7 @@ class RecoveryManager:
         self.episode += 1
         self.total += 1
         self.since_action = 0
+        self.calm = 0  # an action (a manual one too) starts the episode
         self._finish(report, result, batch_index)
         return report
 
@@ -287,6 +327,7 @@ class RecoveryManager:
                 stable = self.keeper.pick(0)  # after a rollback: the state restored
                 factor = lr_factor(rung.lr_factor, result, lrs, stable.lrs if stable else [])
                 backend.scale_lr(factor)
+                self.lr_watch.after_cut(backend, factor, report.step)
                 report.actions.append(f"lr x{factor:.3g}")
             else:
                 report.actions.append("lr cut unavailable (no optimizer attached)")

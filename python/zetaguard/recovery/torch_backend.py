@@ -84,6 +84,7 @@ class TorchBackend:
         self.scheduler = scheduler
         self.targets = _named_targets(model)
         self._spare: list[list[torch.Tensor]] = []  # buffers of dropped snapshots
+        self._step_hooks: list[Any] = []  # handles of the LR watch's optimizer hooks
 
     def set_params(self, params: Any) -> None:
         """Point at a new parameter set (used when only parameters were handed to monitor())."""
@@ -176,6 +177,36 @@ class TorchBackend:
         if self.scheduler is not None:
             _scale_scheduler(self.scheduler, factor)
 
+    def set_lrs(self, lrs: list[float]) -> None:
+        """Write ``param_groups[i]["lr"]`` (only: the LR watch's held factor is per step, so the
+        scheduler's base LRs stay as the cut left them)."""
+        if self.optimizer is None:
+            return
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def watch_steps(self, watch: Any) -> None:
+        """Run ``watch.before_step`` / ``watch.after_step`` around every optimizer step (torch's
+        step hooks on the innermost optimizer: Lightning's and accelerate's wrappers call it)."""
+        if self._step_hooks or self.optimizer is None:
+            return
+        inner = _innermost_optimizer(self.optimizer)
+        if not hasattr(inner, "register_step_pre_hook"):
+            return
+        self._step_hooks = [
+            inner.register_step_pre_hook(lambda *_: watch.before_step(self, self.scheduler)),
+            inner.register_step_post_hook(lambda *_: watch.after_step(self, self.scheduler)),
+        ]
+
+    def close(self) -> None:
+        """Remove the optimizer hooks this backend registered."""
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
     # ---- gradients -----------------------------------------------------------------------
 
     def _params(self) -> list[torch.Tensor]:
@@ -241,6 +272,17 @@ def _scaled(lr: Any, factor: float) -> Any:
     if isinstance(lr, torch.Tensor):  # tensor learning rates (capturable optimizers)
         return lr.mul(factor)
     return float(lr) * factor
+
+
+def _innermost_optimizer(opt: Any) -> Any:
+    """The torch optimizer under wrappers that keep it in ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the one whose ``step`` runs."""
+    for _ in range(8):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or inner is opt or not hasattr(inner, "param_groups"):
+            break
+        opt = inner
+    return opt
 
 
 def make_backend(model: Any, optimizer: Any = None, scheduler: Any = None) -> TorchBackend:
