@@ -291,6 +291,38 @@ class ZetaGuard:
         with self._lock:
             return self._monitor(snap, loss, grad_norm, step, batch_index)
 
+    def take_reference(self, params: Any = None) -> bool:
+        """Record the parameters as they are *before* the first optimizer step: the engine ring
+        gets its first state and the detector its fixed parameter-norm reference (which
+        otherwise is the norm after the first update, when a run unstable from its first step
+        is already damaged). Integrations call it at train start; it does nothing (returns
+        False) once a step was monitored or under torch.distributed. Not a step: nothing is
+        scored, counted or stored."""
+        if params is None:
+            params = self._layers if self._layers is not None else self.model
+        if params is None or self._step > 0 or distributed.current(self) is not None:
+            return False
+        if self.model is None:
+            params = self._recovery.bind_params(params)
+        snap = snapshot(params)
+        if self.device != "auto":
+            snap = self._route_device(snap)
+        with self._lock:
+            if not snap.tensors or self._step > 0 or self._detector.steps > 0:
+                return False
+            if self._pattern is not None:
+                snap = self._apply_pattern(snap, self._pattern)
+            tracker = self._ensure_tracker(snap)
+            if tracker.history > 0:
+                return False
+            if snap.framework == DEVICE_FRAMEWORK:
+                rows, _ = cast("DeviceTracker", tracker).update_with_grads(snap.tensors, None)
+            else:
+                host = cast(_core.Tracker, tracker)
+                rows = host.update_raw(snap.tensors) if snap.raw else host.update(snap.tensors)
+            self._names_seen = snap.names
+            return self._detector.set_reference(math.sqrt(float(np.sum(rows[:, 0]))))
+
     def _monitor(
         self,
         snap: Snapshot,

@@ -82,6 +82,9 @@ class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
         self.guard.attach(model=self.model, optimizer=getattr(self.model, "optimizer", None))
         self._batches = 0
         self._watched = weights_to_watch(self.model)
+        # The weights before the first update are the reference a run unstable from its first
+        # step is measured against (a no-op once this guard has monitored a step).
+        self.guard.take_reference(self._watched)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch_zeta = -math.inf
