@@ -847,6 +847,92 @@ def test_an_attached_scheduler_is_no_override(caplog: pytest.LogCaptureFixture) 
         steps = _lr_loop(guard, model, opt, range(30, 40), keep, sched=sched)
     assert not any("assigns the learning rate" in r.getMessage() for r in caplog.records)
     assert not guard.recovery.lr_watch.overridden
-    factor = report.lr_after / report.lr_before
+    # The rollback rewound the schedule to the snapshot's position; the cut scales it.
+    assert report.restored_step is not None
+    position = report.restored_step + 1
+    cut = report.lr_after / (0.01 * (1.0 + 0.02 * position))
+    assert cut < 0.5
     for t, (_, used) in zip(range(30, 40), steps, strict=True):
-        assert used == pytest.approx(0.01 * (1.0 + 0.02 * t) * factor, rel=1e-3)
+        assert used == pytest.approx(0.01 * (1.0 + 0.02 * (position + t - 30)) * cut, rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["lambda", "step", "sequential"])
+def test_rollback_rewinds_the_scheduler_and_keeps_the_cut(kind: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if kind == "lambda":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 + 0.1 * t)
+    elif kind == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    else:
+        sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=6),
+            torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
+        ], milestones=[6])
+
+    def step() -> None:
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+    backend = TorchBackend(model, opt, sched)
+    for _ in range(5):
+        step()
+    snap = backend.capture(5)
+    expected = copy.deepcopy(sched.state_dict())
+    for _ in range(7):  # a reference: the schedule from the snapshot on, without any cut
+        step()
+    assert sched.last_epoch == 12
+    backend.scale_lr(0.1)
+    base_now = copy.deepcopy(getattr(sched, "base_lrs", None))
+    backend.restore(snap)
+    assert sched.last_epoch == expected["last_epoch"] == 5  # the schedule's position came back
+    assert getattr(sched, "base_lrs", None) == base_now  # ... its base LRs kept the cut
+    assert opt.param_groups[0]["lr"] == pytest.approx(snap.lrs[0] * 0.1)  # the snapshot's, cut
+    # From the restored position, the schedule continues as it did the first time, times the cut.
+    reference = torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.01)
+    ref_sched = type(sched)(reference, **_sched_kwargs(kind, reference))
+    for _ in range(5):
+        reference.step()
+        ref_sched.step()
+    for _ in range(3):
+        step()
+        reference.step()
+        ref_sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"])
+
+
+def _sched_kwargs(kind: str, opt: torch.optim.Optimizer) -> dict[str, object]:
+    if kind == "lambda":
+        return {"lr_lambda": lambda t: 1.0 + 0.1 * t}
+    if kind == "step":
+        return {"step_size": 4, "gamma": 0.5}
+    return {
+        "schedulers": [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=6),
+            torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
+        ],
+        "milestones": [6],
+    }
+
+
+def test_a_guard_rollback_rewinds_the_attached_scheduler() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 + 0.01 * t)
+    guard = ZetaGuard(warmup_steps=5, snapshot_interval=5).attach(model, opt, sched)
+    for _ in range(40):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        guard.monitor(model)
+    report = guard.emergency_protocol()
+    assert report.restored_step is not None
+    assert report.restored_step >= 0
+    # The snapshot of step s was taken after s+1 optimizer (and scheduler) steps.
+    assert sched.last_epoch == report.restored_step + 1
