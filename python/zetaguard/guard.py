@@ -542,11 +542,14 @@ class ZetaGuard:
         with self._lock:
             return self._recovery.respond(self._last, force=True)
 
-    def should_skip_step(self, loss: Any = None, grad_norm: float | None = None) -> bool:
+    def should_skip_step(
+        self, loss: Any = None, grad_norm: float | None = None, *, batch_index: int | None = None
+    ) -> bool:
         """Call after ``backward()``, before ``optimizer.step()``: True when this update should
         not land (non-finite loss or gradients, or a spike far above the recent median; see
         docs/recovery.md). The gradient norm is read from the attached torch model when not
-        given. Each veto is logged as an incident."""
+        given. Each veto is logged as an incident (with ``batch_index`` when given) and listed in
+        ``get_statistics()["incidents"]["skipped"]``."""
         with self._lock:
             loss_value = _as_float(loss, "loss")
             reason = self._recovery.skip_reason(loss_value, _as_float(grad_norm, "grad_norm"))
@@ -556,7 +559,7 @@ class ZetaGuard:
             if reason is None:
                 self._recovery.record_step_taken()
                 return False
-            self._recovery.record_skip(reason)
+            self._recovery.record_skip(reason, batch_index)
             return True
 
     def guarded_step(
@@ -566,6 +569,7 @@ class ZetaGuard:
         loss: Any = None,
         grad_norm: float | None = None,
         clip: bool = True,
+        batch_index: int | None = None,
     ) -> bool:
         """``optimizer.step()`` unless :meth:`should_skip_step` vetoes it (the gradients are then
         dropped), with the gradients clipped to :meth:`recommended_clip_value` first when
@@ -581,7 +585,7 @@ class ZetaGuard:
         backend = self._recovery.backend
         if grad_norm is None and backend is not None:
             grad_norm = backend.grad_norm()
-        if self.should_skip_step(loss=loss, grad_norm=grad_norm):
+        if self.should_skip_step(loss=loss, grad_norm=grad_norm, batch_index=batch_index):
             opt.zero_grad()
             return False
         limit = self.recommended_clip_value()
@@ -712,6 +716,8 @@ class ZetaGuard:
             "in_warmup": self._detector.in_warmup,
             "confidence": self._detector.confidence(),
             "recoveries": len(self._reports),
+            # Incident classes, and the steps (batch indices) undone or skipped.
+            "incidents": self._recovery.incidents.summary(),
             "engine": {
                 "mode": t.mode if t else None,
                 "isa": t.isa if t else _core.best_isa(),

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from zetaguard.checkpoint import checkpoint_stem
 from zetaguard.recovery import clip
 from zetaguard.recovery.backend import RecoveryBackend, make_backend
+from zetaguard.recovery.incidents import MAX_UNDOS, PERSISTENT, RECURRING, TRANSIENT, Incidents
 from zetaguard.recovery.ladder import (
     CHECKPOINT,
     LADDERS,
@@ -131,6 +132,8 @@ class RecoveryManager:
         self.losses = clip.RobustHistory()
         self.grad_norms = clip.RobustHistory()
         self.last_report: RecoveryReport | None = None
+        self.incidents = Incidents()  # classes seen, steps undone or skipped
+        self._class_note: str | None = None  # the class of the incident being answered
         self.lr_watch.warned = False
         self.lr_watch.end_episode()
 
@@ -247,6 +250,12 @@ class RecoveryManager:
     def after_step(self, result: StabilityResult, batch_index: int | None = None) -> RecoveryReport | None:
         if self.stopped:
             return None
+        try:
+            return self._after_step(result, batch_index)
+        finally:
+            self.incidents.observe(result)  # after classifying: the steps before it
+
+    def _after_step(self, result: StabilityResult, batch_index: int | None) -> RecoveryReport | None:
         vetoed, self._vetoed = self._vetoed, False
         self.losses.append(result.channels.get("loss"))
         self.grad_norms.append(result.channels.get("grad_norm"))
@@ -272,11 +281,54 @@ class RecoveryManager:
         if not self.guard.auto_recover:
             self._incident(result, batch_index, "none (auto_recover=False)")
             return None
+        kind, why = self._classify(result)
+        if kind != PERSISTENT:
+            return self._undo(result, batch_index, kind, why)
         broken = result.nonfinite > 0 or not math.isfinite(result.zeta_value)
         if self.since_action <= self.ladder.cooldown and not broken:
-            self._incident(result, batch_index, "cooldown")
+            self._incident(result, batch_index, f"cooldown ({kind}: {why})")
             return None
+        self._class_note = f"{kind}: {why}"
         return self.respond(result, batch_index)
+
+    def _classify(self, result: StabilityResult) -> tuple[str, str]:
+        backend = self.backend
+        lrs = backend.get_lrs() if backend is not None else []
+        stable = self.keeper.pick(0)
+        kind, why = self.incidents.classify(result, lrs, stable.lrs if stable else [])
+        if kind != PERSISTENT and len(self.incidents.undone) >= MAX_UNDOS:
+            kind, why = PERSISTENT, f"{MAX_UNDOS} transients undone in this run already ({why})"
+        self.incidents.record(kind, result.step)
+        return kind, why
+
+    def _undo(
+        self, result: StabilityResult, batch_index: int | None, kind: str, why: str
+    ) -> RecoveryReport:
+        """A (recurring) transient: roll the bad update back, leave the learning rate and the
+        ladder alone; after a recurring one, tighten the veto to the excursion's size."""
+        report = self._report(result)
+        backend = self.backend
+        lrs = backend.get_lrs() if backend is not None else []
+        report.lr_before = report.lr_after = lrs[0] if lrs else None
+        self._rollback(0, report)
+        if kind == RECURRING:
+            self.incidents.tighten_veto(
+                result.channels.get("loss"), self.losses.median(clip.SKIP_MIN_SAMPLES),
+                result.channels.get("grad_norm"), self.grad_norms.median(clip.SKIP_MIN_SAMPLES),
+                self.ladder.skip_loss_ratio, self.ladder.skip_grad_ratio,
+            )
+            report.actions.append(
+                "veto tightened (loss > "
+                f"{_ratio_text(self.incidents.veto_loss_ratio)}, grad > "
+                f"{_ratio_text(self.incidents.veto_grad_ratio)} x median)"
+            )
+        report.message = f"{kind}: {why}; undone with no LR cut"
+        self.incidents.undone.append(
+            {"step": result.step, "batch": batch_index, "class": kind,
+             "restored_step": report.restored_step}
+        )
+        self._finish(report, result, batch_index)
+        return report
 
     def respond(
         self, result: StabilityResult | None, batch_index: int | None = None, *, force: bool = False
@@ -304,6 +356,9 @@ class RecoveryManager:
         self.total += 1
         self.since_action = 0
         self.calm = 0  # an action (a manual one too) starts the episode
+        note, self._class_note = self._class_note, None
+        if note:
+            report.message = f"{note}; {report.message}" if report.message else note
         self._finish(report, result, batch_index)
         return report
 
@@ -423,6 +478,9 @@ class RecoveryManager:
             f"{MAX_TOTAL_RECOVERIES} per run)"
         )
         self.stopped = True
+        note, self._class_note = self._class_note, None
+        if note:
+            report.message = f"{note}; {report.message}"
         self._finish(report, result, batch_index)
         return report
 
@@ -436,8 +494,8 @@ class RecoveryManager:
             grad_norm,
             self.losses,
             self.grad_norms,
-            loss_ratio=self.ladder.skip_loss_ratio,
-            grad_ratio=self.ladder.skip_grad_ratio,
+            loss_ratio=_tightest(self.incidents.veto_loss_ratio, self.ladder.skip_loss_ratio),
+            grad_ratio=_tightest(self.incidents.veto_grad_ratio, self.ladder.skip_grad_ratio),
         )
 
     def record_skip(self, reason: str, batch_index: int | None = None) -> None:
@@ -445,7 +503,13 @@ class RecoveryManager:
         self.consecutive_skips += 1
         self._vetoed = True
         step = self.guard.step
-        log.warning("zetaguard: step %d skipped: %s", step, reason)
+        # A veto is about one batch: a transient, or the recurring one once it has recurred.
+        kind = RECURRING if self.incidents.recurring else TRANSIENT
+        log.warning("zetaguard: step %d skipped (%s: %s)%s", step, kind, reason,
+                    "" if batch_index is None else f" batch={batch_index}")
+        self.incidents.skipped.append(
+            {"step": step, "batch": batch_index, "class": kind, "reason": reason}
+        )
         self._store_incident(step, "CRITICAL", {}, None, batch_index, f"skip: {reason}")
         if self.consecutive_skips > MAX_CONSECUTIVE_SKIPS and self.guard.auto_recover:
             self.consecutive_skips = 0
@@ -533,6 +597,15 @@ class RecoveryManager:
                 batch_index=batch_index,
                 action=action,
             )
+
+
+def _tightest(*ratios: float | None) -> float | None:
+    given = [r for r in ratios if r is not None]
+    return min(given) if given else None
+
+
+def _ratio_text(ratio: float | None) -> str:
+    return "off" if ratio is None else f"{ratio:.3g}"
 
 
 def lr_factor(
