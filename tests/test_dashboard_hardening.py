@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from zetaguard import ZetaGuard
 
-from tests._dashboard_helpers import dashboard
+from tests.support.dashboard import dashboard
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -34,11 +34,11 @@ def _write_run(root: Path, name: str, steps: int) -> None:
     guard = ZetaGuard(run_dir=root, run_name=name, warmup_steps=2, auto_recover=False)
     w = {"w": np.ones(8, np.float32)}
     guard.monitor(w, loss=1.0)
-    store = guard._store
+    store, last = guard.run_store, guard.last_result
     assert store is not None
-    assert guard._last is not None
+    assert last is not None
     for i in range(1, steps):
-        store.record_step(dataclasses.replace(guard._last, step=guard._last.step + i))
+        store.record_step(dataclasses.replace(last, step=last.step + i))
     guard.close()
 
 

@@ -46,6 +46,16 @@ def test_healthy_fit_raises_no_critical_and_logs_zeta(fit_run: dict[str, Any]) -
 
 
 @pytest.mark.slow
+def test_a_fit_unstable_from_its_first_update_is_critical_at_once(fit_run: dict[str, Any]) -> None:
+    """The callback takes its reference before the first step: the first update's blow-up is
+    measured against the weights it started from, not learned as the starting point."""
+    unstable = fit_run["unstable"]
+    assert unstable["steps"] == 32
+    assert unstable["statuses"][0] == 2.0  # the very first step (it had no reference before)
+    assert unstable["status_counts"]["CRITICAL"] >= 25
+
+
+@pytest.mark.slow
 def test_weights_read_during_fit_are_the_live_weights(fit_run: dict[str, Any]) -> None:
     """The raw JAR the guard computed from its zero-copy reads equals the seed formula applied
     in NumPy to copies of the weights taken at the same batches."""

@@ -24,8 +24,9 @@ def _loader() -> DataLoader:
 
 
 class Net(pl.LightningModule):
-    def __init__(self, blow_up_at: int | None = None) -> None:
+    def __init__(self, blow_up_at: int | None = None, lr: float = 2e-3) -> None:
         super().__init__()
+        self.lr = lr
         self.net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
                                        torch.nn.Linear(32, 10))
         self.blow_up_at = blow_up_at
@@ -44,7 +45,7 @@ class Net(pl.LightningModule):
                 self.lr_blown = g["lr"]
 
     def configure_optimizers(self):  # type: ignore[no-untyped-def]
-        opt = torch.optim.Adam(self.parameters(), lr=2e-3)
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=0.5)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -93,6 +94,29 @@ def test_blow_up_is_caught_and_handled(tmp_path: Path) -> None:
     assert sched.base_lrs[0] < 0.05  # ... and its scheduler, so it lasts
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert trainer.should_stop == cb.guard.should_stop
+
+
+@pytest.mark.parametrize("auto_recover", [False, True])
+def test_a_run_unstable_from_its_first_update_is_critical_at_once(
+    tmp_path: Path, auto_recover: bool
+) -> None:
+    """Adam at LR 3.0 blows the weights up in its first update. The callback takes its
+    reference in on_fit_start, before that update, so the very first step is CRITICAL."""
+    pl.seed_everything(0)
+    cb = _Recorder(warmup_steps=15, auto_recover=auto_recover)
+    model = Net(lr=3.0)
+    trainer = _trainer(tmp_path, 20, [cb], enable_checkpointing=False)
+    trainer.fit(model, _loader())
+    statuses = [r.status for r in cb.results]
+    assert statuses[0] == "CRITICAL"
+    if auto_recover:
+        first = cb.guard.recovery_reports[0]
+        assert first.step == 0
+        assert first.restored_step == -1  # the state from before the first update
+        assert trainer.optimizers[0].param_groups[0]["lr"] < 3.0
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    else:
+        assert statuses.count("CRITICAL") >= 15
 
 
 class _Recorder(ZetaCallback):

@@ -10,22 +10,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zetaguard import StabilityResult, ZetaGuard
+from zetaguard import ZetaGuard
 from zetaguard.recovery.ladder import LADDERS, MAX_TOTAL_RECOVERIES
 from zetaguard.recovery.manager import MIN_LR_FACTOR, lr_factor
 
-
-def _result(step: int, status: str, zeta: float) -> StabilityResult:
-    return StabilityResult(
-        status=status,  # type: ignore[arg-type]
-        zeta_value=zeta,
-        raw_jar=None,
-        smoothed_jar=None,
-        confidence=1.0,
-        step=step,
-        nonfinite=0 if math.isfinite(zeta) else 1,
-    )
-
+from tests.support.results import make_result as _result
 
 _STATUS = st.sampled_from([("STABLE", 0.1), ("DRIFT", 0.9), ("CRITICAL", 2.0), ("CRITICAL", math.inf)])
 

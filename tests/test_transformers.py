@@ -57,13 +57,14 @@ class _BlowUp(TrainerCallback):  # type: ignore[misc]
 
 
 def _train(tmp: Path, steps: int, callbacks: list, seed: int = 0,  # type: ignore[type-arg]
-           installed: ZetaGuardCallback | None = None, max_grad_norm: float = 1.0) -> Trainer:
+           installed: ZetaGuardCallback | None = None, max_grad_norm: float = 1.0,
+           learning_rate: float = 3e-3) -> Trainer:
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
                         bos_token_id=0, eos_token_id=0)
     args = TrainingArguments(
         output_dir=str(tmp), max_steps=steps, per_device_train_batch_size=16,
-        learning_rate=3e-3, lr_scheduler_type="linear", warmup_steps=0, logging_steps=5,
+        learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=0, logging_steps=5,
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=seed,
         dataloader_num_workers=0, max_grad_norm=max_grad_norm,
     )
@@ -110,13 +111,13 @@ def test_lr_blow_up_is_caught_and_the_cut_persists(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("install", [True, False])
-def test_installed_callback_sees_the_gradient_norm_before_clipping(
+def test_the_callback_sees_the_gradient_norm_before_clipping(
     tmp_path: Path, install: bool
 ) -> None:
     """The Trainer clips before on_pre_optimizer_step, so a norm read there is capped at
-    max_grad_norm. Installed, the callback records the Trainer's own pre-clip norm, which the
-    Trainer also logs: the two must agree (and a callback only passed in `callbacks=` sees the
-    clipped one)."""
+    max_grad_norm. Installed, the callback records the Trainer's own pre-clip norm; passed in
+    `callbacks=`, its gradient hooks take the norm before the clip. The Trainer logs its own
+    pre-clip norm: the guard's must agree with it either way."""
     cb = ZetaGuardCallback(warmup_steps=10)
     clip = 1e-3  # far below this model's gradient norms: every step is clipped
     trainer = _train(tmp_path, 20, [] if install else [cb], installed=cb if install else None,
@@ -125,7 +126,51 @@ def test_installed_callback_sees_the_gradient_norm_before_clipping(
     assert len(logged) == 4
     for entry in logged:
         assert entry["grad_norm"] > 10 * clip
-        if install:
-            assert entry["zetaguard/grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-5)
-        else:
-            assert entry["zetaguard/grad_norm"] == pytest.approx(clip, rel=1e-3)
+        assert entry["zetaguard/grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-5)
+
+
+class _Recorder(ZetaGuardCallback):
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.results: list = []  # type: ignore[type-arg]
+
+    def on_step_end(self, *args, **kw):  # type: ignore[no-untyped-def]
+        out = super().on_step_end(*args, **kw)
+        self.results.append(self.last_result)
+        return out
+
+
+def test_the_callback_sees_the_per_step_loss_without_install(tmp_path: Path) -> None:
+    """The Trainer logs the mean training loss over each logging window (5 steps here): the
+    per-step losses the callback read from the model's outputs average to it."""
+    cb = _Recorder(warmup_steps=10)
+    trainer = _train(tmp_path, 20, [cb])
+    losses = {r.step: r.channels["loss"] for r in cb.results}
+    assert sorted(losses) == list(range(1, 21))
+    logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    assert len(logged) == 4
+    for entry in logged:
+        window = [losses[s] for s in range(entry["step"] - 4, entry["step"] + 1)]
+        assert sum(window) / 5 == pytest.approx(entry["loss"], abs=2e-3)
+
+
+@pytest.mark.parametrize("auto_recover", [False, True])
+def test_a_run_unstable_from_its_first_update_is_critical_at_once(
+    tmp_path: Path, auto_recover: bool
+) -> None:
+    """LR 1.0 on this GPT-2 blows the weights up ~13x in its first AdamW update. With the
+    reference taken before that update and the loss seen, the first step is CRITICAL (the
+    callback used to report only DRIFT on such a run: its reference was the blown-up state)."""
+    cb = _Recorder(warmup_steps=15, auto_recover=auto_recover)
+    _train(tmp_path, 12, [cb], learning_rate=1.0)
+    statuses = [r.status for r in cb.results]
+    assert "CRITICAL" in statuses[:3]
+    if auto_recover:
+        first = cb.guard.recovery_reports[0]
+        assert first.step <= 3
+        assert first.restored_step == -1  # back to the state before the first update
+        assert first.lr_after is not None
+        assert first.lr_before is not None
+        assert first.lr_after < first.lr_before
+    else:
+        assert statuses.count("CRITICAL") >= 10

@@ -175,6 +175,19 @@ class Detector:
         ``channels`` list the scores too, as ``score_<name>``."""
         return Observation(*self._core.observe(rows, history, loss, grad_norm))
 
+    def set_reference(self, param_norm: float) -> bool:
+        """Take ``param_norm`` (the weights before the first update) as the parameter norm's
+        fixed reference and the growth channel's starting point, instead of the norm at the
+        first observed step, when that step carried the first update already. Only before the
+        first observation; returns whether it was taken."""
+        if self.steps > 0 or not (math.isfinite(param_norm) and param_norm > 0):
+            return False
+        state = self.state_dict()
+        state["first_param_norm"] = float(param_norm)
+        state["last_log_norm"] = math.log(param_norm)
+        self.load_state_dict(state)
+        return True
+
     # ---- persistence (plain JSON-able values) ------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

@@ -243,6 +243,27 @@ class ZetaGuard:
         with self._lock:
             return self._monitor(snap, loss, grad_norm, step, batch_index)
 
+    def take_reference(self, params: Any = None) -> bool:
+        """Record the parameters as they are *before* the first optimizer step: the engine ring
+        gets its first state and the detector its fixed parameter-norm reference (which
+        otherwise is the norm after the first update, when a run unstable from its first step
+        is already damaged). Integrations call it at train start; it does nothing (returns
+        False) once a step was monitored or under torch.distributed. Not a step: nothing is
+        scored, counted or stored."""
+        if params is None and self.model is None and self._selection.layers is None:
+            return False
+        if self._stats.step > 0 or distributed.current(self) is not None:
+            return False
+        source = self._selection.source(params, self.model)
+        if params is not None and self.model is None and self._selection.layers is None:
+            source = self._recovery.bind_params(source)
+        snap = route_device(snapshot(source), self.device)
+        with self._lock:
+            if not snap.tensors or self._stats.step > 0 or self._detector.steps > 0:
+                return False
+            norm = self._engine.take_reference(self._selection.apply(snap), self.group_of)
+            return norm is not None and self._detector.set_reference(norm)
+
     def _monitor(
         self,
         snap: Snapshot,
@@ -347,11 +368,14 @@ class ZetaGuard:
         with self._lock:
             return self._recovery.respond(self._stats.last, force=True)
 
-    def should_skip_step(self, loss: Any = None, grad_norm: float | None = None) -> bool:
+    def should_skip_step(
+        self, loss: Any = None, grad_norm: float | None = None, *, batch_index: int | None = None
+    ) -> bool:
         """Call after ``backward()``, before ``optimizer.step()``: True when this update should
         not land (non-finite loss or gradients, or a spike far above the recent median; see
         docs/recovery.md). The gradient norm is read from the attached torch model when not
-        given. Each veto is logged as an incident."""
+        given. Each veto is logged as an incident (with ``batch_index`` when given) and listed in
+        ``get_statistics()["incidents"]["skipped"]``."""
         with self._lock:
             loss_value = _as_float(loss, "loss")
             reason = self._recovery.skip_reason(loss_value, _as_float(grad_norm, "grad_norm"))
@@ -361,7 +385,7 @@ class ZetaGuard:
             if reason is None:
                 self._recovery.record_step_taken()
                 return False
-            self._recovery.record_skip(reason)
+            self._recovery.record_skip(reason, batch_index)
             return True
 
     def guarded_step(
@@ -371,6 +395,7 @@ class ZetaGuard:
         loss: Any = None,
         grad_norm: float | None = None,
         clip: bool = True,
+        batch_index: int | None = None,
     ) -> bool:
         """``optimizer.step()`` unless :meth:`should_skip_step` vetoes it (the gradients are then
         dropped), with the gradients clipped to :meth:`recommended_clip_value` first when
@@ -386,7 +411,7 @@ class ZetaGuard:
         backend = self._recovery.backend
         if grad_norm is None and backend is not None:
             grad_norm = backend.grad_norm()
-        if self.should_skip_step(loss=loss, grad_norm=grad_norm):
+        if self.should_skip_step(loss=loss, grad_norm=grad_norm, batch_index=batch_index):
             opt.zero_grad()
             return False
         limit = self.recommended_clip_value()
@@ -492,6 +517,8 @@ class ZetaGuard:
             "in_warmup": self._detector.in_warmup,
             "confidence": self._detector.confidence(),
             "recoveries": len(self._reports),
+            # Incident classes, and the steps (batch indices) undone or skipped.
+            "incidents": self._recovery.incidents.summary(),
             "engine": self._engine.describe(),
             "groups": len(self._engine.group_names),
             **({"tiered": t.statistics()} if (t := self._engine.tiered) is not None else {}),

@@ -177,6 +177,16 @@ def fit_scenarios() -> dict[str, Any]:
         "stop_training": bool(model.stop_training),
     }
 
+    # 3b. unstable from its first update (Adam at LR 3.0: the weights grow ~40x in one step),
+    # detection only: the reference is taken before the first step, so it is CRITICAL at once.
+    guard = ZetaGuard(warmup_steps=20, auto_recover=False)
+    _, _, rec, _ = run(guard, keras.optimizers.Adam(3.0), 1, None)
+    out["unstable"] = {
+        "statuses": [b.get("zeta_status") for b in rec.batch_logs],
+        "status_counts": guard.get_statistics()["status_counts"],
+        "steps": rec.step,
+    }
+
     # 4. beside EarlyStopping, ModelCheckpoint and TensorBoard.
     with tempfile.TemporaryDirectory() as tmp:
         model = mlp(keras)

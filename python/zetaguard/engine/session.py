@@ -160,6 +160,26 @@ class EngineSession:
         tracker = cast(_core.Tracker, self._checked_tracker(snap, group_of))
         return self.tiered.step(snap, tracker, detector, self.aggregate, loss, grad_norm)
 
+    def take_reference(self, snap: Snapshot, group_of: Callable[[str], str]) -> float | None:
+        """Give the ring its first state from the weights before the first update (not a step:
+        nothing is scored). Returns their norm, or None when the ring already holds a state."""
+        tracker = self._checked_tracker(snap, group_of)
+        if self.uses_tiers(snap, None):
+            assert self.tiered is not None
+            sampler = self.tiered.sampler
+            if sampler.history > 0:
+                return None
+            rows = sampler.update_raw(snap.tensors) if snap.raw else sampler.update(snap.tensors)
+        elif tracker.history > 0:
+            return None
+        elif snap.framework == DEVICE_FRAMEWORK:
+            rows, _ = cast("DeviceTracker", tracker).update_with_grads(snap.tensors, None)
+        else:
+            host = cast(_core.Tracker, tracker)
+            rows = host.update_raw(snap.tensors) if snap.raw else host.update(snap.tensors)
+        # Column 0 of a per-tensor row is ||x||^2 (the sampler's is its unbiased estimate).
+        return math.sqrt(float(np.sum(rows[:, 0])))
+
     def _checked_tracker(
         self, snap: Snapshot, group_of: Callable[[str], str]
     ) -> _core.Tracker | DeviceTracker:

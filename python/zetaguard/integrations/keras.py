@@ -82,12 +82,22 @@ class ZetaKeras(keras.callbacks.Callback):  # type: ignore[misc]
         self.guard.attach(model=self.model, optimizer=getattr(self.model, "optimizer", None))
         self._batches = 0
         self._watched = weights_to_watch(self.model)
+        # The weights before the first update are the reference a run unstable from its first
+        # step is measured against (a no-op once this guard has monitored a step).
+        self.guard.take_reference(self._watched)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch_zeta = -math.inf
         self._epoch_level = 0
 
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        # Keras has no optimizer step hooks: the LR watch runs around the batch (it does
+        # nothing before the guard's first LR cut). A callback that sets the LR each batch
+        # must come before this one in `callbacks=` for the held cut to apply to its value.
+        self.guard.recovery.before_optimizer_step()
+
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.guard.recovery.after_optimizer_step()
         self._batches += 1
         if self._batches % self.every_n_batches:
             return

@@ -2,7 +2,8 @@
 
 * ``on_fit_start``: the guard is attached to the LightningModule, the first optimizer in
   ``trainer.optimizers`` and its LR scheduler, so recovery (rollback, LR cuts that persist
-  through the scheduler, stop) acts on what the Trainer trains;
+  through the scheduler, stop) acts on what the Trainer trains, and the weights before the
+  first optimizer step become the guard's reference (``guard.take_reference``);
 * ``on_before_optimizer_step``: the gradient norm is read while the gradients are fresh; if the
   guard vetoes the update (non-finite or spiking gradients, ``guard.should_skip_step``) the
   gradients are dropped, so the optimizer leaves the weights and its moments untouched;
@@ -71,6 +72,9 @@ class ZetaCallback(pl.Callback):
                 scheduler = config.scheduler
                 break
         self.guard.attach(model=pl_module, optimizer=optimizer, scheduler=scheduler)
+        # The weights before the first update are the reference a run unstable from its first
+        # step is measured against (a no-op for a guard resumed from a checkpoint).
+        self.guard.take_reference(pl_module)
 
     # ---- the step -----------------------------------------------------------------------
 

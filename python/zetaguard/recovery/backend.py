@@ -15,8 +15,9 @@ and a learning-rate scheduler), and offers:
 ``restore(snapshot) -> None``
     Write a snapshot back **in place** (parameter objects keep their identity, so optimizers,
     DDP buckets and user references stay valid) and bit for bit. The optimizer state comes back
-    from the snapshot, but the *learning rates stay as they are now*: an LR cut made after the
-    snapshot was taken must survive the rollback. Restoring must not make live state alias the
+    from the snapshot, and so does an attached scheduler's position (its step count), but the
+    *learning rates stay as they are now* (the groups' and the scheduler's base LRs): an LR cut
+    made after the snapshot was taken must survive the rollback. Restoring must not make live state alias the
     snapshot (the same snapshot may be restored twice).
 
 ``get_lrs() -> list[float]``
@@ -80,6 +81,7 @@ class StateSnapshot:
     nbytes: int = 0
     has_optimizer_state: bool = False
     lrs: list[float] = field(default_factory=list)  # the learning rates at capture time
+    scheduler_state: Any = None  # the attached LR scheduler's state_dict(), where it has one
 
 
 @runtime_checkable

@@ -240,6 +240,14 @@ class KerasBackend:
         if make is not None and getattr(self.model, "train_function", None) is not None:
             make(force=True)
 
+    def set_lrs(self, lrs: list[float]) -> None:
+        """Write a plain learning-rate variable (a schedule is not settable in Keras, so a loop
+        cannot override it either)."""
+        lr = self._lr_variable() if self.optimizer is not None else None
+        if lr is not None and lrs:
+            self._sync()
+            lr.assign(lrs[0])
+
     # ---- gradients (model.fit keeps them inside the compiled step) -----------------------
 
     def grad_norm(self) -> float | None:

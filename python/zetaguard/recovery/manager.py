@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from zetaguard.checkpoint import checkpoint_stem
 from zetaguard.recovery import clip
 from zetaguard.recovery.backend import RecoveryBackend, make_backend
+from zetaguard.recovery.incidents import MAX_UNDOS, PERSISTENT, RECURRING, TRANSIENT, Incidents
 from zetaguard.recovery.ladder import (
     CHECKPOINT,
     LADDERS,
@@ -30,6 +31,7 @@ from zetaguard.recovery.ladder import (
     ROLLBACK_IF_NEEDED,
     Ladder,
 )
+from zetaguard.recovery.lr_watch import LrWatch
 from zetaguard.recovery.snapshots import SnapshotKeeper
 from zetaguard.results import RecoveryReport, StabilityResult
 
@@ -87,6 +89,10 @@ class RecoveryManager:
         keep_checkpoints: emergency checkpoints kept in ``checkpoint_dir`` (older ones deleted).
         restore_rng: restore the RNG states of the snapshot on rollback (a deterministic replay
             from the stable state; the LR cut makes the trajectory differ anyway).
+        hold_lr_cut: when the loop sets the learning rate itself and so overwrites a cut, keep
+            the cut in force as a factor on whatever the loop sets until the episode ends
+            (:mod:`zetaguard.recovery.lr_watch`); False lets the loop's LR apply as it is (the
+            one warning is logged either way).
     """
 
     def __init__(
@@ -98,6 +104,7 @@ class RecoveryManager:
         keep_snapshots: int = 2,
         keep_checkpoints: int = 3,
         restore_rng: bool = True,
+        hold_lr_cut: bool = True,
     ) -> None:
         self.guard = guard
         self.keeper = SnapshotKeeper(snapshot_interval, keep_snapshots, snapshot_memory_budget)
@@ -107,6 +114,8 @@ class RecoveryManager:
         self._backend: RecoveryBackend | None = None
         self._params: Any = None
         self._in_protocol = False
+        self.lr_watch = LrWatch()
+        self.lr_watch.hold = hold_lr_cut
         self.reset()
 
     def reset(self) -> None:
@@ -123,6 +132,19 @@ class RecoveryManager:
         self.losses = clip.RobustHistory()
         self.grad_norms = clip.RobustHistory()
         self.last_report: RecoveryReport | None = None
+        self.incidents = Incidents()  # classes seen, steps undone or skipped
+        self._class_note: str | None = None  # the class of the incident being answered
+        self.lr_watch.warned = False
+        self.lr_watch.end_episode()
+
+    @property
+    def hold_lr_cut(self) -> bool:
+        """See the class docstring; changeable at any time."""
+        return self.lr_watch.hold
+
+    @hold_lr_cut.setter
+    def hold_lr_cut(self, value: bool) -> None:
+        self.lr_watch.hold = bool(value)
 
     # ---- persistence (save_state) ---------------------------------------------------------
 
@@ -172,7 +194,7 @@ class RecoveryManager:
         the last-resort snapshot."""
         if scheduler is not None:
             self.scheduler = scheduler
-        self._backend = None
+        self._drop_backend()
         backend = self.backend
         if backend is not None and model is not None:
             self.keeper.reset()
@@ -196,6 +218,24 @@ class RecoveryManager:
                 set_params(params)
         return params
 
+    def _drop_backend(self) -> None:
+        close = getattr(self._backend, "close", None)
+        if close is not None:  # optimizer hooks of the LR watch
+            close()
+        self._backend = None
+        self.lr_watch.end_episode()
+
+    def before_optimizer_step(self) -> None:
+        """For integrations whose framework has no optimizer step hooks (Keras): call just
+        before the update; applies the LR watch (torch backends hook the optimizer instead)."""
+        if self.lr_watch.active and self._backend is not None:
+            self.lr_watch.before_step(self._backend, self.scheduler)
+
+    def after_optimizer_step(self) -> None:
+        """The counterpart of :meth:`before_optimizer_step`, just after the update."""
+        if self.lr_watch.active and self._backend is not None:
+            self.lr_watch.after_step(self._backend, self.scheduler)
+
     @property
     def backend(self) -> RecoveryBackend | None:
         if self._backend is None:
@@ -210,6 +250,12 @@ class RecoveryManager:
     def after_step(self, result: StabilityResult, batch_index: int | None = None) -> RecoveryReport | None:
         if self.stopped:
             return None
+        try:
+            return self._after_step(result, batch_index)
+        finally:
+            self.incidents.observe(result)  # after classifying: the steps before it
+
+    def _after_step(self, result: StabilityResult, batch_index: int | None) -> RecoveryReport | None:
         vetoed, self._vetoed = self._vetoed, False
         self.losses.append(result.channels.get("loss"))
         self.grad_norms.append(result.channels.get("grad_norm"))
@@ -223,6 +269,8 @@ class RecoveryManager:
             self.calm += 1
             if self.calm >= self.ladder.calm_steps:
                 self.episode = 0
+                if self.lr_watch.active:  # the cut is no longer held over the loop's LR
+                    self.lr_watch.end_episode()
         if result.status != "CRITICAL":
             return None
         self.calm = 0
@@ -233,11 +281,54 @@ class RecoveryManager:
         if not self.guard.auto_recover:
             self._incident(result, batch_index, "none (auto_recover=False)")
             return None
+        kind, why = self._classify(result)
+        if kind != PERSISTENT:
+            return self._undo(result, batch_index, kind, why)
         broken = result.nonfinite > 0 or not math.isfinite(result.zeta_value)
         if self.since_action <= self.ladder.cooldown and not broken:
-            self._incident(result, batch_index, "cooldown")
+            self._incident(result, batch_index, f"cooldown ({kind}: {why})")
             return None
+        self._class_note = f"{kind}: {why}"
         return self.respond(result, batch_index)
+
+    def _classify(self, result: StabilityResult) -> tuple[str, str]:
+        backend = self.backend
+        lrs = backend.get_lrs() if backend is not None else []
+        stable = self.keeper.pick(0)
+        kind, why = self.incidents.classify(result, lrs, stable.lrs if stable else [])
+        if kind != PERSISTENT and len(self.incidents.undone) >= MAX_UNDOS:
+            kind, why = PERSISTENT, f"{MAX_UNDOS} transients undone in this run already ({why})"
+        self.incidents.record(kind, result.step)
+        return kind, why
+
+    def _undo(
+        self, result: StabilityResult, batch_index: int | None, kind: str, why: str
+    ) -> RecoveryReport:
+        """A (recurring) transient: roll the bad update back, leave the learning rate and the
+        ladder alone; after a recurring one, tighten the veto to the excursion's size."""
+        report = self._report(result)
+        backend = self.backend
+        lrs = backend.get_lrs() if backend is not None else []
+        report.lr_before = report.lr_after = lrs[0] if lrs else None
+        self._rollback(0, report)
+        if kind == RECURRING:
+            self.incidents.tighten_veto(
+                result.channels.get("loss"), self.losses.median(clip.SKIP_MIN_SAMPLES),
+                result.channels.get("grad_norm"), self.grad_norms.median(clip.SKIP_MIN_SAMPLES),
+                self.ladder.skip_loss_ratio, self.ladder.skip_grad_ratio,
+            )
+            report.actions.append(
+                "veto tightened (loss > "
+                f"{_ratio_text(self.incidents.veto_loss_ratio)}, grad > "
+                f"{_ratio_text(self.incidents.veto_grad_ratio)} x median)"
+            )
+        report.message = f"{kind}: {why}; undone with no LR cut"
+        self.incidents.undone.append(
+            {"step": result.step, "batch": batch_index, "class": kind,
+             "restored_step": report.restored_step}
+        )
+        self._finish(report, result, batch_index)
+        return report
 
     def respond(
         self, result: StabilityResult | None, batch_index: int | None = None, *, force: bool = False
@@ -264,6 +355,10 @@ class RecoveryManager:
         self.episode += 1
         self.total += 1
         self.since_action = 0
+        self.calm = 0  # an action (a manual one too) starts the episode
+        note, self._class_note = self._class_note, None
+        if note:
+            report.message = f"{note}; {report.message}" if report.message else note
         self._finish(report, result, batch_index)
         return report
 
@@ -287,6 +382,7 @@ class RecoveryManager:
                 stable = self.keeper.pick(0)  # after a rollback: the state restored
                 factor = lr_factor(rung.lr_factor, result, lrs, stable.lrs if stable else [])
                 backend.scale_lr(factor)
+                self.lr_watch.after_cut(backend, factor, report.step)
                 report.actions.append(f"lr x{factor:.3g}")
             else:
                 report.actions.append("lr cut unavailable (no optimizer attached)")
@@ -382,6 +478,9 @@ class RecoveryManager:
             f"{MAX_TOTAL_RECOVERIES} per run)"
         )
         self.stopped = True
+        note, self._class_note = self._class_note, None
+        if note:
+            report.message = f"{note}; {report.message}"
         self._finish(report, result, batch_index)
         return report
 
@@ -395,8 +494,8 @@ class RecoveryManager:
             grad_norm,
             self.losses,
             self.grad_norms,
-            loss_ratio=self.ladder.skip_loss_ratio,
-            grad_ratio=self.ladder.skip_grad_ratio,
+            loss_ratio=_tightest(self.incidents.veto_loss_ratio, self.ladder.skip_loss_ratio),
+            grad_ratio=_tightest(self.incidents.veto_grad_ratio, self.ladder.skip_grad_ratio),
         )
 
     def record_skip(self, reason: str, batch_index: int | None = None) -> None:
@@ -404,7 +503,13 @@ class RecoveryManager:
         self.consecutive_skips += 1
         self._vetoed = True
         step = self.guard.step
-        log.warning("zetaguard: step %d skipped: %s", step, reason)
+        # A veto is about one batch: a transient, or the recurring one once it has recurred.
+        kind = RECURRING if self.incidents.recurring else TRANSIENT
+        log.warning("zetaguard: step %d skipped (%s: %s)%s", step, kind, reason,
+                    "" if batch_index is None else f" batch={batch_index}")
+        self.incidents.skipped.append(
+            {"step": step, "batch": batch_index, "class": kind, "reason": reason}
+        )
         self._store_incident(step, "CRITICAL", {}, None, batch_index, f"skip: {reason}")
         if self.consecutive_skips > MAX_CONSECUTIVE_SKIPS and self.guard.auto_recover:
             self.consecutive_skips = 0
@@ -492,6 +597,15 @@ class RecoveryManager:
                 batch_index=batch_index,
                 action=action,
             )
+
+
+def _tightest(*ratios: float | None) -> float | None:
+    given = [r for r in ratios if r is not None]
+    return min(given) if given else None
+
+
+def _ratio_text(ratio: float | None) -> str:
+    return "off" if ratio is None else f"{ratio:.3g}"
 
 
 def lr_factor(

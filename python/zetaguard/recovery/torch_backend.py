@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -84,6 +85,7 @@ class TorchBackend:
         self.scheduler = scheduler
         self.targets = _named_targets(model)
         self._spare: list[list[torch.Tensor]] = []  # buffers of dropped snapshots
+        self._step_hooks: list[Any] = []  # handles of the LR watch's optimizer hooks
 
     def set_params(self, params: Any) -> None:
         """Point at a new parameter set (used when only parameters were handed to monitor())."""
@@ -116,6 +118,8 @@ class TorchBackend:
             step=step,
             params=params,
             optimizer_state=opt_state,
+            scheduler_state=_scheduler_state(self.scheduler),
+            lrs=self.get_lrs(),
             rng=rng,
             data_position=data_position,
             nbytes=sum(b.numel() * b.element_size() for b in buffers),
@@ -153,11 +157,32 @@ class TorchBackend:
             # The snapshot's param_groups carry the LR of its time; an LR cut since must stay.
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
+        if self.scheduler is not None and snapshot.scheduler_state is not None:
+            self._restore_scheduler(snapshot)
         restore_host_rng(snapshot.rng)
         if "torch" in snapshot.rng:
             torch.set_rng_state(snapshot.rng["torch"])
         if "cuda" in snapshot.rng:
             torch.cuda.set_rng_state_all(snapshot.rng["cuda"])
+
+    def _restore_scheduler(self, snapshot: StateSnapshot) -> None:
+        """The schedule's position (step count) goes back with the weights; its LR attributes
+        (``base_lrs``, ...) stay as they are now, so the cuts made since survive. The groups'
+        LRs become the snapshot's times those cuts (what the schedule gives at the restored
+        position: a chainable scheduler such as StepLR goes on from the group's LR)."""
+        sched = self.scheduler
+        saved = snapshot.scheduler_state
+        now = _scheduler_lr_attrs(sched)
+        sched.load_state_dict(copy.deepcopy(saved["state"]))
+        _set_scheduler_lr_attrs(sched, now)
+        assert self.optimizer is not None
+        cuts = _cuts_since(saved["lr_attrs"], now, len(self.optimizer.param_groups))
+        if cuts is None or len(snapshot.lrs) != len(cuts):
+            return  # no LR attribute tells the cuts apart: the LRs stay as they are
+        lrs = [lr * c for lr, c in zip(snapshot.lrs, cuts, strict=True)]
+        self.set_lrs(lrs)
+        if isinstance(getattr(sched, "_last_lr", None), list):
+            sched._last_lr = list(lrs)
 
     # ---- learning rate -------------------------------------------------------------------
 
@@ -175,6 +200,36 @@ class TorchBackend:
                     group[key] = _scaled(group[key], factor)
         if self.scheduler is not None:
             _scale_scheduler(self.scheduler, factor)
+
+    def set_lrs(self, lrs: list[float]) -> None:
+        """Write ``param_groups[i]["lr"]`` (only: the LR watch's held factor is per step, so the
+        scheduler's base LRs stay as the cut left them)."""
+        if self.optimizer is None:
+            return
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def watch_steps(self, watch: Any) -> None:
+        """Run ``watch.before_step`` / ``watch.after_step`` around every optimizer step (torch's
+        step hooks on the innermost optimizer: Lightning's and accelerate's wrappers call it)."""
+        if self._step_hooks or self.optimizer is None:
+            return
+        inner = _innermost_optimizer(self.optimizer)
+        if not hasattr(inner, "register_step_pre_hook"):
+            return
+        self._step_hooks = [
+            inner.register_step_pre_hook(lambda *_: watch.before_step(self, self.scheduler)),
+            inner.register_step_post_hook(lambda *_: watch.after_step(self, self.scheduler)),
+        ]
+
+    def close(self) -> None:
+        """Remove the optimizer hooks this backend registered."""
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
 
     # ---- gradients -----------------------------------------------------------------------
 
@@ -226,6 +281,56 @@ _GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
 
 
+def _scheduler_state(sched: Any) -> Any:
+    """A deep copy of ``sched.state_dict()`` (its step count, and the inner schedulers' of a
+    SequentialLR), or None for a scheduler without one."""
+    state_dict = getattr(sched, "state_dict", None)
+    if sched is None or state_dict is None or not hasattr(sched, "load_state_dict"):
+        return None
+    return {"state": copy.deepcopy(state_dict()), "lr_attrs": _scheduler_lr_attrs(sched)}
+
+
+def _cuts_since(then: list[dict[str, Any]], now: list[dict[str, Any]], groups: int) -> list[float] | None:
+    """Per group, how much the LR attributes were scaled between ``then`` and ``now`` (the cuts
+    made since a snapshot), from the first list attribute both hold with nonzero values."""
+    for old, new in zip(then, now, strict=False):
+        for attr in _SCHEDULER_LR_ATTRS[:3]:  # base_lrs, max_lrs, min_lrs
+            a, b = old.get(attr), new.get(attr)
+            if (
+                isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == groups
+                and all(float(x) != 0.0 for x in a)
+            ):
+                return [float(y) / float(x) for x, y in zip(a, b, strict=True)]
+    return None
+
+
+def _scheduler_lr_attrs(sched: Any) -> list[dict[str, Any]]:
+    """The LR-valued attributes of ``sched`` and its inner schedulers, in visiting order."""
+    own: dict[str, Any] = {}
+    for attr in _SCHEDULER_LR_ATTRS:
+        value = getattr(sched, attr, None)
+        if isinstance(value, list):
+            own[attr] = list(value)
+    if isinstance(getattr(sched, "eta_min", None), float):
+        own["eta_min"] = sched.eta_min
+    out = [own]
+    for inner in getattr(sched, "_schedulers", []):
+        out.extend(_scheduler_lr_attrs(inner))
+    return out
+
+
+def _set_scheduler_lr_attrs(sched: Any, saved: list[dict[str, Any]]) -> None:
+    pending = iter(saved)
+
+    def visit(s: Any) -> None:
+        for attr, value in next(pending, {}).items():
+            setattr(s, attr, value)
+        for inner in getattr(s, "_schedulers", []):
+            visit(inner)
+
+    visit(sched)
+
+
 def _scale_scheduler(sched: Any, factor: float) -> None:
     for attr in _SCHEDULER_LR_ATTRS:
         values = getattr(sched, attr, None)
@@ -241,6 +346,17 @@ def _scaled(lr: Any, factor: float) -> Any:
     if isinstance(lr, torch.Tensor):  # tensor learning rates (capturable optimizers)
         return lr.mul(factor)
     return float(lr) * factor
+
+
+def _innermost_optimizer(opt: Any) -> Any:
+    """The torch optimizer under wrappers that keep it in ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the one whose ``step`` runs."""
+    for _ in range(8):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or inner is opt or not hasattr(inner, "param_groups"):
+            break
+        opt = inner
+    return opt
 
 
 def make_backend(model: Any, optimizer: Any = None, scheduler: Any = None) -> TorchBackend:
