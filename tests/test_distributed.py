@@ -249,14 +249,13 @@ def test_guard_recovery_under_fsdp_rolls_every_rank_back_to_the_same_snapshot(
     restored = report["restored_step"]
     assert restored is not None
     assert restored < RECOVER_NAN_STEP
-    assert report["lr_after"] == pytest.approx(0.005)
+    # A one-step NaN with healthy steps around it is a transient: undone, the LR left alone.
+    assert report["lr_after"] == pytest.approx(0.05)
     for run in runs:  # after the rollback: exactly the parameters of the snapshot's step
         for name, value in run["after"][RECOVER_NAN_STEP].items():
             np.testing.assert_array_equal(value, run["after"][restored][name])
         assert run["after"][RECOVER_NAN_STEP] != run["after"][RECOVER_NAN_STEP - 1]
-    ckpt = Path(report["checkpoint_path"])
-    assert (ckpt / ".metadata").is_file()
-    assert (ckpt / "guard.json").is_file()
+    assert report["checkpoint_path"] is None  # an undone transient writes no emergency checkpoint
 
 
 def test_one_ranks_step_veto_skips_the_step_on_every_rank(world: Path) -> None:
