@@ -12,20 +12,6 @@
 namespace zetaguard::bindings {
 namespace {
 
-py::array_t<double> rows_array(const std::vector<Channels>& rows) {
-    py::array_t<double> out({static_cast<py::ssize_t>(rows.size()), py::ssize_t{5}});
-    auto m = out.mutable_unchecked<2>();
-    for (std::size_t i = 0; i < rows.size(); ++i) {
-        const auto r = static_cast<py::ssize_t>(i);
-        m(r, 0) = rows[i].x2;
-        m(r, 1) = rows[i].v2;
-        m(r, 2) = rows[i].a2;
-        m(r, 3) = rows[i].j2;
-        m(r, 4) = static_cast<double>(rows[i].nonfinite);
-    }
-    return out;
-}
-
 SamplerConfig make_config(double fraction, std::size_t block_bytes, std::uint64_t seed,
                           std::size_t min_elements) {
     if (!(fraction > 0.0 && fraction <= 1.0))
@@ -96,7 +82,7 @@ private:
             std::lock_guard<std::mutex> lock(mutex_);
             sampler_.update(in.views, rows);
         }
-        return rows_array(rows);
+        return rows_to_array(rows);
     }
     py::tuple total(ParsedInputs& in) {
         std::vector<Channels> rows;
@@ -105,13 +91,7 @@ private:
             std::lock_guard<std::mutex> lock(mutex_);
             sampler_.norms(in.views, rows);
         }
-        double x2 = 0.0;
-        std::uint64_t nf = 0;
-        for (const Channels& r : rows) {
-            x2 += r.x2;
-            nf += r.nonfinite;
-        }
-        return py::make_tuple(x2, nf);
+        return total_of(rows);
     }
 
     Sampler sampler_;

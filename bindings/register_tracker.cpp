@@ -32,19 +32,6 @@ Isa isa_from_name(const std::string& name) {
     throw py::value_error("unknown ISA '" + name + "'; expected scalar, avx2 or avx512");
 }
 
-py::array_t<double> to_array(const std::vector<Channels>& rows) {
-    py::array_t<double> out({static_cast<py::ssize_t>(rows.size()), py::ssize_t{kColumns}});
-    auto m = out.mutable_unchecked<2>();
-    for (std::size_t i = 0; i < rows.size(); ++i) {
-        const auto r = static_cast<py::ssize_t>(i);
-        m(r, 0) = rows[i].x2;
-        m(r, 1) = rows[i].v2;
-        m(r, 2) = rows[i].a2;
-        m(r, 3) = rows[i].j2;
-        m(r, 4) = static_cast<double>(rows[i].nonfinite);
-    }
-    return out;
-}
 
 // The Python-visible tracker: the engine plus a lock, so two Python threads sharing one guard
 // serialise instead of racing on the ring (each call releases the GIL while it computes).
@@ -93,13 +80,7 @@ public:
             std::lock_guard<std::mutex> lock(mutex_);
             tracker_.norms(in.views, rows);
         }
-        double x2 = 0.0;
-        std::uint64_t nonfinite = 0;
-        for (const Channels& r : rows) {
-            x2 += r.x2;
-            nonfinite += r.nonfinite;
-        }
-        return py::make_tuple(x2, nonfinite);
+        return total_of(rows);
     }
 
     py::array_t<double> run_norms(ParsedInputs& in) {
@@ -111,7 +92,7 @@ public:
             std::lock_guard<std::mutex> lock(mutex_);
             tracker_.norms(in.views, rows);
         }
-        return to_array(rows);
+        return rows_to_array(rows);
     }
 
     int history() const { return tracker_.history(); }
@@ -219,7 +200,7 @@ private:
             std::lock_guard<std::mutex> lock(mutex_);
             tracker_.update(in.views, rows);
         }
-        return to_array(rows);
+        return rows_to_array(rows);
     }
 
     Tracker tracker_;
@@ -290,6 +271,30 @@ py::tuple resolve_address(const py::object& obj) {
 }
 
 }  // namespace
+
+py::array_t<double> rows_to_array(const std::vector<Channels>& rows) {
+    py::array_t<double> out({static_cast<py::ssize_t>(rows.size()), py::ssize_t{kColumns}});
+    auto m = out.mutable_unchecked<2>();
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+        const auto r = static_cast<py::ssize_t>(i);
+        m(r, 0) = rows[i].x2;
+        m(r, 1) = rows[i].v2;
+        m(r, 2) = rows[i].a2;
+        m(r, 3) = rows[i].j2;
+        m(r, 4) = static_cast<double>(rows[i].nonfinite);
+    }
+    return out;
+}
+
+py::tuple total_of(const std::vector<Channels>& rows) {
+    double x2 = 0.0;
+    std::uint64_t nonfinite = 0;
+    for (const Channels& r : rows) {
+        x2 += r.x2;
+        nonfinite += r.nonfinite;
+    }
+    return py::make_tuple(x2, nonfinite);
+}
 
 void register_tracker(py::module_& m) {
     py::register_exception<StateError>(m, "StateError", PyExc_ValueError);

@@ -4,6 +4,7 @@
 // vector is alive.
 #pragma once
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <memory>
@@ -36,6 +37,12 @@ ParsedInputs parse_raw(const py::sequence& items);
 
 // The engine dtype for a name ("float32", "bfloat16", ...), or an error listing the choices.
 DType dtype_from_name(const std::string& name);
+
+// Per-tensor channel rows as the (n, 5) float64 array Python sees: x2, v2, a2, j2, nonfinite.
+py::array_t<double> rows_to_array(const std::vector<Channels>& rows);
+
+// (sum of x2, sum of non-finite counts) over the rows: a total squared norm and its bad values.
+py::tuple total_of(const std::vector<Channels>& rows);
 
 void register_tracker(py::module_& m);
 void register_detector(py::module_& m);
