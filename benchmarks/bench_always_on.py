@@ -32,18 +32,13 @@ import time
 from collections.abc import Callable
 
 import torch
+
+# The same MLP as the per-call overhead benchmark (this directory is on sys.path when run).
+from bench_torch_overhead import _mlp
 from zclip import ZClip
 from zetaguard import ZetaGuard
 
 ARMS = ("none", "zclip", "tiered", "exact", "sketch")
-
-
-def _mlp(params: float) -> torch.nn.Sequential:
-    width = int((params / 5) ** 0.5)
-    layers: list[torch.nn.Module] = []
-    for _ in range(5):
-        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers[:-1])
 
 
 def workload(params: float, batch: int, steps: int, blocks: int) -> None:

@@ -69,7 +69,7 @@ def adapter_cost() -> None:
     print("targets: adapter <= 2 us per tensor; monitor <= 30 us fixed")
 
 
-def _mlp(params: int) -> torch.nn.Module:
+def _mlp(params: float) -> torch.nn.Module:
     width = int((params / 5) ** 0.5)
     layers: list[torch.nn.Module] = []
     for _ in range(5):
