@@ -181,13 +181,13 @@ def test_rollback_drawn_once_in_step_order(tmp_path: Path) -> None:
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/?run=rewind")
             page.wait_for_function(
-                "Number(document.getElementById('chart-zeta').dataset.points || 0) > 0",
+                "() => Number(document.getElementById('chart-zeta').dataset.points || 0) > 0",
                 timeout=60_000,
             )
             go.touch()  # the rest of the run, the rollback included, arrives over the stream
             assert trainer.wait(timeout=240) == 0
             page.wait_for_function(
-                "document.getElementById('chart-zeta').dataset.steps.endsWith(',199')",
+                "() => document.getElementById('chart-zeta').dataset.steps.endsWith(',199')",
                 timeout=30_000,
             )
             page.wait_for_timeout(1500)  # one more poll: nothing may arrive twice
