@@ -11,8 +11,8 @@ fi
 stamp=.venv/.setup-stamp
 want=$(cat requirements/dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/pip install -q -r requirements/dev.txt 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -m pip install -q -r requirements/dev.txt 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c "import torch, numpy" # fail loudly if the install above did not work
   echo "$want" > "$stamp"
 fi
@@ -22,7 +22,7 @@ src=$( (cat CMakeLists.txt $(find cpp bindings -type f | sort); find python -nam
   | sha256sum | cut -d' ' -f1)
 if [ ! -f .venv/.build-stamp ] || [ "$(cat .venv/.build-stamp)" != "$src" ] || \
    ! .venv/bin/python -c "import zetaguard._core" 2>/dev/null; then
-  .venv/bin/pip install -q --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -m pip install -q --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c "import zetaguard._core"
   echo "$src" > .venv/.build-stamp
 fi
