@@ -271,7 +271,7 @@ class DistributedContext:
             self._weights = dict.fromkeys(snap.names, 1.0 / self.world)
             self._grads = None
             return snap
-        from zetaguard.adapters.torch import named_tensors
+        from zetaguard.adapters.torch_layout import named_tensors
 
         names: list[str] = []
         local: list[tuple[str, Any]] = []

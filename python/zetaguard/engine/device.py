@@ -37,7 +37,8 @@ import torch
 
 from zetaguard import _core
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
-from zetaguard.adapters.torch import check_storages, checked_grad
+from zetaguard.adapters.torch import checked_grad
+from zetaguard.adapters.torch_layout import check_storages
 
 log = logging.getLogger("zetaguard")
 
