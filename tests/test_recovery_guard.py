@@ -30,7 +30,7 @@ class UnstableModel(torch.nn.Module):
 
 
 def test_training_stability() -> None:
-    """The seed README's example, as written there."""
+    """The example in the specification's README, as written there."""
     model = UnstableModel()
     guard = ZetaGuard(auto_recover=True)
     saw_critical = False
