@@ -22,8 +22,8 @@ from zetaguard import _core
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot, default_threads
 from zetaguard.adapters.torch_layout import (
     Layout,
-    check_storage,
     check_tensor,
+    checked_grad,
     layout_of,
     read_facts,
 )
@@ -32,17 +32,6 @@ _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _is_cpu = operator.attrgetter("is_cpu")
 _grad_of = operator.attrgetter("grad")
-
-
-def checked_grad(name: str, g: torch.Tensor) -> torch.Tensor:
-    """``g`` after :func:`check_storage` (for a sparse gradient: its indices and values), so
-    no copy or reduction torch makes of it reads past a shrunk storage."""
-    if g.is_sparse:
-        check_storage(f"{name} (indices)", g._indices())
-        check_storage(f"{name} (values)", g._values())
-    else:
-        check_storage(name, g)
-    return g
 
 
 def _dense_grad(g: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,17 @@ def check_storage(name: str, t: torch.Tensor) -> None:
         )
 
 
+def checked_grad(name: str, g: torch.Tensor) -> torch.Tensor:
+    """``g`` after :func:`check_storage` (for a sparse gradient: its indices and values), so
+    no copy or reduction torch makes of it reads past a shrunk storage."""
+    if g.is_sparse:
+        check_storage(f"{name} (indices)", g._indices())
+        check_storage(f"{name} (values)", g._values())
+    else:
+        check_storage(name, g)
+    return g
+
+
 def check_storages(tensors: list[torch.Tensor], what: str = "tensor") -> None:
     """:func:`check_storage` for many tensors: C-level maps for the common case (the bound of
     a contiguous tensor), the exact per-tensor bound only when that one fails."""
