@@ -16,12 +16,11 @@ import logging
 import math
 import operator
 from collections.abc import Iterator, Mapping
-from os import PathLike
 from typing import Any, Protocol
 
 from zetaguard.recovery import clip
 from zetaguard.recovery.backend import RecoveryBackend, make_backend
-from zetaguard.recovery.emergency import write_checkpoint
+from zetaguard.recovery.emergency import CheckpointHost, write_checkpoint
 from zetaguard.recovery.incidents import MAX_UNDOS, PERSISTENT, RECURRING, TRANSIENT, Incidents
 from zetaguard.recovery.ladder import (
     BATCH_SCORES,
@@ -37,38 +36,27 @@ from zetaguard.recovery.ladder import (
     lr_factor,
 )
 from zetaguard.recovery.lr_watch import LrWatch
-from zetaguard.recovery.records import RecoveryRecords
+from zetaguard.recovery.records import RecordsHost, RecoveryRecords
 from zetaguard.recovery.snapshots import SnapshotKeeper
 from zetaguard.results import RecoveryReport, StabilityResult
 
 
-class RecoveryHost(Protocol):
-    """What the manager needs from its guard (``ZetaGuard`` is one), and nothing more."""
+class RecoveryHost(RecordsHost, CheckpointHost, Protocol):
+    """What the manager needs from its guard (``ZetaGuard`` is one), and nothing more: what its
+    records and checkpoint writer need, and these."""
 
     @property
     def model(self) -> Any: ...
     @property
     def optimizer(self) -> Any: ...
     @property
-    def recovery_mode(self) -> str: ...
-    @property
     def auto_recover(self) -> bool: ...
     @property
     def recovery_protocol(self) -> Any: ...
     @property
-    def checkpoint_dir(self) -> str | PathLike[str] | None: ...
-    @property
-    def step(self) -> int: ...
-    @property
     def last_result(self) -> StabilityResult | None: ...
-    @property
-    def run_store(self) -> Any: ...
-    @property
-    def rank(self) -> int | None: ...
-    def config(self) -> dict[str, Any]: ...
-    def save_state(self, path: str | PathLike[str]) -> None: ...
     def reset_trajectory(self) -> None: ...
-    def add_report(self, report: RecoveryReport) -> None: ...
+
 
 log = logging.getLogger("zetaguard")
 
