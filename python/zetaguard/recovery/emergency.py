@@ -69,8 +69,10 @@ def prune_checkpoints(directory: Path, keep_stem: str, keep: int) -> None:
     for old in stems[: max(0, len(stems) - keep)]:
         if old == keep_stem:
             continue
-        for p in directory.glob(f"{old}.*"):
-            if p.is_dir():  # sharded (torch.distributed.checkpoint) checkpoints
+        # <stem>.* files, and the <stem>/ directory of a sharded (torch.distributed.checkpoint)
+        # checkpoint, which the glob alone misses.
+        for p in [*directory.glob(f"{old}.*"), directory / old]:
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
