@@ -158,7 +158,7 @@ def test_tails_a_run_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         scale = 0.01 if i < 30 else 0.01 * 3.0 ** (i - 29)
         w = [w[0] - scale * rng.normal(size=(8, 8)).astype(np.float32)]
         results.append(guard.monitor(w, loss=1.0 + i))
-    guard._store.close()
+    guard.run_store.close()
     want = [r for r in results if r.status != "STABLE"]
     want = want + ([results[-1]] if results[-1].status == "STABLE" else [])
     capsys.readouterr()

@@ -49,8 +49,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     _write_run(root, "healthy", 30)._store.close()
     g = _write_run(root, "unstable", 40, blowup_at=30)
-    g._store.record_incident(35, "CRITICAL", {"update_norm": 9.0}, "a", 4, "lr_cut")
-    g._store.close()
+    g.run_store.record_incident(35, "CRITICAL", {"update_norm": 9.0}, "a", 4, "lr_cut")
+    g.run_store.close()
     (root / "junk").mkdir()
     (root / "junk" / "run.sqlite").write_bytes(b"not a database" * 50)
     return root

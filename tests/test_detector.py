@@ -1,4 +1,4 @@
-"""The calibrated detector: seed formula, threshold semantics, confidence, persistence."""
+"""The calibrated detector: JAR as specified, threshold semantics, confidence, persistence."""
 
 from __future__ import annotations
 

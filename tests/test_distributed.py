@@ -99,7 +99,7 @@ def _assert_matches(records: list[dict[str, Any]], reference: list[Any], rtol: f
             np.testing.assert_allclose(rec["raw_jar"], ref.raw_jar, rtol=rtol, equal_nan=True)
         for key, value in ref.channels.items():
             np.testing.assert_allclose(rec["channels"][key], value, rtol=rtol, err_msg=key)
-        np.testing.assert_allclose(np.asarray(rec["rows"]), ref._group_rows, rtol=rtol)
+        np.testing.assert_allclose(np.asarray(rec["rows"]), ref.group_rows, rtol=rtol)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

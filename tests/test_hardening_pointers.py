@@ -125,8 +125,8 @@ def test_set_to_another_storage_is_read_afresh() -> None:
     with torch.no_grad():
         p.set_(torch.full((16,), 3.0))
     r = g.monitor([p])
-    assert r._group_rows[0][0] == pytest.approx(16 * 9.0)
-    assert r._group_rows[0][1] == pytest.approx(16 * 4.0)  # ||3 - 1||^2 per element
+    assert r.group_rows[0][0] == pytest.approx(16 * 9.0)
+    assert r.group_rows[0][1] == pytest.approx(16 * 4.0)  # ||3 - 1||^2 per element
 
 
 def test_storage_grown_in_place_is_read_from_its_new_address() -> None:
@@ -137,7 +137,7 @@ def test_storage_grown_in_place_is_read_from_its_new_address() -> None:
     p.untyped_storage().resize_(1 << 20)  # reallocates; the values are copied
     assert p.data_ptr() != before
     r = g.monitor([p])
-    assert r._group_rows[0][0] == pytest.approx(256 * 4.0)
+    assert r.group_rows[0][0] == pytest.approx(256 * 4.0)
 
 
 def test_shrunk_storage_that_still_covers_the_tensor_is_read() -> None:
@@ -147,7 +147,7 @@ def test_shrunk_storage_that_still_covers_the_tensor_is_read() -> None:
     g.monitor([view])
     view.untyped_storage().resize_(16 * 4)  # exactly the bytes the view needs
     r = g.monitor([view])
-    assert r._group_rows[0][0] == pytest.approx(16 * 2.25)
+    assert r.group_rows[0][0] == pytest.approx(16 * 2.25)
     view.untyped_storage().resize_(15 * 4)
     with pytest.raises(ValueError, match="needs 64 bytes of its storage but the storage holds 60"):
         g.monitor([view])
@@ -256,8 +256,8 @@ def test_refused_step_leaves_no_stale_address_behind() -> None:
     with torch.no_grad():
         b.as_strided_((8,), (1,))  # b back as it was
     r = g.monitor([a, b])
-    assert r._group_rows[0][0] == pytest.approx(8 * 25.0)  # a's new storage, not the freed one
-    assert r._group_rows[1][0] == pytest.approx(8 * 4.0)
+    assert r.group_rows[0][0] == pytest.approx(8 * 25.0)  # a's new storage, not the freed one
+    assert r.group_rows[1][0] == pytest.approx(8 * 4.0)
 
 
 def test_tensorflow_variable_resized_between_steps_is_a_clear_error() -> None:
@@ -272,4 +272,4 @@ def test_tensorflow_variable_resized_between_steps_is_a_clear_error() -> None:
         g.monitor([v])
     g.reset()
     r = g.monitor([v])
-    assert r._group_rows[0][0] == pytest.approx(8 * 9.0)
+    assert r.group_rows[0][0] == pytest.approx(8 * 9.0)

@@ -57,7 +57,7 @@ def test_a_fit_unstable_from_its_first_update_is_critical_at_once(fit_run: dict[
 
 @pytest.mark.slow
 def test_weights_read_during_fit_are_the_live_weights(fit_run: dict[str, Any]) -> None:
-    """The raw JAR the guard computed from its zero-copy reads equals the seed formula applied
+    """The raw JAR the guard computed from its zero-copy reads equals JAR as specified, applied
     in NumPy to copies of the weights taken at the same batches."""
     pairs = fit_run["healthy"]["jar_pairs"]
     assert len(pairs) >= 30

@@ -30,7 +30,7 @@ class UnstableModel(torch.nn.Module):
 
 
 def test_training_stability() -> None:
-    """The seed README's example, as written there."""
+    """The example in the specification's README, as written there."""
     model = UnstableModel()
     guard = ZetaGuard(auto_recover=True)
     saw_critical = False
@@ -125,7 +125,7 @@ def test_lr_jump_is_rolled_back_and_cut_and_the_run_recovers(tmp_path) -> None: 
     assert set(weights) == set(ckpt["model"])
 
     # The incident and the recovery reached the run store.
-    guard._store.flush()
+    guard.run_store.flush()
     with RunReader(find_runs(tmp_path / "runs")[0]) as reader:
         incidents = reader.incidents()
         recoveries = reader.recoveries()

@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from zetaguard import ZetaGuard
-from zetaguard.recovery.ladder import LADDERS, MAX_TOTAL_RECOVERIES
-from zetaguard.recovery.manager import MIN_LR_FACTOR, lr_factor
+from zetaguard.recovery.ladder import LADDERS, MAX_TOTAL_RECOVERIES, MIN_LR_FACTOR, lr_factor
 
 from tests.support.results import make_result as _result
 

@@ -38,8 +38,8 @@ def _pngs(text: str) -> list[np.ndarray]:
 def test_report_from_the_guards_store(tmp_path: Path) -> None:
     guard = ZetaGuard(run_dir=tmp_path, run_name="rep", warmup_steps=15, auto_recover=False)
     _run(guard)
-    guard._store.record_incident(50, "CRITICAL", {}, "layer1", 9, "rollback")
-    guard._store.record_recovery(
+    guard.run_store.record_incident(50, "CRITICAL", {}, "layer1", 9, "rollback")
+    guard.run_store.record_recovery(
         RecoveryReport(
             step=50,
             status="CRITICAL",

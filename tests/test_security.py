@@ -103,8 +103,8 @@ def _run_dir(tmp_path: Path) -> Path:
     g = ZetaGuard(run_dir=runs, run_name="demo")
     for t in range(4):
         g.monitor({"w": np.full(5, float(t), np.float32)})
-    if g._store is not None:
-        g._store.close()
+    if g.run_store is not None:
+        g.run_store.close()
     return runs
 
 

@@ -50,7 +50,7 @@ def _train(
 def test_round_trip_matches_the_guard(tmp_path: Path) -> None:
     guard = ZetaGuard(run_dir=tmp_path, run_name="rt", warmup_steps=10)
     results = _train(guard, 40, blowup_at=30)
-    guard._store.close()
+    guard.run_store.close()
     with RunReader(tmp_path / "rt") as r:
         rows = r.steps(groups=True)
         assert r.integrity_ok()
@@ -78,7 +78,7 @@ def test_round_trip_matches_the_guard(tmp_path: Path) -> None:
 def test_recommendations_incidents_recoveries(tmp_path: Path) -> None:
     guard = ZetaGuard(run_dir=tmp_path, run_name="inc", warmup_steps=10, auto_recover=False)
     results = _train(guard, 40, blowup_at=30)
-    store = guard._store
+    store = guard.run_store
     bad = next(r for r in results if r.status != "STABLE")
     store.record_incident(bad.step, bad.status, bad.channels, bad.worst_group, 7, "lr_cut")
     store.record_recovery(
@@ -152,7 +152,7 @@ def test_nonfinite_values_read_back_as_none(tmp_path: Path) -> None:
             w[0][0, 0] = np.nan
         res = guard.monitor(w, loss=float("nan") if i == 7 else 1.0)
     assert res.status == "CRITICAL"
-    guard._store.close()
+    guard.run_store.close()
     with RunReader(tmp_path / "nan") as r:
         last = r.steps(groups=True)[-1]
     assert last["status"] == "CRITICAL"
@@ -210,7 +210,7 @@ CHILD = textwrap.dedent(
         guard.monitor(w, loss=1.0)
         step += 1
         if step % 7 == 0:
-            guard._store.flush()
+            guard.run_store.flush()
             print(step, flush=True)
     """
 )

@@ -24,7 +24,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _group_rows(result) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-    return {n: result._group_rows[i] for i, n in enumerate(result._group_names)}
+    return {n: result.group_rows[i] for i, n in enumerate(result.group_names)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -174,7 +174,7 @@ def test_any_parameter_set_matches_reference(
             p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(dtype))
             hist[i].append(_np(p))
         r = guard.monitor(params)
-    for i, row in enumerate(r._group_rows):  # type: ignore[union-attr]
+    for i, row in enumerate(r.group_rows):  # type: ignore[union-attr]
         ref = channels(hist[i])
         assert row[0] == pytest.approx(ref["x2"], rel=1e-9)
         if ref["j2"] is not None:
@@ -193,9 +193,9 @@ def test_cached_layouts_follow_what_each_step_hands_over() -> None:
     def check(params: object, expect_grad: float | None) -> None:
         r = guard.monitor(params)
         history.append([_np(p) for p in model.parameters()])
-        for i, name in enumerate(r._group_names):
+        for i, name in enumerate(r.group_names):
             ref = channels([h[i] for h in history])
-            assert r._group_rows[i][0] == pytest.approx(ref["x2"], rel=1e-12), name
+            assert r.group_rows[i][0] == pytest.approx(ref["x2"], rel=1e-12), name
         if expect_grad is None:
             assert "grad_norm" not in r.channels
         else:
@@ -221,8 +221,8 @@ def test_a_replaced_entry_in_the_same_list_is_read_afresh() -> None:
     guard = ZetaGuard(auto_recover=False, group_by="tensor")
     guard.monitor([a, b])
     r = guard.monitor([a, c])  # same names (param.0, param.1), another tensor in slot 1
-    assert r._group_rows[1][0] == pytest.approx(3 * 49.0)
-    assert r._group_rows[1][1] == pytest.approx(3 * 25.0)  # ||c - b||^2
+    assert r.group_rows[1][0] == pytest.approx(3 * 49.0)
+    assert r.group_rows[1][1] == pytest.approx(3 * 25.0)  # ||c - b||^2
 
 
 def test_grad_norm_matches_torch_on_every_path() -> None:

@@ -159,7 +159,7 @@ def nan_levels(trace: Trace) -> np.ndarray:
 
 DETECTORS: dict[str, tuple[Callable[[Trace], np.ndarray], str]] = {
     "zetaguard": (zetaguard_levels, "zetaguard default (calibration='auto')"),
-    "seed-jar": (lambda t: zetaguard_levels(t, "none"), "zetaguard calibration='none'"),
+    "literal-jar": (lambda t: zetaguard_levels(t, "none"), "zetaguard calibration='none'"),
     "zclip": (zclip_levels, "real zclip.ZClip"),
     "lightning-spike": (lightning_levels, "real lightning SpikeDetection"),
     "olmo-skip": (olmo_levels, "OLMo skip-step rule (reimplemented)"),

@@ -177,11 +177,11 @@ def record(
         loss = step_fn(t)
         value = float(loss.item())
         r = guard.monitor(module, loss=value)
-        assert r._group_rows is not None
+        assert r.group_rows is not None
         loss_log.append(value)
         grad_log.append(r.channels.get("grad_norm", math.nan))
-        rows.append(np.array(r._group_rows, dtype=np.float64))
-        history.append(r._history)
+        rows.append(np.array(r.group_rows, dtype=np.float64))
+        history.append(r.history)
         status.append(r.status)
         zeta.append(r.zeta_value)
         if not math.isfinite(value) and nonfinite_since is None:

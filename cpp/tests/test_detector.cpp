@@ -1,6 +1,6 @@
-// Detector tests that need no Python: the seed-literal rule, non-finite input, the warm-up
-// calibration catching a blow-up, threshold semantics, and the group sums. The NumPy statement
-// of the full rule is compared field by field in tests/test_detector_reference.py.
+// Detector tests that need no Python: the literal rule (JAR as specified), non-finite input,
+// the warm-up calibration catching a blow-up, threshold semantics, and the group sums. The NumPy
+// statement of the full rule is compared field by field in tests/test_detector_reference.py.
 #include <cmath>
 #include <cstdio>
 #include <random>

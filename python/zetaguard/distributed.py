@@ -271,7 +271,7 @@ class DistributedContext:
             self._weights = dict.fromkeys(snap.names, 1.0 / self.world)
             self._grads = None
             return snap
-        from zetaguard.adapters.torch import named_tensors
+        from zetaguard.adapters.torch_layout import named_tensors
 
         names: list[str] = []
         local: list[tuple[str, Any]] = []
@@ -279,14 +279,14 @@ class DistributedContext:
         grad_weights: list[float] = []
         weights: dict[str, float] = {}
         for name, p in named_tensors(params):
-            w = self._weight(p)
+            w = self.weight(p)
             weights[name] = w
             names.append(name)
             # Local shards are views; detached, the adapter does not probe their (absent) .grad.
             local.append((name, p.to_local().detach() if hasattr(p, "to_local") else p))
             g = getattr(p, "grad", None)
             if g is not None:
-                grads.append((name, self._local(g)))
+                grads.append((name, self.local_tensor(g)))
                 grad_weights.append(w)
         snap = snapshot(local)
         # Gradients are reduced here with their own weights, not by the single-process path.
@@ -296,11 +296,12 @@ class DistributedContext:
         self._weights = weights
         return snap
 
-    def _local(self, t: Any) -> Any:
+    def local_tensor(self, t: Any) -> Any:
+        """This rank's part of ``t``: the local shard of a DTensor, else ``t`` itself."""
         to_local = getattr(t, "to_local", None)
         return to_local() if callable(to_local) else t
 
-    def _weight(self, p: Any) -> float:
+    def weight(self, p: Any) -> float:
         """Share of ``p``'s squared norm this rank's copy carries in a sum over all ranks."""
         placements = getattr(p, "placements", None)
         mesh = getattr(p, "device_mesh", None)
@@ -368,7 +369,7 @@ class DistributedContext:
             rank=self.rank,
             world=self.world,
         )
-        total = self._all_reduce(packet, "the per-step reduction")
+        total = self.all_reduce(packet, "the per-step reduction")
         reduced = unpack_step(total, groups.shape, self.world)
         if not reduced.in_step:
             raise RankFailureError(
@@ -382,7 +383,7 @@ class DistributedContext:
     def _check_layout(self, names: tuple[str, ...], mode: str) -> None:
         fp = float(zlib.crc32("\n".join(names).encode()) & _FP_MASK)
         sketch = 1.0 if mode == "sketch" else 0.0
-        total = self._all_reduce(np.array([1.0, fp, fp * fp, sketch]), "the layout check")
+        total = self.all_reduce(np.array([1.0, fp, fp * fp, sketch]), "the layout check")
         ranks, s1, s2, sk = int(total[0]), int(total[1]), int(total[2]), float(total[3])
         if ranks != self.world or s1 * s1 != self.world * s2:
             raise RankFailureError(
@@ -397,7 +398,8 @@ class DistributedContext:
             )
         self._checked = (names, mode)
 
-    def _all_reduce(self, packet: npt.NDArray[np.float64], what: str) -> npt.NDArray[np.float64]:
+    def all_reduce(self, packet: npt.NDArray[np.float64], what: str) -> npt.NDArray[np.float64]:
+        """Sum ``packet`` over the ranks within the guard's deadline; a failure names ``what``."""
         torch = self._torch
         t = torch.from_numpy(np.ascontiguousarray(packet, dtype=np.float64))
         if self.device is not None:
@@ -418,11 +420,11 @@ class DistributedContext:
     def agree_on_skip(self, reason: str | None) -> str | None:
         """One rank's veto is every rank's: a step skipped on some ranks only would let the
         replicas (DDP) or the shards' optimizer states (FSDP) drift apart. One all-reduce."""
-        vetoes = int(self._all_reduce(np.array([0.0 if reason is None else 1.0]), "the step veto")[0])
+        vetoes = int(self.all_reduce(np.array([0.0 if reason is None else 1.0]), "the step veto")[0])
         if reason is None and vetoes:
             return f"vetoed on {vetoes} of {self.world} ranks"
         return reason
 
     def barrier(self, what: str) -> None:
         """A barrier with the guard's deadline (a tiny all-reduce: works on every backend)."""
-        self._all_reduce(np.zeros(1), what)
+        self.all_reduce(np.zeros(1), what)

@@ -3,15 +3,16 @@
 The parts: :mod:`zetaguard.selection` (what is monitored, and each tensor's group),
 :mod:`zetaguard.engine.session` (the tracker, host or device, and one step's numbers),
 :mod:`zetaguard.detector` (status from those numbers), :mod:`zetaguard.stats` (run
-statistics), :mod:`zetaguard.recovery` (through the narrow ``RecoveryHost`` Protocol) and
-:mod:`zetaguard.state` (the state file). This file is over 450 lines only because it carries the
-public API's signatures and documentation; its logic is the wiring in :meth:`ZetaGuard._monitor`.
+statistics), :mod:`zetaguard.recovery` (through the narrow ``RecoveryHost`` Protocol; the veto,
+``guarded_step`` and the clip advice in :mod:`zetaguard.recovery.gate`) and
+:mod:`zetaguard.state` (the state file). Its logic is the wiring of one step
+(:meth:`ZetaGuard._monitor`); the rest of its length is the public methods' signatures and
+docstrings, which stay here where users read them.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import threading
@@ -25,6 +26,7 @@ from zetaguard.adapters import Snapshot, default_threads, snapshot
 from zetaguard.detector import Calibration, Detector
 from zetaguard.engine.session import EngineSession, route_device
 from zetaguard.recommend import recommendations
+from zetaguard.recovery.gate import StepGate
 from zetaguard.recovery.manager import RecoveryManager
 from zetaguard.results import RecoveryReport, StabilityResult
 from zetaguard.selection import GroupBy, ParameterSelection
@@ -159,6 +161,8 @@ class ZetaGuard:
             snapshot_interval=snapshot_interval,
             snapshot_memory_budget=snapshot_memory_budget,
         )
+        # The veto, guarded_step and the clip advice (zetaguard.recovery.gate).
+        self._gate = StepGate(self._recovery, self._lock, lambda: distributed.current(self))
         self._reports: list[RecoveryReport] = []
         self._store: RunStore | None = None  # opened at the first recorded step (run_dir)
         # Set each step while torch.distributed spans more than one rank (distributed.py).
@@ -376,17 +380,7 @@ class ZetaGuard:
         docs/recovery.md). The gradient norm is read from the attached torch model when not
         given. Each veto is logged as an incident (with ``batch_index`` when given) and listed in
         ``get_statistics()["incidents"]["skipped"]``."""
-        with self._lock:
-            loss_value = _as_float(loss, "loss")
-            reason = self._recovery.skip_reason(loss_value, _as_float(grad_norm, "grad_norm"))
-            dist = distributed.current(self)
-            if dist is not None:  # one rank's veto is every rank's (distributed.py)
-                reason = dist.agree_on_skip(reason)
-            if reason is None:
-                self._recovery.record_step_taken()
-                return False
-            self._recovery.record_skip(reason, batch_index)
-            return True
+        return self._gate.should_skip(loss, grad_norm, batch_index)
 
     def guarded_step(
         self,
@@ -401,39 +395,22 @@ class ZetaGuard:
         dropped), with the gradients clipped to :meth:`recommended_clip_value` first when
         ``clip`` and :meth:`should_clip_gradients` say so (torch). Returns whether the step
         landed. Does nothing once :attr:`should_stop` is set."""
-        opt = optimizer if optimizer is not None else self.optimizer
-        if opt is None:
-            raise ValueError(
-                "guarded_step() needs an optimizer: pass it, or guard.attach(optimizer=...)"
-            )
-        if self.should_stop:
-            return False
-        backend = self._recovery.backend
-        if grad_norm is None and backend is not None:
-            grad_norm = backend.grad_norm()
-        if self.should_skip_step(loss=loss, grad_norm=grad_norm, batch_index=batch_index):
-            opt.zero_grad()
-            return False
-        limit = self.recommended_clip_value()
-        clip_grad = getattr(backend, "clip_grad_norm", None)
-        if clip and limit is not None and grad_norm is not None and grad_norm > limit and clip_grad:
-            clip_grad(limit)
-        opt.step()
-        return True
+        return self._gate.guarded_step(
+            optimizer if optimizer is not None else self.optimizer,
+            loss=loss, grad_norm=grad_norm, clip=clip, batch_index=batch_index,
+        )
 
     def should_clip_gradients(self, grad_norm: float | None = None) -> bool:
         """True when ``grad_norm`` (default: the latest monitored one) is above
         :meth:`recommended_clip_value`."""
-        limit = self.recommended_clip_value()
-        g = self._stats.last_grad_norm if grad_norm is None else float(grad_norm)
-        if g is None or limit is None:
-            return False
-        return not math.isfinite(g) or g > limit
+        return self._gate.should_clip(
+            self._stats.last_grad_norm if grad_norm is None else float(grad_norm)
+        )
 
     def recommended_clip_value(self) -> float | None:
         """A max-norm for gradient clipping from the recent gradient norms (median and MAD on the
         log scale; docs/recovery.md), or None until 20 norms have been seen."""
-        return self._recovery.clip_value()
+        return self._gate.clip_value()
 
     def reset_trajectory(self) -> None:
         """After a rollback: forget the finite-difference history (the engine ring must not mix

@@ -84,6 +84,34 @@ class StabilityResult:
     def is_stable(self) -> bool:
         return self.status == "STABLE"
 
+    # Read-only views of the per-group numbers, for the run store and for tests.
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        """The monitored groups (layers), in the order of :attr:`group_rows`."""
+        return self._group_names
+
+    @property
+    def module_types(self) -> Mapping[str, str] | None:
+        """What the adapter knows each module is (``"Linear 128->10"``), for layer labels."""
+        return self._module_types
+
+    @property
+    def group_rows(self) -> npt.NDArray[np.float64] | None:
+        """The engine's float64 sums per group: ``||x||^2, ||v||^2, ||a||^2, ||j||^2`` and the
+        non-finite count (None when no group was scored)."""
+        return self._group_rows
+
+    @property
+    def group_zeta(self) -> npt.NDArray[np.float64] | None:
+        """Each group's zeta, in the order of :attr:`group_names`."""
+        return self._group_zeta
+
+    @property
+    def history(self) -> int:
+        """Earlier snapshots the differences had (0-3): ``||v||`` needs one, JAR three."""
+        return self._history
+
     @property
     def groups(self) -> dict[str, GroupResult]:
         """Per-group results, built on first access (monitoring itself never pays for them)."""

@@ -63,7 +63,7 @@ def as_record(r: Any) -> dict[str, Any]:
         "zeta": r.zeta_value,
         "raw_jar": r.raw_jar,
         "channels": {k: float(v) for k, v in r.channels.items()},
-        "rows": np.asarray(r._group_rows).tolist(),
+        "rows": np.asarray(r.group_rows).tolist(),
     }
 
 
@@ -108,8 +108,8 @@ def train(
     np.savez(out / f"{kind}_rank{rank}.npz", **arrays)
     (out / f"{kind}_rank{rank}.json").write_text(json.dumps(records))
     for guard in guards.values():
-        if guard._store is not None:
-            guard._store.close()
+        if guard.run_store is not None:
+            guard.run_store.close()
     return model, opt
 
 
@@ -207,7 +207,7 @@ def recover(rank: int, out: Path) -> None:
         "statuses": statuses,
         "after": after,
         "reports": reports,
-        "backend": type(guard._recovery.backend).__name__,
+        "backend": type(guard.recovery.backend).__name__,
     }))
 
 

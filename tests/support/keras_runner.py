@@ -69,7 +69,7 @@ def flat_weights(model: Any) -> np.ndarray:
 
 
 def reference_jar(traj: list[np.ndarray]) -> float:
-    """The seed's JAR from the last four weight vectors, in NumPy."""
+    """JAR as specified, from the last four weight vectors, in NumPy."""
     x3, x2, x1, x0 = traj[-4:]
     v = [x2 - x3, x1 - x2, x0 - x1]
     a = [v[1] - v[0], v[2] - v[1]]

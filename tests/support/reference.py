@@ -28,7 +28,7 @@ def channels(history: list[npt.NDArray[np.float64]]) -> dict[str, float | None]:
 
 
 def raw_jar(history: list[npt.NDArray[np.float64]], eps: float = 1e-12) -> float | None:
-    """The seed's JAR = ||j|| / (||a|| + eps) over the concatenated parameters."""
+    """JAR as specified, ||j|| / (||a|| + eps), over the concatenated parameters."""
     c = channels(history)
     if c["j2"] is None or c["a2"] is None:
         return None

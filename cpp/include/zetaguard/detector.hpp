@@ -55,7 +55,7 @@ inline constexpr double kGrowthRate = 0.1;     // averaging rate of d log||x|| p
 inline constexpr double kGrowthFloor = 5e-4;
 inline constexpr double kGrowthRatio = 16.0;
 inline constexpr int kMinCalibrationSamples = 5;
-inline constexpr double kJarEps = 1e-12;       // the seed's ||j|| / (||a|| + eps)
+inline constexpr double kJarEps = 1e-12;       // JAR as specified: ||j|| / (||a|| + eps)
 double critical_ratio(Tracked t) noexcept;
 }  // namespace detection
 

@@ -37,7 +37,7 @@ import torch
 
 from zetaguard import _core
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
-from zetaguard.adapters.torch import check_storages, checked_grad
+from zetaguard.adapters.torch_layout import check_storages, checked_grad
 
 log = logging.getLogger("zetaguard")
 

@@ -8,11 +8,18 @@ episode have run and trouble returns again, the guard stops training (``guard.sh
 Before the step (``guard.should_skip_step`` / ``guard.guarded_step``) each ladder also sets the
 veto thresholds: a step is skipped when its loss or gradient norm is non-finite, or above
 ``skip_*_ratio`` times the median of the recent healthy ones (``None``: that check is off).
+
+The judgements a rung's actions depend on sit here too: how deep an LR cut goes
+(:func:`lr_factor`) and whether the weights took damage, so "roll back if needed" rolls back
+(:func:`damaged`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from zetaguard.results import StabilityResult
 
 # Actions a rung can take, in the order they run.
 ROLLBACK = "rollback"  # restore the latest verified-stable snapshot (older ones as depth grows)
@@ -93,3 +100,57 @@ LADDERS: dict[str, Ladder] = {
         skip_loss_ratio=2.5,
     ),
 }
+
+
+# Channels that can be critical while the weights themselves are fine (a gradient spike, an
+# oscillation): an LR cut alone can calm them. Any other critical channel means damage.
+NON_DAMAGE_SCORES = frozenset({"score_grad", "score_jar"})
+# Channels that describe the step's batch (its loss, its gradients), not the weights: when that
+# step was vetoed, they never reached the weights.
+BATCH_SCORES = NON_DAMAGE_SCORES | {"score_loss", "score_loss_start", "score_nonfinite"}
+# The deepest single LR cut (see lr_factor).
+MIN_LR_FACTOR = 1e-3
+
+
+def lr_factor(
+    rung_factor: float,
+    result: StabilityResult | None,
+    lrs: list[float] | None = None,
+    stable_lrs: list[float] | None = None,
+) -> float:
+    """The LR cut: the rung's factor, or deeper when either
+
+    * the LR rose since the last stable snapshot (a jump, a ramp, a warm-up past what the model
+      takes): back to the LR that state was stable at (a 100x jump gets a 100x cut, where x0.1
+      would leave it at 10x), or
+    * the update norm overshot its healthy level by more than 1/factor: by 1/overshoot.
+
+    Never below ``MIN_LR_FACTOR`` in one cut."""
+    factor = rung_factor
+    if lrs and stable_lrs and lrs[0] > 0 and stable_lrs[0] > 0:
+        factor = min(factor, stable_lrs[0] / lrs[0])
+    # How far the update norm stands above its healthy level, as the detector measured it.
+    overshoot = result.channels.get("update_overshoot") if result is not None else None
+    if overshoot is not None and math.isfinite(overshoot) and overshoot > 1.0:
+        factor = min(factor, 1.0 / overshoot)
+    return max(MIN_LR_FACTOR, factor)
+
+
+def damaged(result: StabilityResult | None) -> bool:
+    """Whether the weights themselves took damage (so an LR cut alone cannot undo it): non-finite
+    values, or a critical channel other than the gradient norm and the JAR (an unknown cause
+    counts as damage)."""
+    if result is None or not math.isfinite(result.zeta_value):
+        return True
+    return critical_beyond(result, NON_DAMAGE_SCORES)
+
+
+def critical_beyond(result: StabilityResult, allowed: frozenset[str]) -> bool:
+    """Whether the parameters are non-finite or a channel outside ``allowed`` is critical (an
+    unexplained CRITICAL counts too)."""
+    if result.nonfinite > 0:
+        return True
+    critical = {
+        k for k, v in result.channels.items() if k.startswith("score_") and not v < 1.0
+    }
+    return not critical or bool(critical - allowed)

@@ -2,8 +2,11 @@
 
 One :class:`RecoveryManager` belongs to one :class:`zetaguard.ZetaGuard` (``guard.recovery``);
 the guard calls :meth:`RecoveryManager.after_step` at the end of every ``monitor()`` and
-delegates ``emergency_protocol()``, ``should_skip_step()``, ``guarded_step()`` and the clip
-advice here. Everything framework-specific goes through a
+delegates ``emergency_protocol()`` here, and ``should_skip_step()``, ``guarded_step()`` and the
+clip advice to :mod:`zetaguard.recovery.gate`, which works over this manager. What is written
+down goes through :mod:`zetaguard.recovery.records`, emergency checkpoints through
+:mod:`zetaguard.recovery.emergency`, the ladders' judgements (LR cut depth, damage) live in
+:mod:`zetaguard.recovery.ladder`. Everything framework-specific goes through a
 :class:`zetaguard.recovery.backend.RecoveryBackend`.
 """
 
@@ -12,17 +15,15 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import shutil
 from collections.abc import Iterator, Mapping
-from os import PathLike
-from pathlib import Path
 from typing import Any, Protocol
 
-from zetaguard.checkpoint import checkpoint_stem
 from zetaguard.recovery import clip
 from zetaguard.recovery.backend import RecoveryBackend, make_backend
+from zetaguard.recovery.emergency import CheckpointHost, write_checkpoint
 from zetaguard.recovery.incidents import MAX_UNDOS, PERSISTENT, RECURRING, TRANSIENT, Incidents
 from zetaguard.recovery.ladder import (
+    BATCH_SCORES,
     CHECKPOINT,
     LADDERS,
     LR_CUT,
@@ -30,50 +31,35 @@ from zetaguard.recovery.ladder import (
     ROLLBACK,
     ROLLBACK_IF_NEEDED,
     Ladder,
+    critical_beyond,
+    damaged,
+    lr_factor,
 )
 from zetaguard.recovery.lr_watch import LrWatch
+from zetaguard.recovery.records import RecordsHost, RecoveryRecords
 from zetaguard.recovery.snapshots import SnapshotKeeper
 from zetaguard.results import RecoveryReport, StabilityResult
 
 
-class RecoveryHost(Protocol):
-    """What the manager needs from its guard (``ZetaGuard`` is one), and nothing more."""
+class RecoveryHost(RecordsHost, CheckpointHost, Protocol):
+    """What the manager needs from its guard (``ZetaGuard`` is one), and nothing more: what its
+    records and checkpoint writer need, and these."""
 
     @property
     def model(self) -> Any: ...
     @property
     def optimizer(self) -> Any: ...
     @property
-    def recovery_mode(self) -> str: ...
-    @property
     def auto_recover(self) -> bool: ...
     @property
     def recovery_protocol(self) -> Any: ...
     @property
-    def checkpoint_dir(self) -> str | PathLike[str] | None: ...
-    @property
-    def step(self) -> int: ...
-    @property
     def last_result(self) -> StabilityResult | None: ...
-    @property
-    def run_store(self) -> Any: ...
-    @property
-    def rank(self) -> int | None: ...
-    def config(self) -> dict[str, Any]: ...
-    def save_state(self, path: str | PathLike[str]) -> None: ...
     def reset_trajectory(self) -> None: ...
-    def add_report(self, report: RecoveryReport) -> None: ...
+
 
 log = logging.getLogger("zetaguard")
 
-# Channels that can be critical while the weights themselves are fine (a gradient spike, an
-# oscillation): an LR cut alone can calm them. Any other critical channel means damage.
-NON_DAMAGE_SCORES = frozenset({"score_grad", "score_jar"})
-# Channels that describe the step's batch (its loss, its gradients), not the weights: when that
-# step was vetoed, they never reached the weights.
-BATCH_SCORES = NON_DAMAGE_SCORES | {"score_loss", "score_loss_start", "score_nonfinite"}
-# The deepest single LR cut (see lr_factor).
-MIN_LR_FACTOR = 1e-3
 # Consecutive vetoed steps after which the veto is not enough and the ladder takes over.
 MAX_CONSECUTIVE_SKIPS = 10
 
@@ -107,6 +93,7 @@ class RecoveryManager:
         hold_lr_cut: bool = True,
     ) -> None:
         self.guard = guard
+        self.records = RecoveryRecords(guard)  # reports, incidents, the log, the run store
         self.keeper = SnapshotKeeper(snapshot_interval, keep_snapshots, snapshot_memory_budget)
         self.keep_checkpoints = keep_checkpoints
         self.restore_rng = restore_rng
@@ -274,19 +261,19 @@ class RecoveryManager:
         if result.status != "CRITICAL":
             return None
         self.calm = 0
-        if vetoed and not _critical_beyond(result, BATCH_SCORES):
+        if vetoed and not critical_beyond(result, BATCH_SCORES):
             # The loss or gradients that make this step CRITICAL never reached the weights.
-            self._incident(result, batch_index, "skipped before the update")
+            self.records.incident(result, batch_index, "skipped before the update")
             return None
         if not self.guard.auto_recover:
-            self._incident(result, batch_index, "none (auto_recover=False)")
+            self.records.incident(result, batch_index, "none (auto_recover=False)")
             return None
         kind, why = self._classify(result)
         if kind != PERSISTENT:
             return self._undo(result, batch_index, kind, why)
         broken = result.nonfinite > 0 or not math.isfinite(result.zeta_value)
         if self.since_action <= self.ladder.cooldown and not broken:
-            self._incident(result, batch_index, f"cooldown ({kind}: {why})")
+            self.records.incident(result, batch_index, f"cooldown ({kind}: {why})")
             return None
         self._class_note = f"{kind}: {why}"
         return self.respond(result, batch_index)
@@ -306,7 +293,7 @@ class RecoveryManager:
     ) -> RecoveryReport:
         """A (recurring) transient: roll the bad update back, leave the learning rate and the
         ladder alone; after a recurring one, tighten the veto to the excursion's size."""
-        report = self._report(result)
+        report = self.records.report(result)
         backend = self.backend
         lrs = backend.get_lrs() if backend is not None else []
         report.lr_before = report.lr_after = lrs[0] if lrs else None
@@ -337,7 +324,7 @@ class RecoveryManager:
         manual ``emergency_protocol()``) treats the state as damaged, so "roll back if needed"
         rolls back."""
         if self.stopped:
-            return self._report(result, stopped=True, actions=["none (already stopped)"])
+            return self.records.report(result, stopped=True, actions=["none (already stopped)"])
         if self.episode >= self.ladder.max_recoveries or self.total >= MAX_TOTAL_RECOVERIES:
             return self._stop(result, batch_index)
         protocol = self.guard.recovery_protocol
@@ -347,7 +334,7 @@ class RecoveryManager:
                 out = protocol.execute(self.guard.model, self.guard.optimizer, self.guard)
             finally:
                 self._in_protocol = False
-            report = out if isinstance(out, RecoveryReport) else self._report(
+            report = out if isinstance(out, RecoveryReport) else self.records.report(
                 result, actions=[f"protocol {type(protocol).__name__}"]
             )
         else:
@@ -369,12 +356,12 @@ class RecoveryManager:
         :meth:`respond` does that). Custom protocols call this to get the built-in behaviour."""
         result = result if result is not None else self.guard.last_result
         rung = self.ladder.rung(self.episode)
-        report = self._report(result)
+        report = self.records.report(result)
         backend = self.backend
         lrs = backend.get_lrs() if backend is not None else []
         report.lr_before = lrs[0] if lrs else None
         if ROLLBACK in rung.actions or (
-            ROLLBACK_IF_NEEDED in rung.actions and (force or _damaged(result))
+            ROLLBACK_IF_NEEDED in rung.actions and (force or damaged(result))
         ):
             self._rollback(rung.depth, report)
         if LR_CUT in rung.actions:
@@ -387,7 +374,7 @@ class RecoveryManager:
             else:
                 report.actions.append("lr cut unavailable (no optimizer attached)")
         if CHECKPOINT in rung.actions and self.guard.checkpoint_dir is not None:
-            self._checkpoint(report)
+            write_checkpoint(self.backend, self.guard, report, self.keep_checkpoints)
         after = backend.get_lrs() if backend is not None else []
         report.lr_after = after[0] if after else None
         report.message = (
@@ -400,7 +387,7 @@ class RecoveryManager:
 
     def rollback(self, depth: int = 0) -> int | None:
         """Restore the verified snapshot ``depth`` back; returns its step, None if none held."""
-        report = self._report(None)
+        report = self.records.report(None)
         self._rollback(depth, report)
         return report.restored_step
 
@@ -426,51 +413,11 @@ class RecoveryManager:
         report.restored_step = snap.step
         report.actions.append(f"rollback to step {snap.step}")
 
-    def _checkpoint(self, report: RecoveryReport) -> None:
-        backend = self.backend
-        if backend is None or self.guard.checkpoint_dir is None:
-            return
-        directory = Path(self.guard.checkpoint_dir)
-        stem = checkpoint_stem(report.step)
-        guard_state = {
-            "step": report.step,
-            "status": report.status,
-            "zeta_value": report.zeta_value,
-            "actions": list(report.actions),
-            "restored_step": report.restored_step,
-            "lrs": backend.get_lrs(),
-            "recovery_mode": self.guard.recovery_mode,
-            "config": self.guard.config(),
-        }
-        try:
-            paths = backend.save_checkpoint(directory, stem, guard_state)
-            # Under torch.distributed every rank's engine state differs: one file per rank.
-            rank = "" if self.guard.rank is None else f".rank{self.guard.rank}"
-            self.guard.save_state(directory / f"{stem}.zetaguard{rank}.npz")
-        except OSError as e:  # a full disk must not kill the run the guard is saving
-            log.error("zetaguard: emergency checkpoint failed: %s", e)
-            report.actions.append(f"checkpoint failed: {e}")
-            return
-        report.checkpoint_path = paths[0]
-        report.actions.append("checkpoint")
-        self._prune_checkpoints(directory, keep_stem=stem)
-
-    def _prune_checkpoints(self, directory: Path, keep_stem: str) -> None:
-        stems = sorted({p.name.split(".")[0] for p in directory.glob("emergency-step*")})
-        for old in stems[: max(0, len(stems) - self.keep_checkpoints)]:
-            if old == keep_stem:
-                continue
-            for p in directory.glob(f"{old}.*"):
-                if p.is_dir():  # sharded (torch.distributed.checkpoint) checkpoints
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-
     def _stop(self, result: StabilityResult | None, batch_index: int | None) -> RecoveryReport:
-        report = self._report(result, stopped=True)
+        report = self.records.report(result, stopped=True)
         self._rollback(0, report)  # leave the model in its last stable state
         if self.guard.checkpoint_dir is not None:
-            self._checkpoint(report)
+            write_checkpoint(self.backend, self.guard, report, self.keep_checkpoints)
         report.actions.append("stop")
         report.message = (
             f"stopped: trouble returned after {self.episode} recoveries "
@@ -510,7 +457,7 @@ class RecoveryManager:
         self.incidents.skipped.append(
             {"step": step, "batch": batch_index, "class": kind, "reason": reason}
         )
-        self._store_incident(step, "CRITICAL", {}, None, batch_index, f"skip: {reason}")
+        self.records.store_incident(step, "CRITICAL", {}, None, batch_index, f"skip: {reason}")
         if self.consecutive_skips > MAX_CONSECUTIVE_SKIPS and self.guard.auto_recover:
             self.consecutive_skips = 0
             self.respond(self.guard.last_result, batch_index)
@@ -521,82 +468,11 @@ class RecoveryManager:
     def clip_value(self) -> float | None:
         return self.grad_norms.clip_value()
 
-    # ---- records -------------------------------------------------------------------------
-
-    def _report(
-        self,
-        result: StabilityResult | None,
-        *,
-        stopped: bool = False,
-        actions: list[str] | None = None,
-    ) -> RecoveryReport:
-        return RecoveryReport(
-            step=result.step if result is not None else max(self.guard.step - 1, 0),
-            status=result.status if result is not None else "CRITICAL",
-            actions=list(actions or []),
-            worst_group=result.worst_group if result is not None else None,
-            zeta_value=result.zeta_value if result is not None else 0.0,
-            stopped=stopped,
-        )
-
     def _finish(
         self, report: RecoveryReport, result: StabilityResult | None, batch_index: int | None
     ) -> None:
         self.last_report = report
-        self.guard.add_report(report)
-        action = ", ".join(report.actions) or "none"
-        channels = dict(result.channels) if result is not None else {}
-        self._store_incident(
-            report.step, report.status, channels, report.worst_group, batch_index, action
-        )
-        log.warning(
-            "zetaguard: step %d %s zeta=%.3f worst=%s%s -> %s (lr %s -> %s)%s",
-            report.step,
-            report.status,
-            report.zeta_value,
-            report.worst_group,
-            "" if batch_index is None else f" batch={batch_index}",
-            action,
-            report.lr_before,
-            report.lr_after,
-            f"; {report.message}" if report.message else "",
-        )
-        store = self.guard.run_store
-        if store is not None and hasattr(store, "record_recovery"):
-            store.record_recovery(report)
-
-    def _incident(self, result: StabilityResult, batch_index: int | None, action: str) -> None:
-        log.warning(  # the one log line of a CRITICAL step that no recovery answered
-            "zetaguard: step %d CRITICAL zeta=%.3f worst=%s%s -> %s",
-            result.step,
-            result.zeta_value,
-            result.worst_group,
-            "" if batch_index is None else f" batch={batch_index}",
-            action,
-        )
-        self._store_incident(
-            result.step, result.status, dict(result.channels), result.worst_group, batch_index, action
-        )
-
-    def _store_incident(
-        self,
-        step: int,
-        status: str,
-        channels: Mapping[str, float],
-        worst_group: str | None,
-        batch_index: int | None,
-        action: str,
-    ) -> None:
-        store = self.guard.run_store
-        if store is not None and hasattr(store, "record_incident"):
-            store.record_incident(
-                step=step,
-                status=status,
-                channels=dict(channels),
-                worst_group=worst_group,
-                batch_index=batch_index,
-                action=action,
-            )
+        self.records.finish(report, result, batch_index)
 
 
 def _tightest(*ratios: float | None) -> float | None:
@@ -606,50 +482,6 @@ def _tightest(*ratios: float | None) -> float | None:
 
 def _ratio_text(ratio: float | None) -> str:
     return "off" if ratio is None else f"{ratio:.3g}"
-
-
-def lr_factor(
-    rung_factor: float,
-    result: StabilityResult | None,
-    lrs: list[float] | None = None,
-    stable_lrs: list[float] | None = None,
-) -> float:
-    """The LR cut: the rung's factor, or deeper when either
-
-    * the LR rose since the last stable snapshot (a jump, a ramp, a warm-up past what the model
-      takes): back to the LR that state was stable at (a 100x jump gets a 100x cut, where x0.1
-      would leave it at 10x), or
-    * the update norm overshot its healthy level by more than 1/factor: by 1/overshoot.
-
-    Never below ``MIN_LR_FACTOR`` in one cut."""
-    factor = rung_factor
-    if lrs and stable_lrs and lrs[0] > 0 and stable_lrs[0] > 0:
-        factor = min(factor, stable_lrs[0] / lrs[0])
-    # How far the update norm stands above its healthy level, as the detector measured it.
-    overshoot = result.channels.get("update_overshoot") if result is not None else None
-    if overshoot is not None and math.isfinite(overshoot) and overshoot > 1.0:
-        factor = min(factor, 1.0 / overshoot)
-    return max(MIN_LR_FACTOR, factor)
-
-
-def _damaged(result: StabilityResult | None) -> bool:
-    """Whether the weights themselves took damage (so an LR cut alone cannot undo it): non-finite
-    values, or a critical channel other than the gradient norm and the JAR (an unknown cause
-    counts as damage)."""
-    if result is None or not math.isfinite(result.zeta_value):
-        return True
-    return _critical_beyond(result, NON_DAMAGE_SCORES)
-
-
-def _critical_beyond(result: StabilityResult, allowed: frozenset[str]) -> bool:
-    """Whether the parameters are non-finite or a channel outside ``allowed`` is critical (an
-    unexplained CRITICAL counts too)."""
-    if result.nonfinite > 0:
-        return True
-    critical = {
-        k for k, v in result.channels.items() if k.startswith("score_") and not v < 1.0
-    }
-    return not critical or bool(critical - allowed)
 
 
 def _same_items(new: Any, old: Any) -> bool:

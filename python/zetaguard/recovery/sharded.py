@@ -174,14 +174,14 @@ class ShardedBackend:
         ctx = self._ctx
         local = 0.0
         seen = 0.0
-        for p in self._local._params():
+        for p in self._local.trained_params():
             g = p.grad
             if g is None:
                 continue
-            t = ctx._local(g).detach()
-            local += float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2) * ctx._weight(p)
+            t = ctx.local_tensor(g).detach()
+            local += float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2) * ctx.weight(p)
             seen = 1.0
-        total = ctx._all_reduce(np.array([local, seen]), "the gradient norm")
+        total = ctx.all_reduce(np.array([local, seen]), "the gradient norm")
         if total[1] == 0:
             return None
         return math.sqrt(total[0]) if math.isfinite(total[0]) else math.inf
@@ -196,9 +196,9 @@ class ShardedBackend:
             return 0.0 if norm is None else norm
         scale = max_norm / (norm + 1e-6)
         with torch.no_grad():
-            for p in self._local._params():
+            for p in self._local.trained_params():
                 if p.grad is not None:
-                    self._ctx._local(p.grad).mul_(scale)
+                    self._ctx.local_tensor(p.grad).mul_(scale)
         return norm
 
     def save_checkpoint(self, directory: Path, stem: str, guard_state: dict[str, Any]) -> list[str]:

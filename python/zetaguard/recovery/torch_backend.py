@@ -233,7 +233,8 @@ class TorchBackend:
 
     # ---- gradients -----------------------------------------------------------------------
 
-    def _params(self) -> list[torch.Tensor]:
+    def trained_params(self) -> list[torch.Tensor]:
+        """The tensors the optimizer updates (else the model's trainable ones)."""
         if self.optimizer is not None:
             return [p for g in self.optimizer.param_groups for p in g["params"]]
         return [t for t in self.targets.values() if t.requires_grad]
@@ -241,18 +242,18 @@ class TorchBackend:
     def grad_norm(self) -> float | None:
         from zetaguard.adapters.torch import grad_norm
 
-        return grad_norm(self._params())
+        return grad_norm(self.trained_params())
 
     def zero_grad(self) -> None:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             return
-        for p in self._params():
+        for p in self.trained_params():
             p.grad = None
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradients in place to a global norm of ``max_norm``; returns the norm before."""
-        return float(torch.nn.utils.clip_grad_norm_(self._params(), max_norm))
+        return float(torch.nn.utils.clip_grad_norm_(self.trained_params(), max_norm))
 
     # ---- checkpoints ---------------------------------------------------------------------
 

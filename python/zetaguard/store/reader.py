@@ -21,11 +21,11 @@ import numpy.typing as npt
 
 from zetaguard.results import jar
 from zetaguard.store.schema import (
-    _STEP_COLUMNS,
     DB_NAME,
     SCHEMA_VERSION,
+    STEP_COLUMNS,
     StoreError,
-    _finite_or_none,
+    finite_or_none,
     json_safe,
 )
 
@@ -199,13 +199,13 @@ class RunReader:
             args.append(int(limit))
         out = []
         for row in self._query(sql, args):
-            d = {k: json_safe(row[k]) for k in _STEP_COLUMNS}
+            d = {k: json_safe(row[k]) for k in STEP_COLUMNS}
             d["in_warmup"] = bool(d["in_warmup"])
             d["channels"] = {}
             if row["channel_set"] is not None:
                 names = self._names(int(row["channel_set"]))
                 values = struct.unpack(f"<{len(names)}d", row["channel_values"])
-                d["channels"] = {n: _finite_or_none(v) for n, v in zip(names, values, strict=True)}
+                d["channels"] = {n: finite_or_none(v) for n, v in zip(names, values, strict=True)}
             d["worst_group"] = None
             decoded = self._decode(row)
             if decoded is not None:
@@ -216,9 +216,9 @@ class RunReader:
                     labels = self.group_labels()
                     d["groups"] = {
                         n: {
-                            "zeta": _finite_or_none(zeta[i]),
-                            "raw_jar": _finite_or_none(jar[i]),
-                            "update_ratio": _finite_or_none(ratio[i]),
+                            "zeta": finite_or_none(zeta[i]),
+                            "raw_jar": finite_or_none(jar[i]),
+                            "update_ratio": finite_or_none(ratio[i]),
                             "label": labels.get(n, n),
                         }
                         for i, n in enumerate(names)
@@ -323,7 +323,7 @@ class RunReader:
                 current["status"] = row["status"]
             current["peak"] = max(current["peak"], zeta)
         for e in episodes:
-            e["peak"] = _finite_or_none(e["peak"])
+            e["peak"] = finite_or_none(e["peak"])
         return episodes
 
     def integrity_ok(self) -> bool:

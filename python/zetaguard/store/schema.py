@@ -14,7 +14,7 @@ from typing import Any
 DEFAULT_RUN_DIR = "zetaguard_runs"
 DB_NAME = "run.sqlite"
 
-_NUMBER = re.compile(r"[-+]?\d[\d.]*(?:e[-+]?\d+)?")
+NUMBER_PATTERN = re.compile(r"[-+]?\d[\d.]*(?:e[-+]?\d+)?")
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # Each entry upgrades the schema by one version; a database records what it has applied in
@@ -73,7 +73,7 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-_STEP_COLUMNS = (
+STEP_COLUMNS = (
     "id",
     "step",
     "ts",
@@ -93,14 +93,16 @@ class StoreError(RuntimeError):
     """A run store that is missing, unreadable, corrupt or from a newer zetaguard."""
 
 
-def _finite_or_none(x: Any) -> float | None:
+def finite_or_none(x: Any) -> float | None:
+    """``x`` as a float, or None when it is None or not finite (what strict JSON can hold)."""
     if x is None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
 
 
-def _dumps(obj: Any) -> str:
+def dumps(obj: Any) -> str:
+    """Compact strict JSON of ``obj`` (see :func:`json_safe`)."""
     # Non-finite numbers become null: the JSON is read by browsers, whose parser rejects NaN.
     return json.dumps(json_safe(obj), separators=(",", ":"))
 
@@ -116,7 +118,8 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the store at ``conn`` to ``SCHEMA_VERSION``; refuse one from a newer zetaguard."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied REAL)"
     )
@@ -136,7 +139,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 @contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One explicit transaction on an autocommit connection: committed, or rolled back."""
     # The connection is in autocommit mode (isolation_level=None), so batches say BEGIN.
     conn.execute("BEGIN")
     try:

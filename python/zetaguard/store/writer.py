@@ -19,21 +19,21 @@ from typing import Any
 from zetaguard.labels import group_labels
 from zetaguard.results import RecoveryReport, StabilityResult
 from zetaguard.store.schema import (
-    _NUMBER,
     DB_NAME,
     DEFAULT_RUN_DIR,
+    NUMBER_PATTERN,
     RUN_NAME_PATTERN,
     StoreError,
-    _dumps,
-    _migrate,
-    _transaction,
+    dumps,
+    migrate,
+    transaction,
 )
 
 
 def _group_blob(result: StabilityResult) -> bytes | None:
     # The engine's float64 rows (x2, v2, a2, j2, nonfinite per group) then the group zetas,
     # copied as they are: two memcpys per step; the arithmetic waits for a reader.
-    rows, zetas = result._group_rows, result._group_zeta
+    rows, zetas = result.group_rows, result.group_zeta
     if rows is None or zetas is None or len(zetas) == 0:
         return None
     return rows.tobytes() + zetas.tobytes()
@@ -81,7 +81,7 @@ class RunStore:
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            _migrate(self._conn)
+            migrate(self._conn)
         except sqlite3.DatabaseError as e:
             raise StoreError(
                 f"cannot open run store {str(self.path)!r}: {e}; move the file away or choose "
@@ -99,7 +99,7 @@ class RunStore:
         }
         self._last_recommendation: tuple[str, ...] = ()
         self._closed = False
-        with _transaction(self._conn):
+        with transaction(self._conn):
             self._conn.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('created', ?)", (str(time.time()),)
             )
@@ -112,7 +112,7 @@ class RunStore:
             if config is not None:
                 self._conn.execute(
                     "INSERT OR REPLACE INTO meta(key, value) VALUES ('config', ?)",
-                    (_dumps(config),),
+                    (dumps(config),),
                 )
         self._stop = threading.Event()
         self._flusher = threading.Thread(
@@ -141,7 +141,7 @@ class RunStore:
             ch.get("grad_norm"),
             int(result.nonfinite),
             int(result.in_warmup),
-            int(result._history),
+            int(result.history),
             self._name_set(tuple(ch)),
             struct.pack(f"<{len(ch)}d", *ch.values()),
             self._group_set(result) if blob is not None else None,
@@ -150,7 +150,7 @@ class RunStore:
         recs = tuple(result.recommendations)
         # Advice repeats from step to step with only its numbers changed; keep it once per
         # change of wording.
-        key = tuple(_NUMBER.sub("#", t) for t in recs) if recs else ()
+        key = tuple(NUMBER_PATTERN.sub("#", t) for t in recs) if recs else ()
         with self._lock:
             self._check_open()
             self._pending.append(row)
@@ -183,7 +183,7 @@ class RunStore:
                     worst_group,
                     None if batch_index is None else int(batch_index),
                     action,
-                    _dumps(channels or {}),
+                    dumps(channels or {}),
                 )
             )
 
@@ -197,8 +197,8 @@ class RunStore:
                     int(report.step),
                     float(report.timestamp),
                     report.status,
-                    _dumps(list(report.actions)),
-                    _dumps(d),
+                    dumps(list(report.actions)),
+                    dumps(d),
                 )
             )
 
@@ -242,10 +242,10 @@ class RunStore:
         return set_id
 
     def _group_set(self, result: StabilityResult) -> int:
-        names = result._group_names
+        names = result.group_names
         if names not in self._name_set_ids:
             # A new set of groups: record their labels too (once per set, like the names).
-            labels = group_labels(names, result._module_types)
+            labels = group_labels(names, result.module_types)
             if labels != list(names):
                 with self._lock:
                     row = self._conn.execute(
@@ -268,7 +268,7 @@ class RunStore:
         if not self._pending and not self._pending_recs and incident is None and recovery is None:
             return
         steps, recs = self._pending, self._pending_recs
-        with _transaction(self._conn):
+        with transaction(self._conn):
             self._conn.executemany(
                 "INSERT INTO steps(step, ts, status, zeta, raw_jar, smoothed_jar, confidence, "
                 "loss, grad_norm, nonfinite, in_warmup, history, channel_set, channel_values, "
