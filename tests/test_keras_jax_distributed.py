@@ -1,0 +1,79 @@
+"""Keras 3 on JAX over two host devices (``keras.distribution``), run for real in a subprocess
+(``tests/support/keras_jax_runner.py``; JAX fixes its device count at start-up). About 10 s.
+
+``DataParallel`` keeps every weight replicated on both devices: ZetaKeras reads each once (the
+first device's copy, in place), so the guard makes one decision per batch from norms equal to
+NumPy's of the same weights, not from the replicas counted twice. ``ModelParallel`` splits the
+kernels over the devices: they are assembled, with the same result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+
+from tests.support.keras_jax_runner import run_in_subprocess
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed"),
+]
+
+CHANNELS = ("param_norm", "update_norm", "accel_norm", "raw_jar")
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, Any]:
+    out = run_in_subprocess()
+    assert out["devices"] == 2
+    return out
+
+
+def assert_matches_numpy(rows: list[dict[str, Any]]) -> None:
+    """Every batch's norms and raw JAR equal NumPy's on copies of the same weights."""
+    compared = 0
+    for i, row in enumerate(rows):
+        for key in CHANNELS:
+            ours, ref = row[key], row[f"ref_{key}"]
+            if ours is None or ref is None:
+                continue
+            assert ours == pytest.approx(ref, rel=1e-9), (i, key)
+            compared += 1
+    assert compared >= 3 * len(rows)
+
+
+@pytest.mark.parametrize("scenario", ["data_parallel", "model_parallel"])
+def test_one_decision_per_batch_from_numpy_equal_norms(runs: dict[str, Any],
+                                                       scenario: str) -> None:
+    run = runs[scenario]
+    expected = ["replicated"] * 4 if scenario == "data_parallel" else [
+        "sharded", "replicated", "sharded", "replicated"]
+    assert run["layouts"] == expected  # the layout the test means to exercise is real
+    # One guard call per batch, each variable once (a replica counted twice would show as a
+    # second name, or as a norm sqrt(2) times NumPy's).
+    assert run["monitor_calls"] == run["steps"] == len(run["rows"]) == 32
+    assert len(run["monitored"]) == run["trainable_weights"] == 4
+    assert_matches_numpy(run["rows"])
+    assert run["status_counts"]["CRITICAL"] == 0  # a healthy fit (Adam 1e-3)
+
+
+def test_blow_up_under_data_parallel_is_caught(runs: dict[str, Any]) -> None:
+    run = runs["blow_up"]  # SGD-momentum; the LR jumps 0.05 -> 20 at step 20
+    statuses = [r["status"] for r in run["rows"]]
+    assert "CRITICAL" not in statuses[:20]
+    assert statuses[20] == "CRITICAL"
+    assert run["stopped"]  # stop_on_critical ended the fit at that batch
+    assert len(statuses) == 21
+    assert_matches_numpy(run["rows"])
+
+
+def test_plain_jax_arrays_of_both_layouts(runs: dict[str, Any]) -> None:
+    plain = runs["plain"]
+    assert plain["layouts"] == ["replicated", "sharded"]
+    assert plain["monitored"] == ["replicated", "sharded"]
+    for ours, ref in plain["norms"]:
+        assert ours == pytest.approx(ref, rel=1e-9)
+    assert plain["zero_copy"]
