@@ -77,3 +77,39 @@ def test_plain_jax_arrays_of_both_layouts(runs: dict[str, Any]) -> None:
     for ours, ref in plain["norms"]:
         assert ours == pytest.approx(ref, rel=1e-9)
     assert plain["zero_copy"]
+
+
+def test_an_array_sharded_across_processes_is_refused_clearly() -> None:
+    """Two JAX processes (jax.distributed, gloo): a replicated array is read from the local
+    copy; one sharded across the processes is refused with an error that says what to pass."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.jax_processes import MARK
+    from tests.support.keras_jax_runner import ROOT
+    from tests.support.launch import free_port
+
+    port = str(free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.support.jax_processes", str(i), port],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in (0, 1)]
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=120)
+            lines = [ln for ln in stdout.splitlines() if ln.startswith(MARK)]
+            assert p.returncode == 0, stderr[-3000:]
+            assert lines, stderr[-3000:]
+            outs.append(json.loads(lines[-1][len(MARK):]))
+    finally:
+        for p in procs:
+            p.kill()
+    for out in outs:
+        assert not out["sharded_local"]
+        assert not out["replicated_local"]  # replicated, but over both processes' devices
+        assert out["replicated_norm"] == pytest.approx(out["expected_norm"], rel=1e-12)
+        assert "sharded over devices of several processes" in out["refused"]
+        assert "addressable_shards" in out["refused"]  # names what to pass instead

@@ -6,6 +6,7 @@ DLPack exports only single-device arrays, so an array laid out over several devi
 * replicated (every device holds all of it, as ``DataParallel`` keeps weights): the first
   addressable shard, read in place (zero-copy on the CPU). Reading it once is what makes one
   decision per step: the replicas are the same values, so reading each would count them twice.
+  The same across processes: each holds all of it, so each reads its own copy.
 * sharded over this process's devices: the shards assembled on one device (one copy; there is
   no single buffer to share).
 * sharded over devices of other processes: refused. This process holds only part of it, and
@@ -32,10 +33,12 @@ def host_array(name: str, a: Any) -> Any:
         return a.addressable_data(0)
     if not a.is_fully_addressable:
         raise ValueError(
-            f"{name} is sharded over devices of several processes (sharding {sharding}); this "
-            "process holds only part of it. Monitor a replicated copy of it, or the "
-            "process-local shards (e.g. [s.data for s in x.addressable_shards]) with one "
-            "guard per process"
+            f"{name} is sharded over devices of several processes (sharding {sharding}): this "
+            "process holds only part of it, and the guard has no JAX collective to sum the "
+            "parts. Monitor a replicated copy (jax.device_put(x, NamedSharding(mesh, "
+            "PartitionSpec())), or multihost_utils.process_allgather(x)), or this process's "
+            "shards ([s.data for s in x.addressable_shards]), knowing each process then "
+            "decides alone"
         )
     import jax
 
