@@ -113,3 +113,20 @@ def test_an_array_sharded_across_processes_is_refused_clearly() -> None:
         assert out["replicated_norm"] == pytest.approx(out["expected_norm"], rel=1e-12)
         assert "sharded over devices of several processes" in out["refused"]
         assert "addressable_shards" in out["refused"]  # names what to pass instead
+
+
+def test_example_rolls_back_a_blow_up_and_keeps_the_replicas(runs: dict[str, Any]) -> None:
+    """examples/distributed_keras_jax.py: the LR jumps to 20 at step 40 under DataParallel;
+    the guard rolls weights and optimizer back and cuts the LR, and the weights come out of
+    the restore still replicated on both devices and finite."""
+    ex = runs["example"]
+    assert ex["devices"] == 2
+    assert ex["steps"] == 64  # 1024 samples / 32 x 2 epochs, every batch scored once
+    assert ex["status_counts"]["CRITICAL"] >= 1
+    first = ex["recoveries"][0]
+    assert first["step"] == 40
+    assert first["restored_step"] is not None
+    assert first["restored_step"] < 40
+    assert ex["lr"] < 1.0  # the jump to 20 was cut
+    assert ex["replicated"]
+    assert ex["finite"]

@@ -171,7 +171,27 @@ def main() -> dict[str, Any]:
     out["model_parallel"] = fit_scenario(
         keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
     out["plain"] = plain_arrays()
+    out["example"] = run_example()
     return out
+
+
+def run_example() -> dict[str, Any]:
+    """``examples/distributed_keras_jax.py`` in this process (its XLA flag is already set)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "example_distributed_keras_jax", ROOT / "examples" / "distributed_keras_jax.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        result: dict[str, Any] = module.main([])
+    finally:
+        import keras
+
+        keras.distribution.set_distribution(None)
+    return result
 
 
 if __name__ == "__main__":
