@@ -45,6 +45,15 @@ def host_array(name: str, a: Any) -> Any:
     return jax.device_put(a, a.addressable_shards[0].device)
 
 
+def spread(arrays: list[Any]) -> bool:
+    """Whether any of ``arrays`` lies on more than one device (needs :func:`host_arrays`)."""
+    for a in arrays:
+        sharding = getattr(a, "sharding", None)
+        if sharding is not None and len(sharding.device_set) > 1:
+            return True
+    return False
+
+
 def host_arrays(names: list[str], arrays: list[Any]) -> list[Any]:
     """:func:`host_array` over a step's arrays, the list itself when none needs changing (the
     steady state of a single-device run costs one check per array)."""

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from zetaguard.adapters import Snapshot
-from zetaguard.adapters.jax_local import host_arrays
+from zetaguard.adapters.jax_local import host_arrays, spread
 
 # Variable dtypes the engine reads (TensorFlow and Keras spell them the same).
 _FLOAT_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})
@@ -129,6 +129,8 @@ class _Layout:
             self.read_all = VariableReader(backing)
         elif framework == "torch":
             self.backing = [weakref.ref(b) for b in backing]
+        # JAX: a fit's arrays keep their layout, so only a distributed one pays for the check.
+        self.spread = framework == "jax" and spread(backing)
 
     def matches(self, variables: list[Any], names: list[str] | None) -> bool:
         return (
@@ -143,7 +145,7 @@ class _Layout:
             arrays = live if live is not None else [v.value for v in variables]
             if len(arrays) != len(self.names):
                 return None
-            if self.framework == "jax":
+            if self.spread:
                 arrays = host_arrays(self.names, arrays)
             return Snapshot(
                 names=self.names, tensors=arrays, keepalive=arrays, framework=self.framework
