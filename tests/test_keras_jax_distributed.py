@@ -72,8 +72,8 @@ def test_blow_up_under_data_parallel_is_caught(runs: dict[str, Any]) -> None:
 
 def test_plain_jax_arrays_of_both_layouts(runs: dict[str, Any]) -> None:
     plain = runs["plain"]
-    assert plain["layouts"] == ["replicated", "sharded"]
-    assert plain["monitored"] == ["replicated", "sharded"]
+    assert plain["layouts"] == ["replicated", "sharded", "sharded"]
+    assert plain["monitored"] == ["replicated", "sharded", "sharded_bf16"]
     for ours, ref in plain["norms"]:
         assert ours == pytest.approx(ref, rel=1e-9)
     assert plain["zero_copy"]

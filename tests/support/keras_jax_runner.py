@@ -137,15 +137,19 @@ def plain_arrays() -> dict[str, Any]:
     mesh = Mesh(np.array(jax.devices()), ("d",))
     spec: Any = PartitionSpec  # untyped in jax's stubs
     rng = np.random.default_rng(0)
-    host = [rng.normal(size=(8, 6)).astype(np.float32) for _ in range(2)]
+    host = [rng.normal(size=(8, 6)).astype(np.float32) for _ in range(3)]
     guard = ZetaGuard(warmup_steps=3, mode="exact", auto_recover=False)
     norms = []
     for step in range(6):
         now = [h * (1 + 0.01 * step) for h in host]
         arrays = {"replicated": jax.device_put(jnp.asarray(now[0]), NamedSharding(mesh, spec())),
-                  "sharded": jax.device_put(jnp.asarray(now[1]), NamedSharding(mesh, spec("d")))}
+                  "sharded": jax.device_put(jnp.asarray(now[1]), NamedSharding(mesh, spec("d"))),
+                  # bfloat16 is assembled by JAX on one device (NumPy's has no buffer)
+                  "sharded_bf16": jax.device_put(jnp.asarray(now[2], dtype=jnp.bfloat16),
+                                                 NamedSharding(mesh, spec(None, "d")))}
         r = guard.monitor(arrays)
-        ref = float(np.sqrt(sum(np.sum(n.astype(np.float64) ** 2) for n in now)))
+        exact = [np.asarray(a).astype(np.float64) for a in arrays.values()]  # bf16 as rounded
+        ref = float(np.sqrt(sum(np.sum(e**2) for e in exact)))
         norms.append((r.channels["param_norm"], ref))
     # The replicated array is read in place: the engine's view is the first shard's memory.
     from zetaguard.adapters.jax_local import host_array
