@@ -11,7 +11,8 @@ step, the same status and the same recovery action on every worker (``docs/scali
 ...     for step, (x, y) in enumerate(loader):
 ...         ...  # forward, backward, opt.step()
 ...         guard.monitor(model, loss=loss.item(), batch_index=step)
-...         report(guard, {"loss": loss.item()})
+...         if guard.should_stop or step % 10 == 0:
+...             report(guard, {"loss": loss.item()})
 ...         if guard.should_stop:  # the same step on every worker
 ...             return metrics(guard)  # Result.return_value says why
 
@@ -71,7 +72,9 @@ def report(guard: ZetaGuard, extra: dict[str, Any] | None = None,
     When the guard stops the run and no ``checkpoint`` is given, worker 0 reports a checkpoint
     holding the guard's state file (``zetaguard_state.npz``): Ray Train keeps the metrics of
     the latest checkpoint as ``Result.metrics``, so the run's result then carries the stop and
-    its reason. Every worker must call this once per step (Ray's rule for ``report``).
+    its reason. Every worker must call this at the same steps (Ray's rule for ``report``); the
+    guard stops every worker at the same step. Each call waits for Ray's controller (it polls
+    every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), so report every N steps.
     """
     import ray.train
 
