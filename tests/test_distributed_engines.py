@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,18 +21,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.launch import free_port, run_group
+
 pytest.importorskip("torch")
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HF_EXAMPLE = EXAMPLES / "distributed_hf_trainer.py"
-
-
-def free_port() -> int:
-    """A port for the launcher's rendezvous: tests may run beside other distributed jobs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(launcher: str, script: Path, args: list[str], cwd: Path,
@@ -51,22 +45,6 @@ def launch(launcher: str, script: Path, args: list[str], cwd: Path,
                 "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
                 "--main_process_port", port]
     return run_group([*head, str(script), *args], cwd=cwd, env=env, timeout=timeout)
-
-
-def run_group(cmd: list[str], *, cwd: Path, env: dict[str, str],
-              timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run a launcher in its own session; on timeout kill the whole session, so no rank is
-    left behind (subprocess.run would kill only the launcher)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{cmd[:4]} ran past {timeout} s (a hang):\n{out[-2000:]}\n"
-                             f"{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def ranks(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -55,6 +55,8 @@ _ADAPTER_MODULES: dict[str, str] = {
     "tensorflow": "zetaguard.adapters.tensorflow",
     "keras": "zetaguard.adapters.tensorflow",
     "tf_keras": "zetaguard.adapters.tensorflow",
+    "jax": "zetaguard.adapters.jax_local",
+    "jaxlib": "zetaguard.adapters.jax_local",
 }
 
 

@@ -10,9 +10,11 @@ How each backend's weights reach the engine without a per-step copy:
   ``Variable.numpy()`` instead copies every variable on every call.
 * ``KERAS_BACKEND=torch``: a Keras variable's ``.value`` is a ``torch.nn.Parameter``; the torch
   adapter reads it by address (and its ``.grad`` for the gradient-norm channel).
-* ``KERAS_BACKEND=jax``: arrays go through DLPack. Inside ``model.fit`` the JAX trainer keeps
-  the live weights in ``model._jax_state`` (the model's own variables are stale until the end
-  of the epoch), so a model is read from there while that state is newer.
+* ``KERAS_BACKEND=jax``: arrays go through DLPack; replicated or sharded ones (e.g. under
+  ``keras.distribution.DataParallel``) first through :mod:`zetaguard.adapters.jax_local`.
+  Inside ``model.fit`` the JAX trainer keeps the live weights in ``model._jax_state`` (the
+  model's own variables are stale until the end of the epoch), so a model is read from there
+  while that state is newer.
 
 ``tf.distribute`` variables (``MirroredVariable`` and friends) are read once, from their first
 component: every replica holds the same values, so the status is the same for every replica.
@@ -27,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from zetaguard.adapters import Snapshot
+from zetaguard.adapters.jax_local import host_arrays, spread
 
 # Variable dtypes the engine reads (TensorFlow and Keras spell them the same).
 _FLOAT_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})
@@ -126,6 +129,8 @@ class _Layout:
             self.read_all = VariableReader(backing)
         elif framework == "torch":
             self.backing = [weakref.ref(b) for b in backing]
+        # JAX: a fit's arrays keep their layout, so only a distributed one pays for the check.
+        self.spread = framework == "jax" and spread(backing)
 
     def matches(self, variables: list[Any], names: list[str] | None) -> bool:
         return (
@@ -140,6 +145,8 @@ class _Layout:
             arrays = live if live is not None else [v.value for v in variables]
             if len(arrays) != len(self.names):
                 return None
+            if self.spread:
+                arrays = host_arrays(self.names, arrays)
             return Snapshot(
                 names=self.names, tensors=arrays, keepalive=arrays, framework=self.framework
             )
@@ -339,6 +346,8 @@ def snapshot(obj: Any) -> Snapshot:
     tensors = [b for _, b in backing]  # JAX arrays and anything else with DLPack/buffers
     names = [n for n, _ in backing]
     remembered = _remember(variables, names, tensors, root)
+    if root == "jax":
+        tensors = host_arrays(names, tensors)
     if live is not None and remembered is not None:
         with contextlib.suppress(TypeError):  # no weak references: walk the model every step
             _live_layouts[obj] = (weakref.ref(_train_function(obj)), remembered)
