@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import itertools
 import math
+import pickle
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from zetaguard import StabilityResult, ZetaGuard
+from zetaguard.detector import Detector, Observation
 
 from tests.support.reference import raw_jar
 
 
-def _walk(rng: np.random.Generator, shapes: dict[str, tuple[int, ...]], steps: int, lr: float = 0.01):
+def _walk(
+    rng: np.random.Generator, shapes: dict[str, tuple[int, ...]], steps: int, lr: float = 0.01
+) -> Iterator[dict[str, npt.NDArray[np.float32]]]:
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     for _ in range(steps):
         params = {k: (v - lr * rng.standard_normal(v.shape)).astype(np.float32) for k, v in params.items()}
@@ -35,6 +41,42 @@ def test_result_carries_every_field_of_the_seed() -> None:
         assert hasattr(r, name)
     assert 0.0 <= r.confidence <= 1.0
     assert set(r.groups) == {"fc1", "fc2"}  # grouped by layer by default
+
+
+def test_result_wraps_the_detectors_observation() -> None:
+    """The result holds the detector's one Observation and reads its numbers from it: a second
+    Detector fed the same per-group sums gives an equal observation, field for field."""
+    guard = ZetaGuard(warmup_steps=4, mode="exact")
+    twin = Detector(drift_threshold=0.707, snap_threshold=1.414, alpha=0.3, warmup_steps=4)
+    for i, p in enumerate(_walk(np.random.default_rng(1), SHAPES, 9)):
+        loss = 1.0 / (i + 1)
+        r = guard.monitor(p, loss=loss)
+        assert r.group_rows is not None
+        want = twin.observe(r.group_rows, r.history, loss=loss)
+        obs = r.observation
+        assert isinstance(obs, Observation)
+        for name in ("status", "zeta_value", "raw_jar", "smoothed_jar", "confidence",
+                     "nonfinite", "in_warmup", "channels"):
+            assert getattr(r, name) is getattr(obs, name)  # not a copy
+            assert getattr(obs, name) == getattr(want, name)
+        assert r.group_zeta is obs.group_zeta
+        np.testing.assert_array_equal(obs.group_zeta, want.group_zeta)
+    assert r.raw_jar is not None
+    with pytest.raises(AttributeError):
+        r.zeta_value = 0.0  # type: ignore[misc]
+    back = pickle.loads(pickle.dumps(r))
+    assert (back.observation.zeta_value, back.step, back.groups) == (r.zeta_value, r.step, r.groups)
+    assert repr(r).startswith(f"StabilityResult(status={r.status!r}, zeta_value={r.zeta_value!r}")
+    by_hand = StabilityResult(status="DRIFT", zeta_value=0.8, raw_jar=None, smoothed_jar=None,
+                              confidence=0.5, step=3, channels={"loss": 1.0})
+    assert by_hand.observation.zeta_value == 0.8
+    assert by_hand.channels == {"loss": 1.0}
+    assert by_hand.group_zeta is None
+    assert by_hand.groups == {}
+    assert by_hand.worst_group is None
+    assert by_hand == StabilityResult(status="DRIFT", zeta_value=0.8, raw_jar=None,
+                                      smoothed_jar=None, confidence=0.5, step=3,
+                                      channels={"loss": 1.0}, timestamp=by_hand.timestamp)
 
 
 def test_raw_jar_is_the_seed_formula_to_the_letter() -> None:

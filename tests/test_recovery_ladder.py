@@ -149,9 +149,9 @@ def test_a_vetoed_step_is_not_acted_on_unless_the_weights_are_damaged() -> None:
     manager = guard.recovery
     manager.bind_params([np.zeros(3)])
     manager.after_step(_result(0, "STABLE", 0.1))
-    batch_only = _result(1, "CRITICAL", math.inf)  # a NaN loss: the batch's channel only
+    # A NaN loss: the batch's channel only; the parameters themselves are finite.
+    batch_only = _result(1, "CRITICAL", math.inf, nonfinite=0)
     batch_only.channels["score_nonfinite"] = math.inf
-    batch_only.nonfinite = 0  # the parameters themselves are finite
     manager.record_skip("non-finite loss")
     assert manager.after_step(batch_only) is None
     damaged = _result(2, "CRITICAL", 3.0)  # the update before landed and blew the weights up

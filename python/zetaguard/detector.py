@@ -48,14 +48,15 @@ compared with the same fixed thresholds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from zetaguard import _core
-from zetaguard.results import Status
+
+# Observation lives with the result types (the StabilityResult holds it); named here too.
+from zetaguard.results import Observation as Observation
 
 Calibration = Literal["auto", "none"]
 
@@ -74,20 +75,6 @@ GROWTH_FLOOR: float = _CONSTANTS["growth_floor"]
 GROWTH_RATIO: float = _CONSTANTS["growth_ratio"]
 MIN_CALIBRATION_SAMPLES: int = _CONSTANTS["min_calibration_samples"]
 SQRT2 = math.sqrt(2.0)
-
-
-@dataclass
-class Observation:
-    status: Status
-    zeta_value: float
-    raw_jar: float | None
-    smoothed_jar: float | None
-    confidence: float
-    channels: dict[str, float]
-    scores: dict[str, float]
-    group_zeta: npt.NDArray[np.float64]
-    nonfinite: int
-    in_warmup: bool
 
 
 class Detector:

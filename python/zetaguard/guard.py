@@ -1,13 +1,15 @@
 """``ZetaGuard``: the public face of zetaguard, a facade over parts that never see it.
 
 The parts: :mod:`zetaguard.selection` (what is monitored, and each tensor's group),
-:mod:`zetaguard.engine.session` (the tracker, host or device, and one step's numbers),
-:mod:`zetaguard.detector` (status from those numbers), :mod:`zetaguard.stats` (run
-statistics), :mod:`zetaguard.recovery` (through the narrow ``RecoveryHost`` Protocol; the veto,
+:mod:`zetaguard.engine.session` (the tracker, host or device, and one step's numbers and
+score), :mod:`zetaguard.detector` (status from those numbers, one ``Observation`` that the
+:class:`StabilityResult` wraps), :mod:`zetaguard.stats` (run statistics),
+:mod:`zetaguard.recovery` (through the narrow ``RecoveryHost`` Protocol; the veto,
 ``guarded_step`` and the clip advice in :mod:`zetaguard.recovery.gate`) and
-:mod:`zetaguard.state` (the state file). Its logic is the wiring of one step
-(:meth:`ZetaGuard._monitor`); the rest of its length is the public methods' signatures and
-docstrings, which stay here where users read them.
+:mod:`zetaguard.state` (the state file). Its logic is the wiring of one step (in
+:meth:`ZetaGuard.monitor`); the rest of its length is the constructor, the state file's
+save/load, and the public methods' signatures and docstrings, which stay here where users
+read them.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import logging
 import os
 import re
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from zetaguard import _validate, distributed, state, tiered
 from zetaguard._validate import as_float as _as_float
-from zetaguard.adapters import Snapshot, default_threads, snapshot
+from zetaguard.adapters import default_threads, snapshot
 from zetaguard.detector import Calibration, Detector
 from zetaguard.engine.session import EngineSession, route_device
 from zetaguard.recommend import recommendations
@@ -238,14 +239,39 @@ class ZetaGuard:
         ``loss`` (a float or 0-d tensor) and ``grad_norm`` add channels when given; torch
         parameters with ``.grad`` set contribute the gradient norm automatically.
         """
-        source = self._selection.source(params, self.model)
-        if params is not None and self.model is None and self._selection.layers is None:
-            source = self._recovery.bind_params(params)  # recovery rolls these back in place
+        source = self._source(params)
         dist = self._dist = distributed.current(self)
         snap = dist.snapshot(source) if dist is not None else snapshot(source)
         snap = route_device(snap, self.device)
-        with self._lock:
-            return self._monitor(snap, loss, grad_norm, step, batch_index)
+        if not snap.tensors:
+            raise ValueError(
+                "monitor() got no parameters: pass a model with trainable parameters, or a "
+                "non-empty list or dict of arrays"
+            )
+        with self._lock:  # the step's wiring: every part gets explicit values, none the guard
+            snap = self._selection.apply(snap)
+            scored = self._engine.score(
+                snap, self._detector, loss=_as_float(loss, "loss"),
+                grad_norm=_as_float(grad_norm, "grad_norm"), group_of=self.group_of,
+                dist=self._dist,
+            )
+            result = StabilityResult.wrap(
+                scored.obs, step=self._stats.take_step(step), group_names=self._engine.group_names,
+                module_types=snap.module_types, group_rows=scored.group_rows,
+                thresholds=(self.drift_threshold, self.snap_threshold), history=scored.history,
+            )
+            if result.status != "STABLE":  # advice, and the worst group it names, only if needed
+                result.recommendations = recommendations(scored.obs, result.worst_group)
+            if self._dist is not None:
+                result.channels.update(self._dist.channels)
+            self._stats.book(result, scored.grad_norm, scored.loss)
+            self._record(result)
+            if result.status == "DRIFT":  # CRITICAL steps are logged once, by the recovery manager
+                batch = "" if batch_index is None else f" batch={batch_index}"
+                log.info("step %d: DRIFT zeta=%.3f worst=%s%s", result.step, result.zeta_value,
+                         result.worst_group, batch)
+            self._recovery.after_step(result, batch_index)
+            return result
 
     def take_reference(self, params: Any = None) -> bool:
         """Record the parameters as they are *before* the first optimizer step: the engine ring
@@ -258,100 +284,32 @@ class ZetaGuard:
             return False
         if self._stats.step > 0 or distributed.current(self) is not None:
             return False
-        source = self._selection.source(params, self.model)
-        if params is not None and self.model is None and self._selection.layers is None:
-            source = self._recovery.bind_params(source)
-        snap = route_device(snapshot(source), self.device)
+        snap = route_device(snapshot(self._source(params)), self.device)
         with self._lock:
             if not snap.tensors or self._stats.step > 0 or self._detector.steps > 0:
                 return False
             norm = self._engine.take_reference(self._selection.apply(snap), self.group_of)
             return norm is not None and self._detector.set_reference(norm)
 
-    def _monitor(
-        self,
-        snap: Snapshot,
-        loss: Any,
-        grad_norm: float | None,
-        step: int | None,
-        batch_index: int | None,
-    ) -> StabilityResult:
-        if not snap.tensors:
-            raise ValueError(
-                "monitor() got no parameters: pass a model with trainable parameters, or a "
-                "non-empty list or dict of arrays"
-            )
-        snap = self._selection.apply(snap)
-        loss_value = _as_float(loss, "loss")
-        grad_value = _as_float(grad_norm, "grad_norm")
-        if self._engine.uses_tiers(snap, self._dist):  # mode="auto": zetaguard.tiered
-            tiered_step = self._engine.tiered_step(
-                snap, self._detector, loss=loss_value, grad_norm=grad_value,
-                group_of=self.group_of,
-            )
-            obs, group_rows, history = tiered_step.obs, tiered_step.group_rows, tiered_step.history
-            grad_value = tiered_step.grad_norm
-        else:
-            numbers = self._engine.step(
-                snap, loss=loss_value, grad_norm=grad_value, group_of=self.group_of,
-                dist=self._dist,
-            )
-            group_rows, history = numbers.group_rows, numbers.history
-            loss_value, grad_value = numbers.loss, numbers.grad_norm
-            obs = self._detector.observe(
-                group_rows, history, loss=loss_value, grad_norm=grad_value
-            )
-        current = self._stats.take_step(step)
-        result = StabilityResult(
-            status=obs.status,
-            zeta_value=obs.zeta_value,
-            raw_jar=obs.raw_jar,
-            smoothed_jar=obs.smoothed_jar,
-            confidence=obs.confidence,
-            timestamp=time.time(),
-            step=current,
-            channels=obs.channels,
-            nonfinite=obs.nonfinite,
-            in_warmup=obs.in_warmup,
-            _group_names=self._engine.group_names,
-            _module_types=snap.module_types,
-            _group_rows=group_rows,
-            _group_zeta=obs.group_zeta,
-            _thresholds=(self.drift_threshold, self.snap_threshold),
-            _history=history,
-        )
-        if obs.status != "STABLE":  # advice, and the worst group it names, only when needed
-            result.recommendations = recommendations(obs, result.worst_group)
-        if self._dist is not None:
-            result.channels.update(self._dist.channels)
-        self._stats.book(result, grad_value, loss_value)
-        self._record(result)
-        if result.status == "DRIFT":  # CRITICAL steps are logged once, by the recovery manager
-            log.info(
-                "step %d: DRIFT zeta=%.3f worst=%s%s",
-                current,
-                result.zeta_value,
-                result.worst_group,
-                "" if batch_index is None else f" batch={batch_index}",
-            )
-        self._recovery.after_step(result, batch_index)
-        return result
+    def _source(self, params: Any) -> Any:
+        """What a step reads (zetaguard.selection); loose parameters are bound to recovery too."""
+        source = self._selection.source(params, self.model)
+        if params is not None and self.model is None and self._selection.layers is None:
+            source = self._recovery.bind_params(source)  # recovery rolls these back in place
+        return source
 
     def _record(self, result: StabilityResult) -> None:
         """Write the step to the run store (under torch.distributed rank 0 writes for all)."""
         if self._store is None and self.run_dir is not None and (
             self._dist is None or self._dist.rank == 0
         ):
-            self._open_store(result.step)
+            from zetaguard.store import RunStore
+
+            self._store = RunStore(
+                self.run_dir, run_name=self.run_name, config=self.config(), first_step=result.step
+            )
         if self._store is not None:
             self._store.record_step(result)
-
-    def _open_store(self, first_step: int | None = None) -> None:
-        from zetaguard.store import RunStore
-
-        self._store = RunStore(
-            self.run_dir, run_name=self.run_name, config=self.config(), first_step=first_step
-        )
 
     # ---- recovery (the logic lives in zetaguard.recovery; docs/recovery.md) --------------
 
@@ -496,9 +454,7 @@ class ZetaGuard:
             "recoveries": len(self._reports),
             # Incident classes, and the steps (batch indices) undone or skipped.
             "incidents": self._recovery.incidents.summary(),
-            "engine": self._engine.describe(),
-            "groups": len(self._engine.group_names),
-            **({"tiered": t.statistics()} if (t := self._engine.tiered) is not None else {}),
+            **self._engine.statistics(),  # engine, groups, tiered
         }
 
     def full_diagnostics(self, model: Any = None) -> Diagnostics:

@@ -51,34 +51,169 @@ class GroupResult:
     nonfinite: int
 
 
-@dataclass(slots=True)
-class StabilityResult:
-    """What one ``monitor()`` call saw.
-
-    ``raw_jar`` is the specified jerk-to-acceleration ratio (JAR) ``||j|| / (||a|| + eps)`` over all
-    monitored parameters (``None`` until three earlier snapshots exist); ``smoothed_jar`` its
-    exponential average; ``zeta_value`` the calibrated score the status is decided on (see
-    ``docs/detection.md``); ``confidence`` how much calibration stands behind the status (0..1).
-    """
+@dataclass
+class Observation:
+    """One step as the detector scored it (:meth:`zetaguard.detector.Detector.observe`): the
+    detector's one result object, which :class:`StabilityResult` holds as it is. ``scores`` are
+    the channel scores behind ``zeta_value``; ``group_zeta`` each group's zeta."""
 
     status: Status
     zeta_value: float
     raw_jar: float | None
     smoothed_jar: float | None
     confidence: float
-    recommendations: list[str] = field(default_factory=list)
-    timestamp: float = field(default_factory=time.time)
-    step: int = 0
-    channels: dict[str, float] = field(default_factory=dict)
-    nonfinite: int = 0
-    in_warmup: bool = True
-    _group_names: tuple[str, ...] = field(default=(), repr=False)
+    channels: dict[str, float]
+    scores: dict[str, float]
+    group_zeta: npt.NDArray[np.float64]
+    nonfinite: int
+    in_warmup: bool
+
+
+_NO_GROUPS: npt.NDArray[np.float64] = np.empty(0, dtype=np.float64)
+
+
+@dataclass(slots=True, init=False, repr=False)
+class StabilityResult:
+    """What one ``monitor()`` call saw: the detector's :class:`Observation` (``observation``),
+    held as it is, with what the guard adds (step, time, advice, the per-group sums).
+
+    ``raw_jar`` is the specified jerk-to-acceleration ratio (JAR) ``||j|| / (||a|| + eps)`` over all
+    monitored parameters (``None`` until three earlier snapshots exist); ``smoothed_jar`` its
+    exponential average; ``zeta_value`` the calibrated score the status is decided on (see
+    ``docs/detection.md``); ``confidence`` how much calibration stands behind the status (0..1).
+    These, ``status``, ``channels``, ``nonfinite`` and ``in_warmup`` are read-only views of the
+    observation. The constructor takes them as values (for results made by hand); the guard
+    wraps the detector's observation with :meth:`wrap`, copying nothing.
+    """
+
+    observation: Observation
+    recommendations: list[str]
+    timestamp: float
+    step: int
+    _group_names: tuple[str, ...]
     # What the adapter knows the modules are (Snapshot.module_types), for layer labels.
-    _module_types: Mapping[str, str] | None = field(default=None, repr=False)
-    _group_rows: npt.NDArray[np.float64] | None = field(default=None, repr=False)
-    _group_zeta: npt.NDArray[np.float64] | None = field(default=None, repr=False)
-    _thresholds: tuple[float, float] = field(default=(0.707, 1.414), repr=False)
-    _history: int = field(default=3, repr=False)
+    _module_types: Mapping[str, str] | None
+    _group_rows: npt.NDArray[np.float64] | None
+    _thresholds: tuple[float, float]
+    _history: int
+
+    def __init__(
+        self,
+        status: Status,
+        zeta_value: float,
+        raw_jar: float | None,
+        smoothed_jar: float | None,
+        confidence: float,
+        recommendations: list[str] | None = None,
+        timestamp: float | None = None,
+        step: int = 0,
+        channels: dict[str, float] | None = None,
+        nonfinite: int = 0,
+        in_warmup: bool = True,
+        _group_names: tuple[str, ...] = (),
+        _module_types: Mapping[str, str] | None = None,
+        _group_rows: npt.NDArray[np.float64] | None = None,
+        _group_zeta: npt.NDArray[np.float64] | None = None,
+        _thresholds: tuple[float, float] = (0.707, 1.414),
+        _history: int = 3,
+    ) -> None:
+        observation = Observation(
+            status=status, zeta_value=zeta_value, raw_jar=raw_jar, smoothed_jar=smoothed_jar,
+            confidence=confidence, channels={} if channels is None else channels, scores={},
+            group_zeta=_NO_GROUPS if _group_zeta is None else _group_zeta, nonfinite=nonfinite,
+            in_warmup=in_warmup,
+        )
+        self._hold(
+            observation, [] if recommendations is None else recommendations,
+            time.time() if timestamp is None else timestamp, step, _group_names, _module_types,
+            _group_rows, _thresholds, _history,
+        )
+
+    @classmethod
+    def wrap(
+        cls,
+        observation: Observation,
+        *,
+        step: int,
+        group_names: tuple[str, ...],
+        module_types: Mapping[str, str] | None,
+        group_rows: npt.NDArray[np.float64] | None,
+        thresholds: tuple[float, float],
+        history: int,
+    ) -> StabilityResult:
+        """The result of one step: ``observation`` held as it is (not copied), stamped now."""
+        result = cls.__new__(cls)
+        result._hold(
+            observation, [], time.time(), step, group_names, module_types, group_rows,
+            thresholds, history,
+        )
+        return result
+
+    def _hold(
+        self,
+        observation: Observation,
+        recommendations: list[str],
+        timestamp: float,
+        step: int,
+        group_names: tuple[str, ...],
+        module_types: Mapping[str, str] | None,
+        group_rows: npt.NDArray[np.float64] | None,
+        thresholds: tuple[float, float],
+        history: int,
+    ) -> None:
+        self.observation = observation
+        self.recommendations = recommendations
+        self.timestamp = timestamp
+        self.step = step
+        self._group_names = group_names
+        self._module_types = module_types
+        self._group_rows = group_rows
+        self._thresholds = thresholds
+        self._history = history
+
+    def __repr__(self) -> str:
+        shown = (
+            "status", "zeta_value", "raw_jar", "smoothed_jar", "confidence", "recommendations",
+            "timestamp", "step", "channels", "nonfinite", "in_warmup",
+        )
+        body = ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
+        return f"StabilityResult({body})"
+
+    # Read-only views of the observation: the detector's numbers, never copied.
+
+    @property
+    def status(self) -> Status:
+        return self.observation.status
+
+    @property
+    def zeta_value(self) -> float:
+        return self.observation.zeta_value
+
+    @property
+    def raw_jar(self) -> float | None:
+        return self.observation.raw_jar
+
+    @property
+    def smoothed_jar(self) -> float | None:
+        return self.observation.smoothed_jar
+
+    @property
+    def confidence(self) -> float:
+        return self.observation.confidence
+
+    @property
+    def channels(self) -> dict[str, float]:
+        """The channel values and scores (``score_<name>``); under torch.distributed also the
+        ``rank_*`` channels."""
+        return self.observation.channels
+
+    @property
+    def nonfinite(self) -> int:
+        return self.observation.nonfinite
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.observation.in_warmup
 
     @property
     def is_stable(self) -> bool:
@@ -104,8 +239,10 @@ class StabilityResult:
 
     @property
     def group_zeta(self) -> npt.NDArray[np.float64] | None:
-        """Each group's zeta, in the order of :attr:`group_names`."""
-        return self._group_zeta
+        """Each group's zeta, in the order of :attr:`group_names` (None when no group was
+        scored)."""
+        zetas = self.observation.group_zeta
+        return zetas if len(zetas) else None
 
     @property
     def history(self) -> int:
@@ -115,7 +252,7 @@ class StabilityResult:
     @property
     def groups(self) -> dict[str, GroupResult]:
         """Per-group results, built on first access (monitoring itself never pays for them)."""
-        rows, zetas = self._group_rows, self._group_zeta
+        rows, zetas = self._group_rows, self.group_zeta
         if rows is None or zetas is None:
             return {}
         drift, snap = self._thresholds
@@ -146,8 +283,8 @@ class StabilityResult:
     @property
     def worst_group(self) -> str | None:
         """The group with the highest zeta: the one most responsible for this status."""
-        zetas = self._group_zeta
-        if zetas is None or len(zetas) == 0:
+        zetas = self.group_zeta
+        if zetas is None:
             return None
         clean = np.where(np.isnan(zetas), np.inf, zetas)
         return self._group_names[int(np.argmax(clean))]

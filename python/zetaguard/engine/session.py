@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from zetaguard.detector import Detector
     from zetaguard.distributed import DistributedContext
     from zetaguard.engine.device import DeviceTracker
+    from zetaguard.results import Observation
 
 _DTYPE_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
@@ -51,6 +52,18 @@ class EngineStep:
     ||x||^2, non-finite``), how many differences the ring holds, and the loss and gradient
     norm (global ones under torch.distributed)."""
 
+    group_rows: npt.NDArray[np.float64]
+    history: int
+    loss: float | None
+    grad_norm: float | None
+
+
+@dataclass
+class ScoredStep:
+    """One step scored: the detector's observation, the per-group rows it was scored on, the
+    ring's history, and the loss and gradient norm the detector saw."""
+
+    obs: Observation
     group_rows: npt.NDArray[np.float64]
     history: int
     loss: float | None
@@ -159,6 +172,35 @@ class EngineSession:
         assert self.tiered is not None, "tiered_step() needs mode='auto' (see uses_tiers())"
         tracker = cast(_core.Tracker, self._checked_tracker(snap, group_of))
         return self.tiered.step(snap, tracker, detector, self.aggregate, loss, grad_norm)
+
+    def score(
+        self,
+        snap: Snapshot,
+        detector: Detector,
+        *,
+        loss: float | None,
+        grad_norm: float | None,
+        group_of: Callable[[str], str],
+        dist: DistributedContext | None,
+    ) -> ScoredStep:
+        """One step through the engine and the detector: tiered when :meth:`uses_tiers` says so
+        (``mode="auto"``, zetaguard.tiered), else every element (:meth:`step`) then scored."""
+        if self.uses_tiers(snap, dist):
+            tiered = self.tiered_step(
+                snap, detector, loss=loss, grad_norm=grad_norm, group_of=group_of
+            )
+            return ScoredStep(tiered.obs, tiered.group_rows, tiered.history, loss, tiered.grad_norm)
+        numbers = self.step(snap, loss=loss, grad_norm=grad_norm, group_of=group_of, dist=dist)
+        obs = detector.observe(
+            numbers.group_rows, numbers.history, loss=numbers.loss, grad_norm=numbers.grad_norm
+        )
+        return ScoredStep(obs, numbers.group_rows, numbers.history, numbers.loss, numbers.grad_norm)
+
+    def statistics(self) -> dict[str, Any]:
+        """The engine's part of ``get_statistics()``: what it does, the group count, and the
+        tiered pipeline's counters in ``mode="auto"``."""
+        tiered = {} if self.tiered is None else {"tiered": self.tiered.statistics()}
+        return {"engine": self.describe(), "groups": len(self.group_names), **tiered}
 
     def take_reference(self, snap: Snapshot, group_of: Callable[[str], str]) -> float | None:
         """Give the ring its first state from the weights before the first update (not a step:
