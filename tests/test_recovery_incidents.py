@@ -171,7 +171,8 @@ def test_vetoes_do_not_hide_a_run_unstable_from_its_first_step() -> None:
     first = reports[0]
     assert first.step <= 15
     assert first.message.startswith("persistent: vetoed, but ")
-    assert first.restored_step is not None and first.restored_step < first.step
+    assert first.restored_step is not None
+    assert first.restored_step < first.step
     assert lrs[first.step] == pytest.approx(0.2)  # the LR ladder's x0.1 cut
     skipped = guard.get_statistics()["incidents"]["skipped"]
     assert len([s for s in skipped if s["step"] < first.step]) <= 3
