@@ -12,12 +12,13 @@ import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from zetaguard import ZetaGuard
 
+MODES = ("auto", "exact", "sketch")  # the zetaguard arm's engine modes
 ARMS = ("none", "clip1.0", "zclip", "olmo_skip", "spike_stop", "zetaguard")
 BATCH = 64
 INTERVAL = 10
@@ -58,7 +59,8 @@ class RowTransformer(nn.Module):
         attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.d), dim=-1)
         h = h + self.proj(attn @ v)
         h = h + self.ff(self.norm2(h))
-        return self.head(h.mean(1))
+        out: torch.Tensor = self.head(h.mean(1))
+        return out
 
 
 MODELS = (
@@ -163,8 +165,10 @@ class Arm:
         self.skips = self.clipped = 0
         self.stopped = False
         if name == "zetaguard":
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
             self.guard = ZetaGuard(recovery_mode="balanced", snapshot_interval=INTERVAL,
-                                   mode=mode).attach(model, opt, scheduler)
+                                   mode=cast(Any, mode)).attach(model, opt, scheduler)
             # The weights before the first update: a run unstable from its first step is told
             # apart by its parameter norm against this reference.
             self.guard.take_reference()
