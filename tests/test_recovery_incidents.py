@@ -169,7 +169,7 @@ def test_vetoes_do_not_hide_a_run_unstable_from_its_first_step() -> None:
     reports = guard.recovery_reports
     assert reports, "no recovery at all"
     first = reports[0]
-    assert first.step <= 15
+    assert first.step <= 20  # 13 here; 34 before
     assert first.message.startswith("persistent: vetoed, but ")
     assert first.restored_step is not None
     assert first.restored_step < first.step
