@@ -134,3 +134,50 @@ def test_incidents_are_classified_by_what_the_steps_around_them_show() -> None:
     assert osc is not None
     assert osc.message.startswith("persistent: jar critical")
     assert guard2.recovery.episode == 1  # it climbed the ladder
+
+
+def _unstable_start_run(lr: float, steps: int = 40) -> tuple[ZetaGuard, list[float]]:
+    """The digits MLP with SGD-momentum at ``lr`` from its first update, ``guarded_step`` and
+    ``monitor`` every step (the reference taken before the first update). Returns the guard and
+    the learning rate each step ended with."""
+    x_all, y_all = _digits_standardised()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    guard = ZetaGuard().attach(model, opt)
+    guard.take_reference()
+    gen = torch.Generator().manual_seed(1000)
+    lrs = []
+    for t in range(steps):
+        idx = torch.randint(0, 1200, (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        guard.guarded_step(opt, loss=float(loss.detach()), batch_index=t)
+        guard.monitor(model, loss=float(loss.detach()), batch_index=t)
+        lrs.append(opt.param_groups[0]["lr"])
+        if guard.should_stop:
+            break
+    return guard, lrs
+
+
+def test_vetoes_do_not_hide_a_run_unstable_from_its_first_step() -> None:
+    # At lr 2.0 (100x this model's) the loss of each new batch rises past the veto's 4x median
+    # while the updates that do land are DRIFT. Before the fix every such step was dismissed as
+    # "skipped before the update": 17 vetoes, and the first recovery came at step 34.
+    guard, lrs = _unstable_start_run(2.0)
+    reports = guard.recovery_reports
+    assert reports, "no recovery at all"
+    first = reports[0]
+    assert first.step <= 20  # 13 here; 34 before
+    assert first.message.startswith("persistent: vetoed, but ")
+    assert first.restored_step is not None
+    assert first.restored_step < first.step
+    assert lrs[first.step] == pytest.approx(0.2)  # the LR ladder's x0.1 cut
+    skipped = guard.get_statistics()["incidents"]["skipped"]
+    assert len([s for s in skipped if s["step"] < first.step]) <= 3
+    # The same model at its own LR: no veto, no recovery.
+    healthy, healthy_lrs = _unstable_start_run(0.02)
+    assert healthy.recovery_reports == []
+    assert healthy.get_statistics()["incidents"]["skipped"] == []
+    assert healthy_lrs[-1] == 0.02

@@ -17,6 +17,11 @@ setting. The response depends on it (``docs/recovery.md``, "Incidents are classi
   growth of the weights, an oscillation, the parameter norm far from its start, a learning rate
   that rose, a channel that says nothing. This is what the LR ladder is for.
 
+A CRITICAL step whose update was vetoed is normally no incident (its loss and gradients never
+reached the weights), unless the updates that *did* land just before it were in trouble
+(:meth:`Incidents.trouble_landed`): then the vetoes are hiding a run going bad (one unstable
+from its first step vetoes its own rising losses one after another) and it is persistent.
+
 Bounds: at most ``MAX_UNDOS`` transients are undone in a run; past it every incident is treated
 as persistent (so the ladder's own cap ends a run whose data keeps breaking it). Vetoes are
 bounded by the manager's consecutive-skip cap.
@@ -56,6 +61,8 @@ class Incidents:
     """The classifier's memory, and the run's record of what was undone or skipped."""
 
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=HEALTHY_BEFORE))
+    # The statuses of the last steps whose update landed (vetoed steps left out).
+    landed: deque[str] = field(default_factory=lambda: deque(maxlen=HEALTHY_BEFORE))
     last_transient: int | None = None
     growth_before: float = 0.0  # the growth score of the step before (before this update)
     param_before: float = 0.0  # the parameter-norm score of the step before
@@ -68,9 +75,12 @@ class Incidents:
     veto_loss_ratio: float | None = None
     veto_grad_ratio: float | None = None
 
-    def observe(self, result: StabilityResult) -> None:
-        """Remember one monitored step (after it was classified)."""
+    def observe(self, result: StabilityResult, vetoed: bool = False) -> None:
+        """Remember one monitored step (after it was classified); ``vetoed``: its update was
+        skipped before it landed."""
         self.recent.append(result.status)
+        if not vetoed:
+            self.landed.append(result.status)
         growth = result.channels.get("score_growth")
         self.growth_before = growth if growth is not None and math.isfinite(growth) else 0.0
         param = result.channels.get("score_param")
@@ -120,6 +130,18 @@ class Incidents:
                 f"at step {last}, healthy steps between"
             )
         return TRANSIENT, f"one-step excursion in {names} after {HEALTHY_BEFORE} healthy steps"
+
+    def trouble_landed(self) -> str | None:
+        """Why the updates that landed recently say the weights are going bad (two or more of
+        the last ``HEALTHY_BEFORE`` not STABLE), or None. One bad batch that landed makes one
+        non-STABLE step, so a single transient before a veto does not count."""
+        bad = [s for s in self.landed if s != "STABLE"]
+        if len(bad) < 2:
+            return None
+        return (
+            f"{len(bad)} of the last {len(self.landed)} updates that landed were "
+            f"{'/'.join(sorted(set(bad)))}"
+        )
 
     def record(self, kind: str, step: int) -> None:
         if kind == PERSISTENT:

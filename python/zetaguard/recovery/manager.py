@@ -237,10 +237,11 @@ class RecoveryManager:
     def after_step(self, result: StabilityResult, batch_index: int | None = None) -> RecoveryReport | None:
         if self.stopped:
             return None
+        vetoed = self._vetoed
         try:
             return self._after_step(result, batch_index)
         finally:
-            self.incidents.observe(result)  # after classifying: the steps before it
+            self.incidents.observe(result, vetoed)  # after classifying: the steps before it
 
     def _after_step(self, result: StabilityResult, batch_index: int | None) -> RecoveryReport | None:
         vetoed, self._vetoed = self._vetoed, False
@@ -261,14 +262,19 @@ class RecoveryManager:
         if result.status != "CRITICAL":
             return None
         self.calm = 0
-        if vetoed and not critical_beyond(result, BATCH_SCORES):
+        landed_trouble = self.incidents.trouble_landed() if vetoed else None
+        if vetoed and landed_trouble is None and not critical_beyond(result, BATCH_SCORES):
             # The loss or gradients that make this step CRITICAL never reached the weights.
             self.records.incident(result, batch_index, "skipped before the update")
             return None
         if not self.guard.auto_recover:
             self.records.incident(result, batch_index, "none (auto_recover=False)")
             return None
-        kind, why = self._classify(result)
+        if landed_trouble is not None:  # the vetoes hide weights going bad (incidents.py)
+            kind, why = PERSISTENT, f"vetoed, but {landed_trouble}"
+            self.incidents.record(kind, result.step)
+        else:
+            kind, why = self._classify(result)
         if kind != PERSISTENT:
             return self._undo(result, batch_index, kind, why)
         broken = result.nonfinite > 0 or not math.isfinite(result.zeta_value)
