@@ -21,6 +21,7 @@ import numpy.typing as npt
 from zetaguard import _core
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
 from zetaguard.tiered import TieredPipeline, TieredStep
+from zetaguard.tiered_worker import thread_refused
 
 if TYPE_CHECKING:
     from zetaguard.detector import Detector
@@ -91,8 +92,24 @@ class EngineSession:
 
     def uses_tiers(self, snap: Snapshot, dist: DistributedContext | None) -> bool:
         """Tiered monitoring runs on the host engine in one process; the device path and
-        multi-rank runs read every element every step (one collective, one transfer)."""
-        return self.tiered is not None and dist is None and snap.framework != DEVICE_FRAMEWORK
+        multi-rank runs read every element every step (one collective, one transfer).
+        ``full_pass="thread"`` on such a path is refused: it would silently do nothing."""
+        if self.tiered is None:
+            return False
+        if dist is None and snap.framework != DEVICE_FRAMEWORK:
+            return True
+        if self.tiered.full_pass == "thread":
+            raise thread_refused(
+                "parameters on a CUDA device go through the device path"
+                if snap.framework == DEVICE_FRAMEWORK
+                else "torch.distributed with more than one rank reduces full reads every step"
+            )
+        return False
+
+    def close(self) -> None:
+        """End the tiered mode's worker thread, if one runs."""
+        if self.tiered is not None:
+            self.tiered.close()
 
     def restore(
         self, tracker: _core.Tracker | None, names: list[str], group_of: Callable[[str], str]
