@@ -596,6 +596,7 @@ class ZetaGuard:
                 detector=self._detector,
                 stats=self._stats,
                 recovery=self._recovery.counters(),
+                sampler=self._engine.tiered_state(),
             )
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
@@ -628,7 +629,7 @@ class ZetaGuard:
             self._selection.set_pattern(saved.pattern)
             self._detector = saved.detector
             self._set_tiers()
-            self._engine.restore(saved.tracker, saved.names, self.group_of)
+            self._engine.restore(saved.tracker, saved.names, self.group_of, saved.tiers)
             self._stats = saved.stats
             if saved.recovery is not None:
                 self._recovery.restore_counters(saved.recovery)

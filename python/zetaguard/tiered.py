@@ -72,6 +72,27 @@ def check_settings(sample_fraction: Any, full_pass_interval: Any) -> None:
         )
 
 
+# What a state file keeps of the pipeline besides the sampled ring.
+COUNTERS = ("steps", "escalated", "calm", "full_passes", "escalations", "late_passes")
+
+
+@dataclass(slots=True)
+class SavedTiers:
+    """A state file's sampled ring, already taken back by a sampler (so a refused ring is
+    refused before the guard changes), and the pipeline's counters."""
+
+    sampler: _core.Sampler
+    counters: dict[str, Any]
+
+
+def restore_tiers(sample_fraction: float, seed: int, saved: dict[str, Any]) -> SavedTiers:
+    """Rebuild the sampler of a saved ring (ValueError from the engine when the ring does not
+    fit the sample plan of these settings)."""
+    sampler = _core.Sampler(sample_fraction, BLOCK_BYTES, seed)
+    sampler.set_state(saved)
+    return SavedTiers(sampler, {k: saved[k] for k in COUNTERS})
+
+
 def mark_late(obs: Observation, late: LatePass | None) -> LatePass | None:
     """Name the worker's finding in the result's channels: the step it read (tiered step
     index) and the non-finite elements it counted there."""
@@ -126,6 +147,28 @@ class TieredPipeline:
         if self._worker is not None:
             self._worker.discard()
         self.sampler.reset()
+
+    def get_state(self) -> dict[str, Any]:
+        """The sampled ring and the schedule's counters, for a state file (a full pass still in
+        flight on the worker is not saved: what it finds reaches this guard only)."""
+        return {
+            **self.sampler.get_state(),
+            "steps": self._count,
+            "escalated": self._escalated,
+            "calm": self._calm,
+            "full_passes": self.full_passes,
+            "escalations": self.escalations,
+            "late_passes": self.late_passes,
+        }
+
+    def adopt(self, saved: SavedTiers) -> None:
+        """Continue from a saved ring and schedule (a resumed guard)."""
+        self.reset()
+        self.sampler = saved.sampler
+        c = saved.counters
+        self._count, self._escalated, self._calm = int(c["steps"]), bool(c["escalated"]), int(c["calm"])
+        self.full_passes, self.escalations = int(c["full_passes"]), int(c["escalations"])
+        self.late_passes = int(c["late_passes"])
 
     def close(self) -> None:
         """End the worker thread (a pass in flight is waited for and dropped)."""

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from zetaguard import _core
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
-from zetaguard.tiered import TieredPipeline, TieredStep
+from zetaguard.tiered import SavedTiers, TieredPipeline, TieredStep
 from zetaguard.tiered_worker import thread_refused
 
 if TYPE_CHECKING:
@@ -112,13 +112,24 @@ class EngineSession:
             self.tiered.close()
 
     def restore(
-        self, tracker: _core.Tracker | None, names: list[str], group_of: Callable[[str], str]
+        self,
+        tracker: _core.Tracker | None,
+        names: list[str],
+        group_of: Callable[[str], str],
+        tiers: SavedTiers | None = None,
     ) -> None:
-        """Take a tracker rebuilt from a saved state, with its tensors' names."""
+        """Take a tracker rebuilt from a saved state, with its tensors' names, and in tiered
+        mode the saved sampled ring (files from before it was saved have none: rebuilt)."""
         self.reset()
         self.tracker = tracker
-        if tracker is not None:
+        if tracker is not None or (tiers is not None and tiers.sampler.tensor_count):
             self._set_names(names, group_of)
+        if tiers is not None and self.tiered is not None:
+            self.tiered.adopt(tiers)
+
+    def tiered_state(self) -> dict[str, Any] | None:
+        """The sampled ring and schedule for a state file (None outside tiered mode)."""
+        return self.tiered.get_state() if self.tiered is not None else None
 
     # ---- one step ------------------------------------------------------------------------
 
