@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from zetaguard import _core
-from zetaguard.tiered_worker import FullPassWorker, LatePass, check_full_pass
+from zetaguard.tiered_worker import FullPassWorker, LatePass, check_full_pass, scan
 
 if TYPE_CHECKING:
     from zetaguard.adapters import Snapshot
@@ -265,17 +265,10 @@ class TieredPipeline:
         # sample's estimates (one consistent series per channel: the fixed sample's estimate
         # differs from the exact value by a steady factor, and switching between the two would
         # read as a jump); the full pass adds what only it can see, non-finite values anywhere.
-        full = tracker.norms_raw(snap.tensors) if snap.raw else tracker.norms(snap.tensors)
+        now = scan(self._count - 1, tracker, snap)  # what the worker runs, here inline
         combined = rows.copy()
-        combined[:, 4] = full[:, 4]
-        grad_value = grad_est
-        if snap.grads:
-            _, bad = (
-                tracker.total_norm_raw(snap.grads) if snap.grads_raw
-                else tracker.total_norm(snap.grads)
-            )
-            if bad:
-                grad_value = math.inf
+        combined[:, 4] = now.param_nonfinite
+        grad_value = math.inf if now.grads_bad else grad_est
         if late is not None and late.found:
             # What the worker saw one step ago counts too (this step may no longer show it).
             if len(late.param_nonfinite) == len(combined):
