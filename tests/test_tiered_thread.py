@@ -225,3 +225,18 @@ def _pipeline() -> Any:
     from zetaguard.tiered import TieredPipeline
 
     return TieredPipeline(1 / 64, INTERVAL, 0x5EED, "thread")
+
+
+def test_arrays_the_next_step_may_free_are_refused_and_numpy_arrays_run() -> None:
+    """JAX arrays may be donated to (deleted by) the next step while the worker reads them: a
+    threaded guard refuses them at the first call; NumPy arrays (kept alive) run."""
+    jnp = pytest.importorskip("jax.numpy")
+    guard = ZetaGuard(full_pass="thread")
+    with pytest.raises(ValueError, match=r"ArrayImpl.*freed or reused.*full_pass='inline'"):
+        guard.monitor({"w": jnp.ones(4096)})
+    rng = np.random.default_rng(0)
+    numpy_guard = ZetaGuard(full_pass="thread", full_pass_interval=2, auto_recover=False)
+    for _ in range(4):
+        numpy_guard.monitor({"w": rng.standard_normal(8192).astype(np.float32)})
+    assert numpy_guard.get_statistics()["tiered"]["late_full_passes"] == 2
+    numpy_guard.close()

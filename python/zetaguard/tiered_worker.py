@@ -63,11 +63,29 @@ def check_thread_applies(full_pass: str, mode: str, device: str) -> None:
 
 
 def thread_refused(reason: str) -> ValueError:
-    """The error for a step that reached a path with no full pass to move (raised at once)."""
-    return ValueError(
-        f"full_pass='thread' cannot run here: {reason}, which read every element in every "
-        "monitor() call (no separate full pass to move off the training thread); use "
-        "ZetaGuard(full_pass='inline')"
+    """The error for a step that reached a path where the worker cannot run (raised at once)."""
+    return ValueError(f"full_pass='thread' cannot run here: {reason}; use "
+                      "ZetaGuard(full_pass='inline')")
+
+
+# Frameworks whose snapshot keeps the memory it points into valid while the snapshot is held
+# (torch: the tensor objects; TensorFlow: the read's tensors, which make the next assign write
+# a new buffer).
+_HELD_FRAMEWORKS = frozenset({"torch", "keras-torch", "tensorflow"})
+
+
+def unsafe_for_worker(snap: Snapshot) -> str | None:
+    """Why the worker could not read this snapshot during the next step, or None. JAX arrays
+    (a Keras fit's state, a jitted step with donated arguments) are deleted or reused by the
+    next step: the worker would read freed memory."""
+    if snap.framework in _HELD_FRAMEWORKS:
+        return None
+    if snap.framework == "numpy" and all(isinstance(t, np.ndarray) for t in snap.tensors):
+        return None
+    return (
+        f"{snap.framework} arrays ({type(snap.tensors[0]).__name__}) may be freed or reused by "
+        "the next step (JAX donates a fit's state to it), and the worker reads them during that "
+        "step"
     )
 
 

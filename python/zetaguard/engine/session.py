@@ -21,7 +21,7 @@ import numpy.typing as npt
 from zetaguard import _core
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
 from zetaguard.tiered import SavedTiers, TieredPipeline, TieredStep
-from zetaguard.tiered_worker import thread_refused
+from zetaguard.tiered_worker import thread_refused, unsafe_for_worker
 
 if TYPE_CHECKING:
     from zetaguard.detector import Detector
@@ -96,13 +96,18 @@ class EngineSession:
         ``full_pass="thread"`` on such a path is refused: it would silently do nothing."""
         if self.tiered is None:
             return False
+        threaded = self.tiered.full_pass == "thread"
         if dist is None and snap.framework != DEVICE_FRAMEWORK:
+            if threaded and (why := unsafe_for_worker(snap)) is not None:
+                raise thread_refused(why)
             return True
-        if self.tiered.full_pass == "thread":
+        if threaded:
             raise thread_refused(
-                "parameters on a CUDA device go through the device path"
-                if snap.framework == DEVICE_FRAMEWORK
-                else "torch.distributed with more than one rank reduces full reads every step"
+                ("parameters on a CUDA device go through the device path"
+                 if snap.framework == DEVICE_FRAMEWORK
+                 else "torch.distributed with more than one rank reduces full reads")
+                + ", which reads every element in every monitor() call (no separate full pass "
+                "to move off the training thread)"
             )
         return False
 
