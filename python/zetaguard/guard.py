@@ -75,7 +75,7 @@ class ZetaGuard:
             ``monitor()`` call; ``"thread"``: on a worker thread overlapped with the next
             training step, its finding (non-finite values) taken one step late
             (:mod:`zetaguard.tiered_worker`, docs/always-on.md). ``mode="auto"`` on host
-            memory in one process only.
+            memory in one process only, and not for JAX arrays (the next step may free them).
         group_by: per-group results by ``"layer"`` (module path), ``"tensor"`` or ``"none"``.
         threads: engine threads for large models (default: up to 4).
         run_dir: write every step to a run store (SQLite) under this directory.
