@@ -240,3 +240,15 @@ def test_arrays_the_next_step_may_free_are_refused_and_numpy_arrays_run() -> Non
         numpy_guard.monitor({"w": rng.standard_normal(8192).astype(np.float32)})
     assert numpy_guard.get_statistics()["tiered"]["late_full_passes"] == 2
     numpy_guard.close()
+
+
+def test_a_threaded_guard_refuses_a_state_file_of_another_mode(tmp_path: Path) -> None:
+    exact = ZetaGuard(mode="exact", auto_recover=False)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        exact.monitor({"w": rng.standard_normal(4096).astype(np.float32)})
+    exact.save_state(tmp_path / "exact.npz")
+    thread = ZetaGuard(full_pass="thread")
+    with pytest.raises(ValueError, match=r"needs mode='auto'.*full_pass='inline'"):
+        thread.load_state(tmp_path / "exact.npz")
+    assert (thread.mode, thread.step) == ("auto", 0)  # unchanged
