@@ -7,6 +7,9 @@ Arms, on each workload, interleaved block by block so machine noise hits every a
   ``backward()``: the peer, which reads every gradient once per step;
 * ``tiered``  ``ZetaGuard(auto_recover=False)``, the default ``mode="auto"``:
   ``monitor(model, loss=...)`` after ``optimizer.step()``;
+* ``thread``  the tiered default with ``full_pass="thread"``: its scheduled full pass on a
+  worker thread, overlapped with the next step (the worker's time is not in the in-run share,
+  only in the wall-clock overhead: on a busy machine it competes for the same cores);
 * ``exact``   the same with ``mode="exact"`` (every element every step);
 * ``sketch``  the same with ``mode="sketch"``.
 
@@ -19,14 +22,18 @@ other processes, since numerator and denominator come from the same steps).
 
 Targets: the default (tiered) <= 1% of the step in every CPU torch loop, and never above ZClip.
 
-Usage: python benchmarks/bench_always_on.py [--quick] [--workloads 4.2M/256,25M/32,25M/512]
+Workloads: the MLPs (``PARAMS/BATCH``), ``gpt2`` (the tiny GPT-2 in the HF Trainer) and
+``keras-<backend>`` (Keras ``fit`` on digits; tensorflow, torch, jax, each in a subprocess with
+``KERAS_BACKEND`` set); those live in ``always_on_workloads.py``, with their arms' settings.
+
+Usage: python benchmarks/bench_always_on.py [--quick] [--workloads 4.2M/256,gpt2,keras-jax]
+       [--full-pass-interval N]   (the tiered and thread arms of the MLPs; default 50)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -34,14 +41,15 @@ from collections.abc import Callable
 import torch
 
 # The same MLP as the per-call overhead benchmark (this directory is on sys.path when run).
+from always_on_workloads import gpt2, keras_backend, print_table
 from bench_torch_overhead import _mlp
 from zclip import ZClip
 from zetaguard import ZetaGuard
 
-ARMS = ("none", "zclip", "tiered", "exact", "sketch")
+ARMS = ("none", "zclip", "tiered", "thread", "exact", "sketch")
 
 
-def workload(params: float, batch: int, steps: int, blocks: int) -> None:
+def workload(params: float, batch: int, steps: int, blocks: int, interval: int) -> None:
     torch.manual_seed(0)
     model = _mlp(params)
     n = sum(p.numel() for p in model.parameters())
@@ -52,7 +60,8 @@ def workload(params: float, batch: int, steps: int, blocks: int) -> None:
     print(f"\n== {n / 1e6:.1f}M-parameter MLP ({len(list(model.parameters()))} tensors), AdamW, "
           f"batch {batch}; {blocks} blocks of {steps} steps per arm ==")
     guards = {
-        "tiered": ZetaGuard(auto_recover=False),
+        "tiered": ZetaGuard(auto_recover=False, full_pass_interval=interval),
+        "thread": ZetaGuard(auto_recover=False, full_pass_interval=interval, full_pass="thread"),
         "exact": ZetaGuard(auto_recover=False, mode="exact"),
         "sketch": ZetaGuard(auto_recover=False, mode="sketch"),
     }
@@ -92,18 +101,8 @@ def workload(params: float, batch: int, steps: int, blocks: int) -> None:
             for _ in range(steps):
                 fn()
             times[arm].append((time.perf_counter() - t) / steps)
-    base = statistics.median(times["none"])
-    print(f"{'arm':10}{'step (ms)':>11}{'overhead':>10}{'spread [min, max]':>22}"
-          f"{'in-run share':>14}")
-    print(f"{'none':10}{base * 1e3:11.2f}")
-    for arm in ARMS[1:]:
-        ratios = [a / b - 1 for a, b in zip(times[arm], times["none"], strict=True)]
-        total = sum(times[arm]) * steps
-        share = spent[arm] / (total - spent[arm])
-        print(f"{arm:10}{statistics.median(times[arm]) * 1e3:11.2f}"
-              f"{statistics.median(ratios) * 100:9.2f}%"
-              f"{'':5}[{min(ratios) * 100:6.2f}%, {max(ratios) * 100:6.2f}%]"
-              f"{share * 100:13.2f}%")
+    shares = {arm: [spent[arm] / (sum(times[arm]) * steps - spent[arm])] for arm in ARMS}
+    print_table(times, shares)
     g = guards["tiered"]
     stats = g.get_statistics().get("tiered")
     if stats is not None:
@@ -111,19 +110,29 @@ def workload(params: float, batch: int, steps: int, blocks: int) -> None:
               f"({stats['sample_fraction']:.4f} of the blocks), full passes "
               f"{stats['full_passes']} (every {stats['full_pass_interval']} steps, escalations "
               f"{stats['escalations']}) over {g.step} steps")
+    guards["thread"].close()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer blocks")
-    ap.add_argument("--workloads", default="4.2M/256,25M/32,25M/512",
-                    help="comma-separated PARAMS/BATCH (M = millions)")
+    ap.add_argument("--workloads",
+                    default="4.2M/256,25M/32,25M/512,gpt2,keras-tensorflow,keras-torch,keras-jax",
+                    help="comma-separated PARAMS/BATCH (M = millions), gpt2, keras-<backend>")
+    ap.add_argument("--full-pass-interval", type=int, default=50,
+                    help="full_pass_interval of the MLPs' tiered and thread arms")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
           f"threads, load {os.getloadavg()[0]:.1f} (other processes share this machine)")
     print("overhead: median over blocks of arm/none - 1 (same block); in-run share: time in "
           "the guard's call / the rest of the same steps")
     for item in args.workloads.split(","):
+        if item == "gpt2":
+            gpt2(steps=60 if args.quick else 120, rounds=3 if args.quick else 7)
+            continue
+        if item.startswith("keras-"):
+            keras_backend(item.removeprefix("keras-"), epochs=1, rounds=5 if args.quick else 11)
+            continue
         p, b = item.split("/")
         params = float(p.rstrip("M")) * 1e6
         batch = int(b)
@@ -131,7 +140,7 @@ def main() -> int:
         # includes its scheduled full pass, amortised as in a real run.
         steps = 10 if args.quick else 20
         blocks = 5 if args.quick else 9
-        workload(params, batch, steps=steps, blocks=blocks)
+        workload(params, batch, steps=steps, blocks=blocks, interval=args.full_pass_interval)
     print("\ntargets: tiered <= 1% of the step and never above zclip")
     return 0
 

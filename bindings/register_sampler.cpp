@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <mutex>
 #include <string>
 
@@ -73,6 +74,52 @@ public:
         sampler_.reset();
     }
 
+    // The ring, for a state file: history, head, and per tensor numel, dtype and 3 slots of
+    // the sampled values' bytes (the plans are rebuilt from the config, not saved).
+    py::dict get_state() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        py::dict d;
+        d["history"] = sampler_.history();
+        d["head"] = sampler_.head();
+        py::list tensors;
+        for (const auto& t : sampler_.tensors()) {
+            py::dict e;
+            e["numel"] = t.numel;
+            e["dtype"] = dtype_name(t.dtype);
+            py::list slots;
+            for (const auto& r : t.ring) {
+                py::array_t<std::uint8_t> a(static_cast<py::ssize_t>(r.size()));
+                if (!r.empty()) std::memcpy(a.mutable_data(), r.data(), r.size());
+                slots.append(a);
+            }
+            e["slots"] = slots;
+            tensors.append(e);
+        }
+        d["tensors"] = tensors;
+        return d;
+    }
+
+    void set_state(const py::dict& d) {
+        std::vector<std::size_t> numels;
+        std::vector<DType> dtypes;
+        std::vector<std::vector<std::uint8_t>> slots;
+        for (const auto& item : d["tensors"].cast<py::list>()) {
+            auto e = item.cast<py::dict>();
+            numels.push_back(e["numel"].cast<std::size_t>());
+            dtypes.push_back(dtype_from_name(e["dtype"].cast<std::string>()));
+            auto saved = e["slots"].cast<py::list>();
+            if (saved.size() != 3) throw StateError("corrupt sampler state: a ring needs 3 slots");
+            for (const auto& slot : saved) {
+                auto a = slot.cast<py::array_t<std::uint8_t, py::array::c_style |
+                                                                py::array::forcecast>>();
+                slots.emplace_back(a.data(), a.data() + a.size());
+            }
+        }
+        std::lock_guard<std::mutex> lock(mutex_);
+        sampler_.restore(numels, dtypes, std::move(slots), d["history"].cast<int>(),
+                         d["head"].cast<int>());
+    }
+
 private:
     py::array_t<double> run(ParsedInputs& in, bool) {
         std::vector<Channels> rows;
@@ -111,6 +158,8 @@ void register_sampler(py::module_& m) {
         .def("total_norm_raw", &PySampler::total_norm_raw, py::arg("pointers"))
         .def("plan", &PySampler::plan, py::arg("index"))
         .def("reset", &PySampler::reset)
+        .def("get_state", &PySampler::get_state)
+        .def("set_state", &PySampler::set_state, py::arg("state"))
         .def_property_readonly("history", &PySampler::history)
         .def_property_readonly("tensor_count", &PySampler::tensor_count)
         .def_property_readonly("state_bytes", &PySampler::state_bytes)

@@ -129,12 +129,13 @@ class _Recorder(ZetaCallback):
         self.results.append(self.last_result)
 
 
-def test_resumed_trainer_resumes_the_guard(tmp_path: Path) -> None:
-    # mode="exact": the state file carries the full engine's ring, not yet the tiered default's
-    # sample ring (a resumed default guard rebuilds it over three steps; docs/always-on.md).
+@pytest.mark.parametrize("mode", ["exact", "auto"])
+def test_resumed_trainer_resumes_the_guard(tmp_path: Path, mode: str) -> None:
+    # Both the exact engine's ring and the tiered default's sampled ring (with its full-pass
+    # schedule) travel in the checkpoint: the resumed guard has a JAR at once.
     def run(steps: int, ckpt: str | None = None) -> _Recorder:
         pl.seed_everything(0)
-        cb = _Recorder(warmup_steps=10, auto_recover=False, mode="exact")
+        cb = _Recorder(warmup_steps=10, auto_recover=False, mode=mode)
         saver = ModelCheckpoint(dirpath=tmp_path / f"ckpt{steps}", save_last=True)
         trainer = _trainer(tmp_path, steps, [cb, saver])
         trainer.fit(Net(), _loader(), ckpt_path=ckpt)
@@ -152,7 +153,7 @@ def test_resumed_trainer_resumes_the_guard(tmp_path: Path) -> None:
     # as the guard that wrote it would.
     ckpt = torch.load(last, weights_only=True)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("_Recorder"))
-    restored = ZetaCallback(mode="exact")
+    restored = ZetaCallback(mode=mode)
     restored.load_state_dict(state)
     net = Net()
     net.load_state_dict(ckpt["state_dict"])

@@ -284,6 +284,39 @@ std::size_t Sampler::sampled_elements() const noexcept {
     return n;
 }
 
+void Sampler::restore(const std::vector<std::size_t>& numels, const std::vector<DType>& dtypes,
+                      std::vector<std::vector<std::uint8_t>> slots, int history, int head) {
+    if (numels.size() != dtypes.size() || slots.size() != 3 * numels.size())
+        throw StateError("corrupt sampler state: 3 ring slots per tensor are needed");
+    const bool reachable = history >= 0 && history <= 3 &&
+                           (history < 3 ? head == history - 1 : head >= 0 && head <= 2);
+    if (!reachable)
+        throw StateError("corrupt sampler state: history " + std::to_string(history) +
+                         " with ring head " + std::to_string(head));
+    if (numels.empty() && history != 0)
+        throw StateError("corrupt sampler state: a history but no tensors");
+    std::vector<SampleTensor> restored;
+    restored.reserve(numels.size());
+    for (std::size_t i = 0; i < numels.size(); ++i) {
+        SampleTensor s = plan(config_, i, numels[i], dtypes[i]);
+        const std::size_t bytes = s.sampled * dtype_size(s.dtype);
+        for (int k = 0; k < 3; ++k) {
+            auto& slot = slots[3 * i + static_cast<std::size_t>(k)];
+            if (slot.size() != bytes)
+                throw StateError("corrupt sampler state: tensor " + std::to_string(i) +
+                                 " ring slot " + std::to_string(k) + " holds " +
+                                 std::to_string(slot.size()) + " bytes, its sample plan " +
+                                 std::to_string(bytes) +
+                                 " (saved with another sample_fraction or seed?)");
+            s.ring[k] = std::move(slot);
+        }
+        restored.push_back(std::move(s));
+    }
+    tensors_ = std::move(restored);
+    history_ = history;
+    head_ = head;
+}
+
 void Sampler::reset() noexcept {
     tensors_.clear();
     history_ = 0;

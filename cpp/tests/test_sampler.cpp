@@ -146,7 +146,49 @@ static void test_unbiased() {
     CHECK(var > 0, "a real sample has variance");
 }
 
+// A restored ring continues exactly as the sampler that was saved; a ring that does not fit
+// the plan, or an unreachable (history, head), is refused and leaves the sampler as it was.
+static void test_restore() {
+    SamplerConfig c;
+    c.fraction = 1.0 / 8;
+    c.min_elements = 0;
+    std::mt19937_64 rng(5);
+    std::normal_distribution<float> g;
+    std::vector<std::vector<float>> xs(6, std::vector<float>(256 * 40));
+    for (auto& x : xs)
+        for (auto& e : x) e = g(rng);
+    Sampler a(c);
+    std::vector<Channels> out_a, out_b;
+    for (int t = 0; t < 5; ++t) a.update({TensorView{xs[t].data(), xs[t].size(), DType::f32}}, out_a);
+    const SampleTensor& st = a.tensors()[0];
+    std::vector<std::vector<std::uint8_t>> slots(st.ring, st.ring + 3);
+    Sampler b(c);
+    bool threw = false;
+    auto short_slots = slots;
+    short_slots[1].pop_back();
+    try {
+        b.restore({xs[0].size()}, {DType::f32}, short_slots, a.history(), a.head());
+    } catch (const StateError&) {
+        threw = true;
+    }
+    CHECK(threw && b.tensor_count() == 0, "a slot of the wrong size is refused, nothing changed");
+    threw = false;
+    try {
+        b.restore({xs[0].size()}, {DType::f32}, slots, 2, 0);
+    } catch (const StateError&) {
+        threw = true;
+    }
+    CHECK(threw && b.history() == 0, "history 2 needs head 1: refused");
+    b.restore({xs[0].size()}, {DType::f32}, slots, a.history(), a.head());
+    a.update({TensorView{xs[5].data(), xs[5].size(), DType::f32}}, out_a);
+    b.update({TensorView{xs[5].data(), xs[5].size(), DType::f32}}, out_b);
+    CHECK(out_a[0].x2 == out_b[0].x2 && out_a[0].v2 == out_b[0].v2 &&
+              out_a[0].a2 == out_b[0].a2 && out_a[0].j2 == out_b[0].j2,
+          "the restored ring continues exactly: j2 %g vs %g", out_a[0].j2, out_b[0].j2);
+}
+
 int main() {
+    test_restore();
     test_plan();
     test_matches_direct();
     test_fraction_one_is_exact_and_nonfinite();

@@ -303,8 +303,51 @@ def validate(meta: dict[str, Any], arrays: Mapping[str, npt.NDArray[Any]]) -> No
                 finite=False) < 0:
             raise Refusal("recovery.since_action is negative")
 
-    _validate_engine(_dict(_need(meta, "engine", "the header"), "engine"), arrays, len(names),
-                     engine_mode)
+    expected = _validate_engine(
+        _dict(_need(meta, "engine", "the header"), "engine"), arrays, len(names), engine_mode
+    )
+    sampler = meta.get("sampler")  # mode="auto": the sampled ring (files before it: none)
+    if sampler is not None:
+        if cfg.get("mode", "auto") != "auto":
+            raise Refusal(f"it holds a sampled ring but config.mode is {cfg.get('mode')!r}")
+        expected |= _validate_sampler(_dict(sampler, "sampler"), arrays, len(names))
+    extra = sorted(set(arrays) - expected)
+    if extra:
+        raise Refusal(f"it holds arrays no guard state has: {extra[:5]}")
+
+
+def _validate_sampler(
+    sampler: dict[str, Any], arrays: Mapping[str, npt.NDArray[Any]], names: int
+) -> set[str]:
+    """The tiered mode's ring: slots ``r{i}_s{j}`` (uint8), whose exact size the engine checks
+    against the sample plan it rebuilds; here everything up to that."""
+    history = _int(_need(sampler, "history", "sampler"), "sampler.history", 0, 3)
+    head = _int(_need(sampler, "head", "sampler"), "sampler.head", -1, 2)
+    if (history < 3 and head != history - 1) or (history == 3 and head < 0):
+        raise Refusal(f"sampler.head {head} cannot follow sampler.history {history}")
+    for key in ("steps", "calm", "full_passes", "escalations", "late_passes"):
+        _int(_need(sampler, key, "sampler"), f"sampler.{key}", 0, 2**62)
+    if type(_need(sampler, "escalated", "sampler")) is not bool:
+        raise Refusal("sampler.escalated must be true or false")
+    tensors = _list(_need(sampler, "tensors", "sampler"), "sampler.tensors", 10**7)
+    if (tensors or history) and len(tensors) != names:
+        raise Refusal(f"{len(tensors)} tensors in the sampled ring but {names} names")
+    expected = set()
+    for i, t in enumerate(tensors):
+        what = f"sampler.tensors[{i}]"
+        t = _dict(t, what)
+        numel = _int(_need(t, "numel", what), f"{what}.numel", 0, 2**48)
+        dtype = _need(t, "dtype", what)
+        if dtype not in _ENGINE_DTYPES:
+            raise Refusal(f"{what}.dtype must be one of {tuple(_ENGINE_DTYPES)}, got {dtype!r}"[:300])
+        size = _ENGINE_DTYPES[dtype]
+        for j in range(3):
+            slot = arrays.get(f"r{i}_s{j}")
+            if (slot is None or slot.dtype != np.uint8 or slot.size > numel * size
+                    or slot.size % size):
+                raise Refusal(f"sampled ring {i} slot {j} is missing or of the wrong type or size")
+            expected.add(f"r{i}_s{j}")
+    return expected
 
 
 def _validate_engine(
@@ -312,7 +355,7 @@ def _validate_engine(
     arrays: Mapping[str, npt.NDArray[Any]],
     names: int,
     engine_mode: Any,
-) -> None:
+) -> set[str]:
     _int(_need(engine, "history", "engine"), "engine.history", 0, 3)
     _int(_need(engine, "head", "engine"), "engine.head", -1, 2)
     tensors = _list(_need(engine, "tensors", "engine"), "engine.tensors", 10**7)
@@ -340,9 +383,7 @@ def _validate_engine(
         if tau is None or tau.dtype != np.float32 or tau.size != (buckets if buckets else 0):
             raise Refusal(f"tensor {i}'s sketch signs are missing or of the wrong size")
         expected.add(f"t{i}_tau")
-    extra = sorted(set(arrays) - expected)
-    if extra:
-        raise Refusal(f"it holds arrays no guard state has: {extra[:5]}")
+    return expected
 
 
 # ---- patterns ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from zetaguard import _validate, distributed, state, tiered
+from zetaguard import _validate, distributed, state, tiered, tiered_worker
 from zetaguard._validate import as_float as _as_float
 from zetaguard.adapters import default_threads, snapshot
 from zetaguard.detector import Calibration, Detector
@@ -74,6 +74,11 @@ class ZetaGuard:
             whatever the model size.
         sample_fraction: share of each tensor's blocks the cheap tier reads, in (0, 1].
         full_pass_interval: steps between scheduled full passes in ``mode="auto"``, >= 1.
+        full_pass: ``"inline"`` (the default): a scheduled full pass runs in the
+            ``monitor()`` call; ``"thread"``: on a worker thread overlapped with the next
+            training step, its finding (non-finite values) taken one step late
+            (:mod:`zetaguard.tiered_worker`, docs/always-on.md). ``mode="auto"`` on host
+            memory in one process only, and not for JAX arrays (the next step may free them).
         group_by: per-group results by ``"layer"`` (module path), ``"tensor"`` or ``"none"``.
         threads: engine threads for large models (default: up to 4).
         run_dir: write every step to a run store (SQLite) under this directory.
@@ -112,8 +117,11 @@ class ZetaGuard:
         device: DevicePath = "auto",
         sample_fraction: float = tiered.DEFAULT_SAMPLE_FRACTION,
         full_pass_interval: int = tiered.DEFAULT_FULL_PASS_INTERVAL,
+        full_pass: tiered_worker.FullPass = "inline",
     ) -> None:
         tiered.check_settings(sample_fraction, full_pass_interval)
+        tiered_worker.check_full_pass(full_pass)
+        tiered_worker.check_thread_applies(full_pass, mode, device)
         _validate.guard_arguments(
             drift_threshold=drift_threshold, snap_threshold=snap_threshold, alpha=alpha,
             warmup_steps=warmup_steps, auto_recover=auto_recover, sketch_buckets=sketch_buckets,
@@ -135,6 +143,7 @@ class ZetaGuard:
         self.mode: EngineMode = mode
         self.sample_fraction = float(sample_fraction)
         self.full_pass_interval = int(full_pass_interval)
+        self.full_pass: tiered_worker.FullPass = full_pass
         self.sketch_buckets = int(sketch_buckets)
         self.exact_memory_budget = int(exact_memory_budget)
         self.group_by: GroupBy = group_by
@@ -204,8 +213,11 @@ class ZetaGuard:
     def _set_tiers(self) -> None:
         """mode="auto" monitors in tiers (zetaguard.tiered); "exact" and "sketch" read every
         element every step."""
+        self._engine.close()  # a worker's pass in flight belongs to the pipeline replaced
         self._engine.tiered = (
-            tiered.TieredPipeline(self.sample_fraction, self.full_pass_interval, self.seed)
+            tiered.TieredPipeline(
+                self.sample_fraction, self.full_pass_interval, self.seed, self.full_pass
+            )
             if self.mode == "auto"
             else None
         )
@@ -480,9 +492,11 @@ class ZetaGuard:
         return generate_report(self, path=path, run_dir=run_dir)
 
     def close(self) -> None:
-        """Commit and close the run store, if any (also done at interpreter exit). Monitoring
-        continues; later steps are no longer recorded."""
+        """Commit and close the run store, if any (also done at interpreter exit), and end the
+        full-pass worker thread (``full_pass="thread"``; a later threaded pass starts a new
+        one). Monitoring continues; later steps are no longer recorded."""
         with self._lock:
+            self._engine.close()
             if self._store is not None:
                 self._store.close()
                 self._store = None
@@ -515,6 +529,7 @@ class ZetaGuard:
                 detector=self._detector,
                 stats=self._stats,
                 recovery=self._recovery.counters(),
+                sampler=self._engine.tiered_state(),
             )
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
@@ -526,6 +541,7 @@ class ZetaGuard:
             path, threads=self.threads, parse_recovery=RecoveryManager.parse_counters
         )
         cfg = saved.config
+        tiered_worker.check_thread_applies(self.full_pass, cfg.get("mode", self.mode), self.device)
         with self._lock:
             # Files from before tiered monitoring carry no fraction or interval: the defaults.
             self.mode = cfg.get("mode", self.mode)
@@ -546,7 +562,7 @@ class ZetaGuard:
             self._selection.set_pattern(saved.pattern)
             self._detector = saved.detector
             self._set_tiers()
-            self._engine.restore(saved.tracker, saved.names, self.group_of)
+            self._engine.restore(saved.tracker, saved.names, self.group_of, saved.tiers)
             self._stats = saved.stats
             if saved.recovery is not None:
                 self._recovery.restore_counters(saved.recovery)

@@ -5,7 +5,10 @@ Layout (format version 1):
 * ``meta``: UTF-8 JSON as a uint8 array: format version, guard configuration, detector state,
   engine history and ring head, per-tensor ring layout, and a SHA-256 over every array;
 * ``t{i}_s{j}``: ring slot ``j`` of tensor ``i`` (uint8 bytes of the tensor's own dtype in exact
-  mode, float64 buckets in sketch mode); ``t{i}_tau``: the sketch signs (float32).
+  mode, float64 buckets in sketch mode); ``t{i}_tau``: the sketch signs (float32);
+* ``mode="auto"`` (tiered) also: ``r{i}_s{j}``, slot ``j`` of tensor ``i``'s sampled ring (uint8
+  bytes of the sampled elements), with its history, head, layout and the full-pass schedule's
+  counters under ``sampler`` in the metadata. Files without it still load (the ring is rebuilt).
 
 Files are written atomically and read as hostile input (:mod:`zetaguard._state_checks`):
 sizes bounded before anything is read, no pickles, a checksum over the metadata and the arrays
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from zetaguard import _core
+from zetaguard import _core, tiered
 from zetaguard import _state_checks as checks
 from zetaguard._atomic import atomic_write
 from zetaguard.detector import Detector
@@ -143,6 +146,7 @@ class GuardState:
     names: list[str]
     stats: RunStatistics
     recovery: Any  # the parsed recovery counters, or None (files from before they were saved)
+    tiers: tiered.SavedTiers | None = None  # mode="auto": the sampled ring, if the file has it
 
 
 def save_guard(
@@ -156,8 +160,10 @@ def save_guard(
     detector: Detector,
     stats: RunStatistics,
     recovery: dict[str, Any],
+    sampler: dict[str, Any] | None = None,
 ) -> None:
-    """Write a guard's state to ``path`` atomically."""
+    """Write a guard's state to ``path`` atomically. ``sampler``: the tiered pipeline's
+    :meth:`~zetaguard.tiered.TieredPipeline.get_state` in ``mode="auto"``."""
     meta = {
         "config": config,
         "engine_mode": engine_mode,
@@ -168,6 +174,13 @@ def save_guard(
         "recovery": recovery,
     }
     meta, arrays = pack(meta, engine_state)
+    if sampler is not None:
+        layout = []
+        for i, t in enumerate(sampler["tensors"]):
+            layout.append({"numel": t["numel"], "dtype": t["dtype"]})
+            for j, slot in enumerate(t["slots"]):
+                arrays[f"r{i}_s{j}"] = np.asarray(slot, dtype=np.uint8)
+        meta["sampler"] = {**sampler, "tensors": layout}
     save(path, meta, arrays)
 
 
@@ -207,6 +220,17 @@ def load_guard(
             raise ValueError(
                 f"{tracker.tensor_count} tensors in the engine state but {len(names)} names"
             )
+        tiers = None
+        if meta.get("sampler") is not None:  # checked by _state_checks; sizes by the engine
+            saved = dict(meta["sampler"])
+            saved["tensors"] = [
+                {**t, "slots": [arrays[f"r{i}_s{j}"] for j in range(3)]}
+                for i, t in enumerate(saved["tensors"])
+            ]
+            tiers = tiered.restore_tiers(
+                float(cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION)),
+                int(cfg["seed"]), saved,
+            )
         stats = RunStatistics.from_meta(meta)
         # Files written before recovery counters were saved leave the ladder as it is.
         saved_recovery = meta.get("recovery")
@@ -218,7 +242,7 @@ def load_guard(
             f"{where!r} holds an inconsistent guard state ({type(e).__name__}: {e}); "
             "restore an earlier copy or start a fresh guard"
         ) from e
-    return GuardState(cfg, detector, pattern, tracker, names, stats, recovery)
+    return GuardState(cfg, detector, pattern, tracker, names, stats, recovery, tiers)
 
 
 def to_bytes(save_to: Callable[[str], None]) -> dict[str, Any]:

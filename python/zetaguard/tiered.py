@@ -19,6 +19,11 @@ observation made in a call that read every element. The magnitude channels (para
 update, acceleration and jerk norms, the gradient norm when the framework did not pass one)
 stay the sample's estimates on every step, full or not: a fixed sample's estimate differs from
 the exact value by a steady factor, and switching between the two would read as a jump.
+
+With ``full_pass="thread"`` the *scheduled* full pass of a step whose cheap tier is STABLE runs
+on a worker thread (:mod:`zetaguard.tiered_worker`) and its finding is taken at the next step:
+a non-finite value it found escalates that step to an inline full pass, scored with the late
+counts folded in. Full passes that a decision rests on (DRIFT, escalation) stay inline.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from zetaguard import _core
+from zetaguard.tiered_worker import FullPassWorker, LatePass, check_full_pass, scan
 
 if TYPE_CHECKING:
     from zetaguard.adapters import Snapshot
@@ -66,6 +72,36 @@ def check_settings(sample_fraction: Any, full_pass_interval: Any) -> None:
         )
 
 
+# What a state file keeps of the pipeline besides the sampled ring.
+COUNTERS = ("steps", "escalated", "calm", "full_passes", "escalations", "late_passes")
+
+
+@dataclass(slots=True)
+class SavedTiers:
+    """A state file's sampled ring, already taken back by a sampler (so a refused ring is
+    refused before the guard changes), and the pipeline's counters."""
+
+    sampler: _core.Sampler
+    counters: dict[str, Any]
+
+
+def restore_tiers(sample_fraction: float, seed: int, saved: dict[str, Any]) -> SavedTiers:
+    """Rebuild the sampler of a saved ring (ValueError from the engine when the ring does not
+    fit the sample plan of these settings)."""
+    sampler = _core.Sampler(sample_fraction, BLOCK_BYTES, seed)
+    sampler.set_state(saved)
+    return SavedTiers(sampler, {k: saved[k] for k in COUNTERS})
+
+
+def mark_late(obs: Observation, late: LatePass | None) -> LatePass | None:
+    """Name the worker's finding in the result's channels: the step it read (tiered step
+    index) and the non-finite elements it counted there."""
+    if late is not None:
+        obs.channels["late_full_pass_step"] = float(late.step)
+        obs.channels["late_full_pass_nonfinite"] = float(late.nonfinite)
+    return late
+
+
 @dataclass(slots=True)
 class TieredStep:
     """What one tiered step hands back to the guard."""
@@ -75,29 +111,70 @@ class TieredStep:
     history: int
     grad_norm: float | None
     full: bool  # a full pass ran in this call
+    late: LatePass | None = None  # full_pass="thread": the worker's pass of an earlier step
 
 
 class TieredPipeline:
     """The cheap tier, the schedule of full passes and the DRIFT-triggered escalation."""
 
-    def __init__(self, sample_fraction: float, full_pass_interval: int, seed: int) -> None:
+    def __init__(
+        self, sample_fraction: float, full_pass_interval: int, seed: int,
+        full_pass: str = "inline",
+    ) -> None:
         check_settings(sample_fraction, full_pass_interval)
+        check_full_pass(full_pass)
         self.sample_fraction = float(sample_fraction)
         self.full_pass_interval = int(full_pass_interval)
         self.seed = int(seed)
+        self.full_pass = full_pass
+        self._worker: FullPassWorker | None = None  # started at the first threaded pass
         self.reset()
 
     def reset(self) -> None:
+        if self._worker is not None:
+            self._worker.discard()
         self.sampler = _core.Sampler(self.sample_fraction, BLOCK_BYTES, self.seed)
         self._count = 0  # tiered steps seen
         self._escalated = False
         self._calm = 0
         self.full_passes = 0
         self.escalations = 0
+        self.late_passes = 0  # full passes run on the worker
 
     def restart_trajectory(self) -> None:
-        """After a rollback: the sample ring must not mix states from before and after it."""
+        """After a rollback: the sample ring must not mix states from before and after it, and
+        a full pass in flight describes the undone stretch."""
+        if self._worker is not None:
+            self._worker.discard()
         self.sampler.reset()
+
+    def get_state(self) -> dict[str, Any]:
+        """The sampled ring and the schedule's counters, for a state file (a full pass still in
+        flight on the worker is not saved: what it finds reaches this guard only)."""
+        return {
+            **self.sampler.get_state(),
+            "steps": self._count,
+            "escalated": self._escalated,
+            "calm": self._calm,
+            "full_passes": self.full_passes,
+            "escalations": self.escalations,
+            "late_passes": self.late_passes,
+        }
+
+    def adopt(self, saved: SavedTiers) -> None:
+        """Continue from a saved ring and schedule (a resumed guard)."""
+        self.reset()
+        self.sampler = saved.sampler
+        c = saved.counters
+        self._count, self._escalated, self._calm = int(c["steps"]), bool(c["escalated"]), int(c["calm"])
+        self.full_passes, self.escalations = int(c["full_passes"]), int(c["escalations"])
+        self.late_passes = int(c["late_passes"])
+
+    def close(self) -> None:
+        """End the worker thread (a pass in flight is waited for and dropped)."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def statistics(self) -> dict[str, Any]:
         """What the tiers did so far (``get_statistics()["tiered"]``)."""
@@ -106,7 +183,9 @@ class TieredPipeline:
             "full_pass_interval": self.full_pass_interval,
             "sampled_elements": self.sampler.sampled_elements,
             "sample_state_bytes": self.sampler.state_bytes,
+            "full_pass": self.full_pass,
             "full_passes": self.full_passes,
+            "late_full_passes": self.late_passes,
             "escalations": self.escalations,
             "escalated": self._escalated,
         }
@@ -131,6 +210,9 @@ class TieredPipeline:
     ) -> TieredStep:
         t = self._count
         self._count += 1  # tiered steps seen
+        # The worker's pass of an earlier step first: its error surfaces here, and what it
+        # found is part of this step's decision.
+        late = self._worker.take() if self._worker is not None else None
         sampler = self.sampler
         history = sampler.history
         rows = sampler.update_raw(snap.tensors) if snap.raw else sampler.update(snap.tensors)
@@ -142,18 +224,29 @@ class TieredPipeline:
             )
             grad_est = math.sqrt(g2) if bad == 0 else math.inf
         scheduled = (t + 1) % self.full_pass_interval == 0
-        if not scheduled and not self._escalated:
+        threaded = scheduled and self.full_pass == "thread"
+        found_late = late is not None and late.found
+        if (threaded or not scheduled) and not self._escalated and not found_late:
             group_rows = aggregate(rows)
             detector.checkpoint()
             obs = detector.observe(group_rows, history, loss=loss, grad_norm=grad_est)
             if obs.status == "STABLE":
-                return TieredStep(obs, group_rows, history, grad_est, False)
+                if threaded:  # the full pass overlaps the next training step
+                    if self._worker is None:
+                        self._worker = FullPassWorker()
+                    self._worker.submit(t, tracker, snap)
+                    self.late_passes += 1
+                return TieredStep(obs, group_rows, history, grad_est, False, mark_late(obs, late))
             # A cheap channel reached DRIFT: score this step again on full data.
             detector.rollback()
+        if not self._escalated and (found_late or not scheduled):
+            # DRIFT on a cheap channel, or the worker found a non-finite value one step ago.
             self._escalated = True
             self._calm = 0
             self.escalations += 1
-        return self._full_step(snap, tracker, detector, aggregate, rows, history, loss, grad_est)
+        return self._full_step(
+            snap, tracker, detector, aggregate, rows, history, loss, grad_est, late
+        )
 
     def _full_step(
         self,
@@ -165,22 +258,22 @@ class TieredPipeline:
         history: int,
         loss: float | None,
         grad_est: float | None,
+        late: LatePass | None,
     ) -> TieredStep:
         self.full_passes += 1
         # Every element read once: parameters and gradients. The detector keeps seeing the
         # sample's estimates (one consistent series per channel: the fixed sample's estimate
         # differs from the exact value by a steady factor, and switching between the two would
         # read as a jump); the full pass adds what only it can see, non-finite values anywhere.
-        full = tracker.norms_raw(snap.tensors) if snap.raw else tracker.norms(snap.tensors)
+        now = scan(self._count - 1, tracker, snap)  # what the worker runs, here inline
         combined = rows.copy()
-        combined[:, 4] = full[:, 4]
-        grad_value = grad_est
-        if snap.grads:
-            _, bad = (
-                tracker.total_norm_raw(snap.grads) if snap.grads_raw
-                else tracker.total_norm(snap.grads)
-            )
-            if bad:
+        combined[:, 4] = now.param_nonfinite
+        grad_value = math.inf if now.grads_bad else grad_est
+        if late is not None and late.found:
+            # What the worker saw one step ago counts too (this step may no longer show it).
+            if len(late.param_nonfinite) == len(combined):
+                combined[:, 4] = np.maximum(combined[:, 4], late.param_nonfinite)
+            if late.grads_bad:
                 grad_value = math.inf
         group_rows = aggregate(combined)
         obs = detector.observe(group_rows, history, loss=loss, grad_norm=grad_value)
@@ -188,4 +281,4 @@ class TieredPipeline:
             self._calm = self._calm + 1 if obs.status == "STABLE" else 0
             if self._calm >= CALM_STEPS:
                 self._escalated = False
-        return TieredStep(obs, group_rows, history, grad_value, True)
+        return TieredStep(obs, group_rows, history, grad_value, True, mark_late(obs, late))

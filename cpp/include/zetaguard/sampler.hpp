@@ -66,6 +66,14 @@ public:
     std::size_t state_bytes() const noexcept;
     std::size_t sampled_elements() const noexcept;
     void reset() noexcept;
+    int head() const noexcept { return head_; }
+
+    // Take a saved ring back (a resumed guard): the plans are rebuilt from each tensor's numel
+    // and dtype under this sampler's config, and every saved slot must hold exactly the plan's
+    // sampled elements; history and head must be a state update() can reach. Throws
+    // StateError otherwise, leaving the sampler as it was.
+    void restore(const std::vector<std::size_t>& numels, const std::vector<DType>& dtypes,
+                 std::vector<std::vector<std::uint8_t>> slots, int history, int head);
 
     // The block plan of one tensor: which blocks a tensor of `numel` elements of `dtype`
     // samples. Deterministic in (seed, index, numel, dtype, fraction, block_bytes).

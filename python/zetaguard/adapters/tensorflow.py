@@ -314,6 +314,10 @@ def snapshot(obj: Any) -> Snapshot:
     layout = _cached_layout(variables, given)
     cached = layout.read(variables, live) if layout is not None else None
     if cached is not None:  # the steady state of a training loop
+        if live is not None and layout is not None:
+            # The layout was learned outside fit (take_reference at train begin): keep it for
+            # the live arrays too, or every batch would walk the layers again.
+            _remember_live(obj, layout)
         return cached
     named = named_variables(obj if given is not None else variables)
     if live is not None and len(live) == len(named):
@@ -349,6 +353,10 @@ def snapshot(obj: Any) -> Snapshot:
     if root == "jax":
         tensors = host_arrays(names, tensors)
     if live is not None and remembered is not None:
-        with contextlib.suppress(TypeError):  # no weak references: walk the model every step
-            _live_layouts[obj] = (weakref.ref(_train_function(obj)), remembered)
+        _remember_live(obj, remembered)
     return Snapshot(names=names, tensors=tensors, keepalive=tensors, framework=root)
+
+
+def _remember_live(obj: Any, layout: _Layout) -> None:
+    with contextlib.suppress(TypeError):  # no weak references: walk the model every step
+        _live_layouts[obj] = (weakref.ref(_train_function(obj)), layout)

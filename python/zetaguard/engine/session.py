@@ -20,7 +20,8 @@ import numpy.typing as npt
 
 from zetaguard import _core
 from zetaguard.adapters import DEVICE_FRAMEWORK, Snapshot
-from zetaguard.tiered import TieredPipeline, TieredStep
+from zetaguard.tiered import SavedTiers, TieredPipeline, TieredStep
+from zetaguard.tiered_worker import thread_refused, unsafe_for_worker
 
 if TYPE_CHECKING:
     from zetaguard.detector import Detector
@@ -104,17 +105,49 @@ class EngineSession:
 
     def uses_tiers(self, snap: Snapshot, dist: DistributedContext | None) -> bool:
         """Tiered monitoring runs on the host engine in one process; the device path and
-        multi-rank runs read every element every step (one collective, one transfer)."""
-        return self.tiered is not None and dist is None and snap.framework != DEVICE_FRAMEWORK
+        multi-rank runs read every element every step (one collective, one transfer).
+        ``full_pass="thread"`` on such a path is refused: it would silently do nothing."""
+        if self.tiered is None:
+            return False
+        threaded = self.tiered.full_pass == "thread"
+        if dist is None and snap.framework != DEVICE_FRAMEWORK:
+            if threaded and (why := unsafe_for_worker(snap)) is not None:
+                raise thread_refused(why)
+            return True
+        if threaded:
+            raise thread_refused(
+                ("parameters on a CUDA device go through the device path"
+                 if snap.framework == DEVICE_FRAMEWORK
+                 else "torch.distributed with more than one rank reduces full reads")
+                + ", which reads every element in every monitor() call (no separate full pass "
+                "to move off the training thread)"
+            )
+        return False
+
+    def close(self) -> None:
+        """End the tiered mode's worker thread, if one runs."""
+        if self.tiered is not None:
+            self.tiered.close()
 
     def restore(
-        self, tracker: _core.Tracker | None, names: list[str], group_of: Callable[[str], str]
+        self,
+        tracker: _core.Tracker | None,
+        names: list[str],
+        group_of: Callable[[str], str],
+        tiers: SavedTiers | None = None,
     ) -> None:
-        """Take a tracker rebuilt from a saved state, with its tensors' names."""
+        """Take a tracker rebuilt from a saved state, with its tensors' names, and in tiered
+        mode the saved sampled ring (files from before it was saved have none: rebuilt)."""
         self.reset()
         self.tracker = tracker
-        if tracker is not None:
+        if tracker is not None or (tiers is not None and tiers.sampler.tensor_count):
             self._set_names(names, group_of)
+        if tiers is not None and self.tiered is not None:
+            self.tiered.adopt(tiers)
+
+    def tiered_state(self) -> dict[str, Any] | None:
+        """The sampled ring and schedule for a state file (None outside tiered mode)."""
+        return self.tiered.get_state() if self.tiered is not None else None
 
     # ---- one step ------------------------------------------------------------------------
 

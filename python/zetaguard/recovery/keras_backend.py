@@ -6,13 +6,17 @@ variable except the learning rate, keyed by variable path. Restore assigns in pl
 (``Variable.assign``), so the model, the optimizer and compiled train functions keep their
 variables.
 
-Inside a JAX ``fit`` the live values sit in ``model._jax_state``; every method first asks the
-model to write them back (``model.jax_state_sync()``), and the trainer re-reads the variables on
-its next step, so a rollback or an LR cut made from a callback takes effect immediately.
+Inside a JAX ``fit`` the live values sit in ``model._jax_state``. A snapshot copies them from
+there (where each variable sits in that state is learned once per compiled train function):
+writing them back to the variables (``model.jax_state_sync()``) would also make the trainer
+re-read and purge every variable on its next step. Every method that changes state first asks
+the model to write them back, and the trainer re-reads the variables on its next step, so a
+rollback or an LR cut made from a callback takes effect immediately.
 """
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +148,7 @@ class KerasBackend:
         self.optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
         self.scheduler = scheduler  # Keras keeps schedules inside the optimizer; kept for symmetry
         self._copy = _HostCopier()
+        self._live_plan: tuple[Any, list[Any], list[Any]] | None = None  # _live_reads
 
     def set_params(self, params: Any) -> None:
         """Point at a new variable set (used when only variables were handed to monitor())."""
@@ -154,6 +159,39 @@ class KerasBackend:
         sync = getattr(self.model, "jax_state_sync", None)
         if sync is not None:
             sync()
+
+    def _live_reads(self, reads: dict[Any, Any]) -> dict[Any, Any] | None:
+        """Inside a JAX fit: the live arrays of ``reads``' variables, from the trainer's state
+        (None elsewhere, or when a variable is not found there: then sync and read)."""
+        model = self.model
+        state = getattr(model, "_jax_state", None)
+        if not state or getattr(model, "_jax_state_synced", True):
+            return None
+        compiled = getattr(model, "train_function", None)
+        plan = self._live_plan
+        if plan is None or plan[0]() is not compiled or plan[1] != list(reads):
+            where: dict[int, tuple[str, int]] = {}
+            groups = [("trainable_variables", model.trainable_variables),
+                      ("non_trainable_variables", model.non_trainable_variables)]
+            if self.optimizer is not None:
+                groups.append(("optimizer_variables", self.optimizer.variables))
+            for kind, variables in groups:
+                for i, v in enumerate(variables):
+                    where.setdefault(id(v), (kind, i))
+            maybe = [where.get(id(v)) for v in reads.values()]
+            spots = [s for s in maybe if s is not None]
+            if len(spots) != len(maybe):
+                return None
+            try:
+                self._live_plan = plan = (weakref.ref(compiled), list(reads), spots)
+            except TypeError:  # no weak reference to the train function: sync instead
+                return None
+        found: list[tuple[str, int]] = plan[2]
+        try:
+            arrays = [state[kind][i] for kind, i in found]
+        except (KeyError, IndexError, TypeError):
+            return None
+        return dict(zip(reads, arrays, strict=True))
 
     def _lr_variable(self) -> Any:
         lr = getattr(self.optimizer, "_learning_rate", None)
@@ -168,7 +206,6 @@ class KerasBackend:
     # ---- snapshots -----------------------------------------------------------------------
 
     def capture(self, step: int, data_position: Any = None) -> StateSnapshot:
-        self._sync()
         opt_vars = self._optimizer_variables()
         lr = self._lr_variable()
         # One batched read for the weights, the optimizer's variables and a plain learning rate
@@ -177,7 +214,12 @@ class KerasBackend:
         reads.update({("o", k): v for k, v in opt_vars.items()})
         if lr is not None:
             reads["lr", ""] = lr
-        copies = self._copy(reads)
+        live = self._live_reads(reads)
+        if live is not None:
+            copies = {k: np.array(a, copy=True) for k, a in live.items()}
+        else:
+            self._sync()
+            copies = self._copy(reads)
         params = {k: a for (kind, k), a in copies.items() if kind == "p"}
         opt = {k: a for (kind, k), a in copies.items() if kind == "o"}
         return StateSnapshot(

@@ -1,0 +1,208 @@
+"""The framework workloads of ``bench_always_on.py``, every arm in the same run: the tiny GPT-2 in
+the Hugging Face ``Trainer`` and Keras ``fit`` on sklearn's digits, one subprocess per Keras
+backend (``KERAS_BACKEND`` set for it), plus the table every workload prints.
+
+Guard arms use the integration's defaults (``ZetaGuardCallback()``, ``ZetaKeras()``: recovery
+on, so the snapshots a user gets are counted) with only the mode or full-pass setting changed.
+ZClip (the real ``zclip`` package) runs where it applies: torch models (GPT-2), called in
+``on_pre_optimizer_step`` as its docs show for the Trainer; it has no Keras form.
+
+    python benchmarks/always_on_workloads.py --keras-child --epochs 1 --rounds 5  # one backend
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+GUARD_ARMS: dict[str, dict[str, Any]] = {
+    "tiered": {},
+    "thread": {"full_pass": "thread"},
+    "exact": {"mode": "exact"},
+    "sketch": {"mode": "sketch"},
+}
+
+
+def print_table(times: dict[str, list[float]], shares: dict[str, list[float]]) -> None:
+    """Per arm: median time per step, overhead = median over rounds of (arm / the same round's
+    unguarded time) - 1 with its [min, max], and the median in-run share."""
+    base = statistics.median(times["none"])
+    print(f"{'arm':10}{'step (ms)':>11}{'overhead':>10}{'spread [min, max]':>22}"
+          f"{'in-run share':>14}")
+    print(f"{'none':10}{base * 1e3:11.2f}")
+    for arm, values in times.items():
+        if arm == "none":
+            continue
+        ratios = [a / b - 1 for a, b in zip(values, times["none"], strict=True)]
+        print(f"{arm:10}{statistics.median(values) * 1e3:11.2f}"
+              f"{statistics.median(ratios) * 100:9.2f}%"
+              f"{'':5}[{min(ratios) * 100:6.2f}%, {max(ratios) * 100:6.2f}%]"
+              f"{statistics.median(shares[arm]) * 100:13.2f}%")
+
+
+# ---- Hugging Face Trainer, tiny GPT-2 --------------------------------------------------------
+
+
+def gpt2(steps: int, rounds: int) -> None:
+    import torch
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as hf_logging
+    from zclip import ZClip
+    from zetaguard.integrations.transformers import ZetaGuardCallback
+
+    hf_logging.set_verbosity_error()
+    print(f"\n== Hugging Face Trainer, tiny GPT-2 (2 layers, 32 wide), batch 16, {steps} steps "
+          f"a train(), {rounds} rounds ==")
+
+    class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            gen = torch.Generator().manual_seed(0)
+            start = torch.randint(0, 96, (4096, 1), generator=gen)
+            self.ids = (start + torch.arange(32) * 3) % 96
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    class TimedGuard(ZetaGuardCallback):
+        spent = 0.0
+
+        def on_pre_optimizer_step(self, *a: Any, **kw: Any) -> None:
+            t = time.perf_counter()
+            super().on_pre_optimizer_step(*a, **kw)
+            self.spent += time.perf_counter() - t
+
+        def on_step_end(self, *a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            out = super().on_step_end(*a, **kw)
+            self.spent += time.perf_counter() - t
+            return out
+
+    class TimedZClip(TrainerCallback):  # type: ignore[misc]
+        spent = 0.0
+
+        def __init__(self) -> None:
+            self.zclip = ZClip()
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            t = time.perf_counter()
+            self.zclip.step(kw["model"])
+            self.spent += time.perf_counter() - t
+
+    def run(arm: str) -> tuple[float, float]:
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=32,
+                            bos_token_id=0, eos_token_id=0)
+        args = TrainingArguments(output_dir="/tmp/zg_bench_always_on_hf", max_steps=steps,
+                                 per_device_train_batch_size=16, learning_rate=1e-3,
+                                 logging_steps=10**6, save_strategy="no", report_to=[],
+                                 use_cpu=True, disable_tqdm=True)
+        trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens())
+        trainer.remove_callback(PrinterCallback)
+        cb: Any = None
+        if arm == "zclip":
+            cb = TimedZClip()
+            trainer.add_callback(cb)
+        elif arm != "none":
+            cb = TimedGuard(warmup_steps=10, **GUARD_ARMS[arm])
+            cb.install(trainer)  # the documented way: first in line, pre-clip gradient norm
+        t = time.perf_counter()
+        trainer.train()
+        total = time.perf_counter() - t
+        spent = cb.spent if cb is not None else 0.0
+        if cb is not None and hasattr(cb, "guard"):
+            cb.guard.close()
+        return total / steps, spent / (total - spent)
+
+    arms = ("none", "zclip", *GUARD_ARMS)
+    run("none")  # warm imports and the first-call paths
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    shares: dict[str, list[float]] = {a: [] for a in arms}
+    for _ in range(rounds):
+        for arm in arms:
+            step, share = run(arm)
+            times[arm].append(step)
+            shares[arm].append(share)
+    print_table(times, shares)
+
+
+# ---- Keras digits, one backend per subprocess ------------------------------------------------
+
+
+def keras_child(epochs: int, rounds: int) -> None:
+    """Runs in a subprocess with KERAS_BACKEND set: every arm of model.fit on digits."""
+    import keras
+    import numpy as np
+    from bench_keras import mlp, timed_callback
+    from sklearn.datasets import load_digits
+    from zetaguard import ZetaKeras
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype("float32")
+    batches = epochs * int(np.ceil(len(x) / 32))
+    print(f"\n== Keras {keras.__version__} digits MLP 64-128-10, backend "
+          f"{keras.backend.backend()}, batch 32, {batches} batches a fit, {rounds} rounds ==")
+    model = mlp(keras, [64, 128, 10])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # build and compile the step
+    # JAX donates a fit's state to the next step: no worker may read it then (refused).
+    arms = tuple(a for a in ("none", *GUARD_ARMS)
+                 if not (a == "thread" and keras.backend.backend() == "jax"))
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    shares: dict[str, list[float]] = {a: [] for a in arms}
+    for _ in range(rounds):
+        for arm in arms:
+            callbacks = [] if arm == "none" else [
+                timed_callback(keras, ZetaKeras, **GUARD_ARMS[arm])
+            ]
+            t = time.perf_counter()
+            model.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=callbacks)
+            total = time.perf_counter() - t
+            inside = sum(c.inside for c in callbacks)
+            for c in callbacks:
+                c.guard.close()
+            times[arm].append(total / batches)
+            shares[arm].append(inside / (total - inside))
+    print_table(times, shares)
+    if keras.backend.backend() == "jax":
+        print("(no thread arm: full_pass='thread' is refused for JAX arrays; on JAX the in-run "
+              "share also holds the wait for the step's async computation, so read the "
+              "overhead column there)")
+    sys.stdout.flush()
+
+
+def keras_backend(backend: str, epochs: int, rounds: int) -> None:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, __file__, "--keras-child", "--epochs", str(epochs),
+           "--rounds", str(rounds)]
+    sys.stdout.flush()
+    subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keras-child", action="store_true", help="run the Keras arms here")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    if args.keras_child:
+        keras_child(args.epochs, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
