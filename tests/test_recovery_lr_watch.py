@@ -125,6 +125,7 @@ def test_an_attached_scheduler_is_no_override(caplog: pytest.LogCaptureFixture) 
     guard = ZetaGuard(warmup_steps=10).attach(model, opt, sched)
     keep = lambda t, _: None  # noqa: E731  (the loop leaves the LR to the scheduler)
     _lr_loop(guard, model, opt, range(30), keep, sched=sched)
+    trouble = sched.last_epoch
     report = guard.emergency_protocol()
     assert report.lr_after is not None
     assert report.lr_before is not None
@@ -132,13 +133,16 @@ def test_an_attached_scheduler_is_no_override(caplog: pytest.LogCaptureFixture) 
         steps = _lr_loop(guard, model, opt, range(30, 40), keep, sched=sched)
     assert not any("assigns the learning rate" in r.getMessage() for r in caplog.records)
     assert not guard.recovery.lr_watch.overridden
-    # The rollback rewound the schedule to the snapshot's position; the cut scales it.
+    # The rollback rewound the schedule to the snapshot's position; the cut scales it, and
+    # until it is back at the trouble's position the LR is not below the one the cut intended.
     assert report.restored_step is not None
     position = report.restored_step + 1
-    cut = report.lr_after / (0.01 * (1.0 + 0.02 * position))
+    cut = report.lr_after / report.lr_before
     assert cut < 0.5
     for t, (_, used) in zip(range(30, 40), steps, strict=True):
-        assert used == pytest.approx(0.01 * (1.0 + 0.02 * (position + t - 30)) * cut, rel=1e-3)
+        schedule = 0.01 * (1.0 + 0.02 * (position + t - 30)) * cut
+        floor = report.lr_after if position + t - 30 < trouble else 0.0
+        assert used == pytest.approx(max(schedule, floor), rel=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["lambda", "step", "sequential"])
@@ -221,3 +225,51 @@ def test_a_guard_rollback_rewinds_the_attached_scheduler() -> None:
     assert report.restored_step >= 0
     # The snapshot of step s was taken after s+1 optimizer (and scheduler) steps.
     assert sched.last_epoch == report.restored_step + 1
+
+
+@pytest.mark.parametrize("shape", ["ramp", "decay"])
+def test_a_rollback_that_rewinds_a_ramp_replays_at_the_intended_lr_not_below(shape: str) -> None:
+    """Regression (issue 16, after item 5): the cut is sized on the LR at the trouble (stable LR
+    over the ramp's LR), and the rollback rewinds the LambdaLR to the snapshot's position. The
+    cut schedule alone would replay the ramp from cut x the stable LR (a real run then trained
+    ~30 steps at x0.015 and missed its fault-free reference); the LR each step really uses
+    (read back from SGD's weights) is the intended LR (LR at the trouble x cut) until the
+    schedule is back where the trouble was, then the cut schedule. On a decay the cut schedule
+    stays above that floor: the plain cut schedule all along."""
+
+    def ramp(t: int) -> float:
+        if shape == "decay":
+            return 0.97**t
+        return 1.0 if t < 20 else min(100.0, 1.15 ** (t - 19))
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+    guard = ZetaGuard(warmup_steps=5, snapshot_interval=5).attach(model, opt, sched)
+    _lr_loop(guard, model, opt, range(30), lambda t, lr: None, sched=sched)
+    assert guard.recovery_reports == []  # the ramp is still mild: the guard has not acted
+    trouble = sched.last_epoch
+    lr_now = 0.01 * ramp(trouble)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_now)
+
+    report = guard.emergency_protocol()
+    assert report.restored_step is not None
+    restored = sched.last_epoch
+    assert restored == report.restored_step + 1 < trouble  # the schedule was rewound
+    stable = 0.01 * ramp(restored)  # the LR the restored state trained at
+    intended = min(0.1 * lr_now, stable)  # the balanced rung's x0.1, or back to the stable LR
+    cut = intended / lr_now
+    assert report.lr_after == pytest.approx(max(intended, cut * stable))
+    assert any(a.startswith("lr x") for a in report.actions)
+
+    steps = _lr_loop(guard, model, opt, range(trouble - restored + 5), lambda t, lr: None,
+                     sched=sched)
+    for i, (_, used) in enumerate(steps):
+        position = restored + i
+        schedule = cut * 0.01 * ramp(position)  # the rewound schedule with the cut kept
+        expected = max(schedule, intended) if position < trouble else schedule
+        assert used == pytest.approx(expected, rel=1e-3), (position, used, expected)
+        if shape == "decay":
+            assert expected == schedule
+    assert steps[-1][1] == pytest.approx(cut * 0.01 * ramp(restored + len(steps) - 1), rel=1e-3)

@@ -10,6 +10,14 @@ sets, until the episode ends: before each optimizer step the LR becomes ``loop's
 factor``, and after it the loop's own value is put back, so a loop that ramps relative to the
 current LR (``lr *= 1.1``) does not compound the factor.
 
+After a rollback that rewound an attached scheduler, the cut scales the schedule from the
+restored position on, so the replayed stretch up to where the trouble was would run at the cut
+times the LR the state was stable at (a ramp or a jump cut by x0.015 replays at x0.015 of its
+stable LR). :meth:`LrWatch.hold_floor` keeps the LR the ladder intended (the LR at the trouble
+times the cut) as a floor over that stretch, never above the uncut schedule; from the trouble's
+position on the cut schedule alone applies. On a decay the cut schedule stays above the floor
+all along, so nothing changes there.
+
 Where it runs: the torch backend registers optimizer step pre/post hooks (so plain loops,
 ``guarded_step``, Lightning and the Hugging Face Trainer are covered without any call); an
 integration without such hooks (Keras) calls :meth:`LrWatch.before_step` and
@@ -58,6 +66,10 @@ class LrWatch:
         self.overridden = False
         self.cut_step: int | None = None
         self._loop_lrs: list[float] | None = None  # the loop's values while the factor is on
+        self._floor: list[float] | None = None  # the intended LRs while the schedule replays
+        self._floor_until = 0  # the schedule position the trouble was at
+        self._floor_cut = 1.0  # the cut, to read the uncut schedule back
+        self._sched_lrs: list[float] | None = None  # the schedule's values while floored
 
     @property
     def active(self) -> bool:
@@ -69,9 +81,44 @@ class LrWatch:
         self.expected = backend.get_lrs()
         self.cut_step = step
         self._loop_lrs = None
+        self._floor = None
         watch = getattr(backend, "watch_steps", None)
         if watch is not None:
             watch(self)
+
+    def hold_floor(
+        self, scheduler: Any, intended: list[float], position: int | None, cut: float
+    ) -> list[float] | None:
+        """Just after a cut by ``cut`` (``after_cut`` ran): when a rollback rewound ``scheduler``
+        from ``position`` (its ``last_epoch`` before the rollback), hold ``intended`` as a floor
+        until it is back there. Returns the LRs the next step will use, or None (no floor)."""
+        now = schedule_position(scheduler)
+        if now is None or position is None or now >= position or not 0.0 < cut < 1.0:
+            return None
+        self._floor, self._floor_until, self._floor_cut = list(intended), position, cut
+        lrs = scheduler_lrs(scheduler)
+        return None if lrs is None else self._floored(lrs)
+
+    def _floored(self, lrs: list[float]) -> list[float]:
+        assert self._floor is not None
+        return [
+            min(lr / self._floor_cut, max(lr, f))
+            for lr, f in zip(lrs, self._floor, strict=False)
+        ]
+
+    def _apply_floor(self, backend: Any, scheduler: Any) -> None:
+        position = schedule_position(scheduler)
+        if position is None or position >= self._floor_until or self.overridden:
+            self._floor = None  # replayed up to the trouble (or the loop took over)
+            return
+        set_lrs = getattr(backend, "set_lrs", None)
+        now = backend.get_lrs()
+        if set_lrs is None or len(now) != len(self._floor or []):
+            return
+        floored = self._floored(now)
+        if floored != now:
+            self._sched_lrs = now
+            set_lrs(floored)
 
     def _check(self, now: list[float], scheduler: Any) -> None:
         if self.overridden or self.expected is None:
@@ -110,6 +157,8 @@ class LrWatch:
             return
         now = backend.get_lrs()
         self._check(now, scheduler)
+        if self._floor is not None:
+            self._apply_floor(backend, scheduler)
         set_lrs = getattr(backend, "set_lrs", None)
         if not (self.overridden and self.hold) or set_lrs is None:
             return
@@ -121,6 +170,11 @@ class LrWatch:
         does not compound the factor), or, where no pre-step call ran, notice an override."""
         if self.expected is None:
             return
+        scheduled, self._sched_lrs = self._sched_lrs, None
+        if scheduled is not None:  # the schedule's own values back (a chainable one reads them)
+            set_lrs = getattr(backend, "set_lrs", None)
+            if set_lrs is not None:
+                set_lrs(scheduled)
         loop, self._loop_lrs = self._loop_lrs, None
         if loop is not None:
             set_lrs = getattr(backend, "set_lrs", None)
@@ -129,6 +183,12 @@ class LrWatch:
             return
         if not self.overridden:
             self._check(backend.get_lrs(), scheduler)
+
+
+def schedule_position(scheduler: Any) -> int | None:
+    """A torch scheduler's position (``last_epoch``), or None."""
+    position = getattr(scheduler, "last_epoch", None) if scheduler is not None else None
+    return position if isinstance(position, int) else None
 
 
 def _fmt(lrs: list[float]) -> str:

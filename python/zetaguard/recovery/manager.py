@@ -35,7 +35,7 @@ from zetaguard.recovery.ladder import (
     damaged,
     lr_factor,
 )
-from zetaguard.recovery.lr_watch import LrWatch
+from zetaguard.recovery.lr_watch import LrWatch, schedule_position
 from zetaguard.recovery.records import RecordsHost, RecoveryRecords
 from zetaguard.recovery.snapshots import SnapshotKeeper
 from zetaguard.results import RecoveryReport, StabilityResult
@@ -366,6 +366,8 @@ class RecoveryManager:
         backend = self.backend
         lrs = backend.get_lrs() if backend is not None else []
         report.lr_before = lrs[0] if lrs else None
+        position = schedule_position(self.scheduler)  # before a rollback rewinds it
+        held = None
         if ROLLBACK in rung.actions or (
             ROLLBACK_IF_NEEDED in rung.actions and (force or damaged(result))
         ):
@@ -377,11 +379,16 @@ class RecoveryManager:
                 backend.scale_lr(factor)
                 self.lr_watch.after_cut(backend, factor, report.step)
                 report.actions.append(f"lr x{factor:.3g}")
+                held = self.lr_watch.hold_floor(
+                    self.scheduler, [lr * factor for lr in lrs], position, factor
+                )
+                if held:  # the rewound schedule replays: not below the intended LR (lr_watch)
+                    report.actions.append(f"lr >= {held[0]:.3g} until schedule step {position}")
             else:
                 report.actions.append("lr cut unavailable (no optimizer attached)")
         if CHECKPOINT in rung.actions and self.guard.checkpoint_dir is not None:
             write_checkpoint(self.backend, self.guard, report, self.keep_checkpoints)
-        after = backend.get_lrs() if backend is not None else []
+        after = held or (backend.get_lrs() if backend is not None else [])
         report.lr_after = after[0] if after else None
         report.message = (
             f"{self.ladder.name} rung {min(self.episode, self.ladder.max_recoveries - 1) + 1}"
