@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import pickle
@@ -78,6 +79,29 @@ def test_result_wraps_the_detectors_observation() -> None:
                                       smoothed_jar=None, confidence=0.5, step=3,
                                       channels={"loss": 1.0}, timestamp=by_hand.timestamp)
 
+
+
+def test_dataclasses_replace_keeps_working_on_results() -> None:
+    """StabilityResult is a dataclass users copy with dataclasses.replace: a changed guard field
+    keeps the same observation; a changed number goes into a copy of the observation, and None
+    (raw_jar before three snapshots) or 0 are values, not "unchanged"."""
+    guard = ZetaGuard(warmup_steps=4, mode="exact")
+    for p in _walk(np.random.default_rng(2), SHAPES, 6):
+        r = guard.monitor(p)
+    assert r.raw_jar is not None
+    later = dataclasses.replace(r, step=r.step + 7)
+    assert later.step == r.step + 7
+    assert later.observation is r.observation
+    assert later.group_names == r.group_names
+    assert later.timestamp == r.timestamp
+    changed = dataclasses.replace(r, raw_jar=None, status="CRITICAL", nonfinite=0)
+    assert (changed.raw_jar, changed.status, changed.nonfinite) == (None, "CRITICAL", 0)
+    assert changed.observation is not r.observation
+    assert r.raw_jar is not None  # the original is untouched
+    assert r.status != "CRITICAL"
+    assert changed.zeta_value == r.zeta_value
+    with pytest.raises(TypeError, match="missing raw_jar, smoothed_jar, confidence"):
+        StabilityResult(status="STABLE", zeta_value=0.1)
 
 def test_raw_jar_is_the_seed_formula_to_the_letter() -> None:
     # mode="exact": every element every step (the default tiered mode estimates it between

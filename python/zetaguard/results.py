@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -70,6 +71,8 @@ class Observation:
 
 
 _NO_GROUPS: npt.NDArray[np.float64] = np.empty(0, dtype=np.float64)
+# "Not given" for StabilityResult(): None is a value some of its fields hold (raw_jar).
+_UNSET: Any = object()
 
 
 @dataclass(slots=True, init=False, repr=False)
@@ -99,30 +102,57 @@ class StabilityResult:
 
     def __init__(
         self,
-        status: Status,
-        zeta_value: float,
-        raw_jar: float | None,
-        smoothed_jar: float | None,
-        confidence: float,
+        status: Status = _UNSET,
+        zeta_value: float = _UNSET,
+        raw_jar: float | None = _UNSET,
+        smoothed_jar: float | None = _UNSET,
+        confidence: float = _UNSET,
         recommendations: list[str] | None = None,
         timestamp: float | None = None,
         step: int = 0,
-        channels: dict[str, float] | None = None,
-        nonfinite: int = 0,
-        in_warmup: bool = True,
+        channels: dict[str, float] | None = _UNSET,
+        nonfinite: int = _UNSET,
+        in_warmup: bool = _UNSET,
         _group_names: tuple[str, ...] = (),
         _module_types: Mapping[str, str] | None = None,
         _group_rows: npt.NDArray[np.float64] | None = None,
-        _group_zeta: npt.NDArray[np.float64] | None = None,
+        _group_zeta: npt.NDArray[np.float64] | None = _UNSET,
         _thresholds: tuple[float, float] = (0.707, 1.414),
         _history: int = 3,
+        observation: Observation | None = None,
     ) -> None:
-        observation = Observation(
-            status=status, zeta_value=zeta_value, raw_jar=raw_jar, smoothed_jar=smoothed_jar,
-            confidence=confidence, channels={} if channels is None else channels, scores={},
-            group_zeta=_NO_GROUPS if _group_zeta is None else _group_zeta, nonfinite=nonfinite,
-            in_warmup=in_warmup,
-        )
+        given: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("status", status), ("zeta_value", zeta_value), ("raw_jar", raw_jar),
+                ("smoothed_jar", smoothed_jar), ("confidence", confidence),
+                ("channels", channels), ("group_zeta", _group_zeta),
+                ("nonfinite", nonfinite), ("in_warmup", in_warmup),
+            )
+            if value is not _UNSET
+        }
+        if observation is not None:
+            # dataclasses.replace(result, ...) lands here: it passes the held observation, and
+            # the numbers it changes replace the observation's own in a copy of it.
+            if given:
+                observation = dataclasses.replace(observation, **given)
+        else:
+            missing = [
+                n for n in ("status", "zeta_value", "raw_jar", "smoothed_jar", "confidence")
+                if n not in given
+            ]
+            if missing:
+                raise TypeError(
+                    f"StabilityResult() missing {', '.join(missing)} (or pass observation=, "
+                    "the detector's Observation)"
+                )
+            if given.get("channels") is None:
+                given["channels"] = {}
+            if given.get("group_zeta") is None:
+                given["group_zeta"] = _NO_GROUPS
+            given.setdefault("nonfinite", 0)
+            given.setdefault("in_warmup", True)
+            observation = Observation(scores={}, **given)
         self._hold(
             observation, [] if recommendations is None else recommendations,
             time.time() if timestamp is None else timestamp, step, _group_names, _module_types,
