@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,15 +78,16 @@ def worker(repeat: int, package: str | None) -> None:
             "exact defaults": ZetaGuard(mode="exact"),
         }
         calls: dict[str, Callable[[], object]] = {
-            "snapshot(model)": lambda m=model: snapshot(m),
-            "snapshot(model.parameters())": lambda m=model: snapshot(m.parameters()),
-            "monitor(model) auto bare": lambda m=model, g=guards["auto bare"]: g.monitor(m),
-            "monitor(model) exact bare": lambda m=model, g=guards["exact bare"]: g.monitor(m),
-            "monitor(model.parameters()) auto defaults":
-                lambda m=model, g=guards["auto defaults"]: g.monitor(m.parameters()),
-            "monitor(model.parameters()) exact defaults":
-                lambda m=model, g=guards["exact defaults"]: g.monitor(m.parameters()),
+            "snapshot(model)": partial(snapshot, model),
+            "snapshot(model.parameters())": lambda m=model: snapshot(m.parameters()),  # type: ignore[misc]
+            "monitor(model) auto bare": partial(guards["auto bare"].monitor, model),
+            "monitor(model) exact bare": partial(guards["exact bare"].monitor, model),
         }
+        for kind in ("auto", "exact"):
+            monitor = guards[f"{kind} defaults"].monitor
+            calls[f"monitor(model.parameters()) {kind} defaults"] = (
+                lambda m=model, f=monitor: f(m.parameters())  # type: ignore[misc]
+            )
         for arm in ARMS:
             for _ in range(12):  # past warm-up, tracker built, layouts cached
                 calls[arm]()

@@ -5,13 +5,16 @@ the result against what iterating the very generator gives (torch itself as the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from zetaguard import ZetaGuard  # noqa: E402
-from zetaguard.adapters import materialize  # noqa: E402
+import torch
+from zetaguard import ZetaGuard
+from zetaguard.adapters import materialize
 
 
 class Tied(torch.nn.Module):
@@ -32,13 +35,13 @@ class Tied(torch.nn.Module):
 class OwnWalk(torch.nn.Linear):
     """A module whose named_parameters() is its own: its generators must be iterated."""
 
-    def named_parameters(self, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.nn.Parameter]]:
         for name, p in super().named_parameters(*args, **kwargs):
             if name != "bias":
                 yield name, p
 
 
-def _same(got: list, want: list) -> bool:
+def _same(got: list[Any], want: list[Any]) -> bool:
     if len(got) != len(want):
         return False
     for a, b in zip(got, want, strict=True):
@@ -50,14 +53,14 @@ def _same(got: list, want: list) -> bool:
     return True
 
 
-MODELS = [
+MODELS: list[Callable[[], torch.nn.Module]] = [
     lambda: Tied(),
     lambda: torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(5)]),
     lambda: torch.nn.Linear(4, 4),
     lambda: OwnWalk(3, 3),
     lambda: torch.nn.Module(),  # no parameters
 ]
-CALLS = [
+CALLS: list[Callable[[torch.nn.Module], Iterator[Any]]] = [
     lambda m: m.parameters(),
     lambda m: m.named_parameters(),
     lambda m: m.parameters(recurse=False),
@@ -68,7 +71,9 @@ CALLS = [
 
 @pytest.mark.parametrize("make", MODELS)
 @pytest.mark.parametrize("call", CALLS)
-def test_same_items_as_iterating_the_generator(make, call) -> None:  # type: ignore[no-untyped-def]
+def test_same_items_as_iterating_the_generator(
+    make: Callable[[], torch.nn.Module], call: Callable[[torch.nn.Module], Iterator[Any]]
+) -> None:
     model = make()
     for _ in range(2):  # the first call walks the module, the second reads the cache
         gen = call(model)
@@ -111,16 +116,18 @@ def test_monitor_reads_the_same_as_a_list() -> None:
         assert a.status == b.status
         assert a.channels["grad_norm"] == b.channels["grad_norm"]
         assert a.zeta_value == b.zeta_value or (math.isnan(a.zeta_value) and math.isnan(b.zeta_value))
-    want = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    want = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
     assert a.channels["grad_norm"] == pytest.approx(want, rel=1e-6)
 
 
 def test_storage_shrunk_behind_a_cached_module_is_still_refused() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
+    first = torch.nn.Linear(64, 64)
+    model = torch.nn.Sequential(first, torch.nn.Linear(64, 2))
     guard = ZetaGuard(auto_recover=False)
     guard.monitor(model.parameters())
     guard.monitor(model.parameters())
-    model[0].weight.untyped_storage().resize_(16)
+    first.weight.untyped_storage().resize_(16)
     with pytest.raises(ValueError, match=r"param\.0 needs 16384 bytes of its storage but the storage holds 16"):
         guard.monitor(model.parameters())
 
