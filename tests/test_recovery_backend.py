@@ -211,3 +211,23 @@ def test_lr_cut_persists_under_a_scheduler(kind: str) -> None:
         ref_o.step()
         ref_s.step()
         assert o.param_groups[0]["lr"] == pytest.approx(0.1 * ref_o.param_groups[0]["lr"])
+
+
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation.*:UserWarning")
+def test_capture_keeps_names_order_and_byte_count() -> None:
+    """What a capture holds, against torch's own state dicts: the same keys in the same order,
+    equal values, and ``nbytes`` = numel x element size over model and optimizer state (a
+    sparse buffer included: it has no ``nbytes`` of its own)."""
+    model = _model()
+    model.register_buffer("mask", torch.eye(3).to_sparse())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _train(model, opt, 2)
+    snap = make_backend(model, opt).capture(step=2)
+    live = model.state_dict()
+    assert list(snap.params) == list(live)
+    for name, t in live.items():
+        got = snap.params[name]
+        assert torch.equal(got.to_dense(), t.to_dense()) if t.is_sparse else torch.equal(got, t)
+    state = [t for s in opt.state_dict()["state"].values() for t in s.values()]
+    want = sum(t.numel() * t.element_size() for t in [*live.values(), *state])
+    assert snap.nbytes == want

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,11 +124,26 @@ def snapshot(obj: Any) -> Snapshot:
         and not hasattr(obj, "__dlpack__")
         and _root(obj) not in _ADAPTER_MODULES
     ):
-        obj = list(obj)  # model.parameters() / named_parameters() generators
-        return snapshot(obj)
+        return snapshot(materialize(obj))  # model.parameters() / named_parameters() generators
     else:
         probe = None
     return _adapter_for(probe if probe is not None else obj)(obj)
+
+
+def materialize(items: Iterable[Any]) -> list[Any]:
+    """``list(items)``; a torch ``model.parameters()`` or ``named_parameters()`` generator is
+    read from the torch adapter's cached walk of the module instead of iterated (the
+    generator's own walk is the largest per-tensor cost of such a ``monitor()`` call)."""
+    code = getattr(items, "gi_code", None)
+    if code is not None and code.co_name in ("parameters", "named_parameters") and (
+        "torch" in sys.modules  # a torch generator means torch is imported; never import it here
+    ):
+        from zetaguard.adapters.torch_layout import unwalked
+
+        listed = unwalked(items)
+        if listed is not None:
+            return listed
+    return list(items)
 
 
 _index_names: dict[int, list[str]] = {}

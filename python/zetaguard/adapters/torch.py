@@ -47,29 +47,28 @@ def _raw_grads(
     be swapped for one of another size or dtype, ``p.grad.data = ...``). The common case (all
     present, contiguous, on the CPU, the same facts as last step) is checked with C-level maps
     only; anything else takes the careful path."""
-    if all(map(operator.is_not, grads, repeat(None))):
-        dense: list[torch.Tensor] = grads  # type: ignore[assignment]
-        try:
-            gptrs = list(map(_data_ptr, dense))
-            facts = read_facts(dense)
-            plain = all(map(_is_contiguous, dense))
-        except (RuntimeError, TypeError):  # sparse gradients have no data pointer or strides
-            plain = False
-        if plain:
-            if facts != layout.grad_facts:
-                layout.grad_facts = None
-                layout.grad_dtypes = [
-                    check_tensor(f"gradient of {n}", g) for n, g in zip(layout.names, dense, strict=True)
-                ]
-                layout.grad_facts, layout.grad_ptrs = facts, []
-            if gptrs != layout.grad_ptrs:
-                # New addresses: a gradient on another device than its parameter is no host
-                # memory (device moves change addresses, so equal ones need no look).
-                if layout.host and not all(map(_is_cpu, dense)):
-                    _refuse_device_grads(layout, dense)
-                layout.grad_ptrs = gptrs
-                layout.grad_raw = list(zip(gptrs, facts[0], layout.grad_dtypes, strict=True))
-            return dense, layout.grad_raw
+    dense: list[torch.Tensor] = grads  # type: ignore[assignment]
+    try:  # a missing gradient (None) fails the first map: no separate pass looks for one
+        gptrs = list(map(_data_ptr, dense))
+        facts = read_facts(dense)
+        plain = all(map(_is_contiguous, dense))
+    except (RuntimeError, TypeError):  # sparse gradients have no data pointer or strides
+        plain = False
+    if plain:
+        if facts != layout.grad_facts:
+            layout.grad_facts = None
+            layout.grad_dtypes = [
+                check_tensor(f"gradient of {n}", g) for n, g in zip(layout.names, dense, strict=True)
+            ]
+            layout.grad_facts, layout.grad_ptrs = facts, []
+        if gptrs != layout.grad_ptrs:
+            # New addresses: a gradient on another device than its parameter is no host
+            # memory (device moves change addresses, so equal ones need no look).
+            if layout.host and not all(map(_is_cpu, dense)):
+                _refuse_device_grads(layout, dense)
+            layout.grad_ptrs = gptrs
+            layout.grad_raw = list(zip(gptrs, facts[0], layout.grad_dtypes, strict=True))
+        return dense, layout.grad_raw
     if all(map(operator.is_, grads, repeat(None))):
         return [], []
     kept = [

@@ -22,7 +22,9 @@ owner holds (a dict lookup per tensor) instead of walking the module tree again.
 
 from __future__ import annotations
 
+import inspect
 import operator
+import types
 import weakref
 from typing import Any
 
@@ -329,6 +331,45 @@ def _list_layout(obj: Any) -> tuple[Layout, list[Any]]:
         _list_cache.clear()
     _list_cache[key] = layout
     return layout, [t for _, t in named]
+
+
+_Module = torch.nn.Module
+_PARAMETERS = _Module.parameters.__code__
+_NAMED_PARAMETERS = _Module.named_parameters.__code__
+
+
+def unwalked(gen: Any) -> list[Any] | None:
+    """What an unstarted ``model.parameters()`` or ``model.named_parameters()`` generator would
+    yield, from the module's cached, ownership-checked layout (the same walk, in the same order:
+    every submodule's parameters, shared ones once), and the generator closed as ``list()``
+    would leave it. Iterating torch's generator costs about 0.5 us a parameter each step;
+    this costs the ownership check. ``None`` where it cannot tell (another generator, one
+    already started, non-default arguments, a module that overrides the walk, or a tensor the
+    layout refuses: the caller iterates, and the list path names the error as before)."""
+    if type(gen) is not types.GeneratorType:
+        return None
+    code = gen.gi_code
+    if code is not _PARAMETERS and code is not _NAMED_PARAMETERS:
+        return None
+    if inspect.getgeneratorstate(gen) != inspect.GEN_CREATED:
+        return None
+    args = inspect.getgeneratorlocals(gen)
+    module = args.get("self")
+    if (
+        not isinstance(module, _Module)
+        or args.get("recurse") is not True
+        or type(module).named_parameters is not _Module.named_parameters  # parameters() uses it
+        or type(module)._named_members is not _Module._named_members
+        or (code is _NAMED_PARAMETERS
+            and (args.get("prefix") != "" or args.get("remove_duplicate") is not True))
+    ):
+        return None
+    try:
+        layout, tensors = _module_layout(module)
+    except (TypeError, ValueError):
+        return None
+    gen.close()
+    return list(tensors) if code is _PARAMETERS else list(zip(layout.names, tensors, strict=True))
 
 
 def layout_of(obj: Any) -> tuple[Layout, list[Any]]:

@@ -18,6 +18,7 @@ import operator
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
+from zetaguard.adapters import materialize
 from zetaguard.recovery import clip
 from zetaguard.recovery.backend import RecoveryBackend, make_backend
 from zetaguard.recovery.emergency import CheckpointHost, write_checkpoint
@@ -193,7 +194,7 @@ class RecoveryManager:
         if params is self._params:  # the same object as last step (the common loop)
             return params
         if isinstance(params, Iterator):
-            params = list(params)
+            params = materialize(params)
         if _same_items(params, self._params):  # the same tensors as last step: nothing to rebind
             self._params = params
             return params

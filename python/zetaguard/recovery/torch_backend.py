@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import operator
 import weakref
 from collections.abc import Callable, Mapping
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
+        if all(map(isinstance, obj.values(), repeat(torch.Tensor))):  # parameters: C-level maps
+            return dict(zip(obj, map(fn, obj.values()), strict=True))
         return {k: map_tensors(v, fn) if isinstance(v, _CONTAINERS) else v for k, v in obj.items()}
     if isinstance(obj, list):  # e.g. a param group's "params": hundreds of ints, no call each
         return [map_tensors(v, fn) if isinstance(v, _CONTAINERS) else v for v in obj]
@@ -39,6 +43,18 @@ def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
 
 def _is_dense(t: torch.Tensor) -> bool:
     return t.layout == torch.strided and not t.is_quantized
+
+
+_layout_of = operator.attrgetter("layout")
+_is_quantized = operator.attrgetter("is_quantized")
+
+
+def _all_dense(tensors: list[torch.Tensor]) -> bool:
+    """:func:`_is_dense` for every tensor, in C-level maps (a capture runs it on every tensor
+    of model and optimizer state)."""
+    return all(map(operator.is_, map(_layout_of, tensors), repeat(torch.strided))) and not any(
+        map(_is_quantized, tensors)
+    )
 
 
 def _same_layout(buffers: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
@@ -100,7 +116,7 @@ class TorchBackend:
         sources = _tensor_leaves(live)
         buffers = self._spare_buffers(sources)
         with torch.no_grad():
-            if all(map(_is_dense, sources)):
+            if _all_dense(sources):
                 torch._foreach_copy_(buffers, sources)  # one call for every tensor, not one each
             else:  # a sparse or quantized tensor cannot be copied into a dense buffer
                 for i, t in enumerate(sources):
@@ -122,7 +138,9 @@ class TorchBackend:
             lrs=self.get_lrs(),
             rng=rng,
             data_position=data_position,
-            nbytes=sum(b.numel() * b.element_size() for b in buffers),
+            # numel x element size: a sparse buffer has no nbytes
+            nbytes=sum(map(operator.mul, map(torch.Tensor.numel, buffers),
+                           map(torch.Tensor.element_size, buffers))),
             has_optimizer_state=opt_state is not None,
         )
         # Once the keeper lets this snapshot go, its host buffers serve the next capture:
