@@ -32,17 +32,20 @@ def print_table(times: dict[str, list[float]], shares: dict[str, list[float]]) -
     """Per arm: median time per step, overhead = median over rounds of (arm / the same round's
     unguarded time) - 1 with its [min, max], and the median in-run share."""
     base = statistics.median(times["none"])
-    print(f"{'arm':10}{'step (ms)':>11}{'overhead':>10}{'spread [min, max]':>22}"
-          f"{'in-run share':>14}")
+    print(
+        f"{'arm':10}{'step (ms)':>11}{'overhead':>10}{'spread [min, max]':>22}{'in-run share':>14}"
+    )
     print(f"{'none':10}{base * 1e3:11.2f}")
     for arm, values in times.items():
         if arm == "none":
             continue
         ratios = [a / b - 1 for a, b in zip(values, times["none"], strict=True)]
-        print(f"{arm:10}{statistics.median(values) * 1e3:11.2f}"
-              f"{statistics.median(ratios) * 100:9.2f}%"
-              f"{'':5}[{min(ratios) * 100:6.2f}%, {max(ratios) * 100:6.2f}%]"
-              f"{statistics.median(shares[arm]) * 100:13.2f}%")
+        print(
+            f"{arm:10}{statistics.median(values) * 1e3:11.2f}"
+            f"{statistics.median(ratios) * 100:9.2f}%"
+            f"{'':5}[{min(ratios) * 100:6.2f}%, {max(ratios) * 100:6.2f}%]"
+            f"{statistics.median(shares[arm]) * 100:13.2f}%"
+        )
 
 
 # ---- Hugging Face Trainer, tiny GPT-2 --------------------------------------------------------
@@ -63,8 +66,10 @@ def gpt2(steps: int, rounds: int) -> None:
     from zetaguard.integrations.transformers import ZetaGuardCallback
 
     hf_logging.set_verbosity_error()
-    print(f"\n== Hugging Face Trainer, tiny GPT-2 (2 layers, 32 wide), batch 16, {steps} steps "
-          f"a train(), {rounds} rounds ==")
+    print(
+        f"\n== Hugging Face Trainer, tiny GPT-2 (2 layers, 32 wide), batch 16, {steps} steps "
+        f"a train(), {rounds} rounds =="
+    )
 
     class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
         def __init__(self) -> None:
@@ -105,12 +110,26 @@ def gpt2(steps: int, rounds: int) -> None:
 
     def run(arm: str) -> tuple[float, float]:
         torch.manual_seed(0)
-        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=32,
-                            bos_token_id=0, eos_token_id=0)
-        args = TrainingArguments(output_dir="/tmp/zg_bench_always_on_hf", max_steps=steps,
-                                 per_device_train_batch_size=16, learning_rate=1e-3,
-                                 logging_steps=10**6, save_strategy="no", report_to=[],
-                                 use_cpu=True, disable_tqdm=True)
+        config = GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=96,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        args = TrainingArguments(
+            output_dir="/tmp/zg_bench_always_on_hf",
+            max_steps=steps,
+            per_device_train_batch_size=16,
+            learning_rate=1e-3,
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
         trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens())
         trainer.remove_callback(PrinterCallback)
         cb: Any = None
@@ -154,22 +173,27 @@ def keras_child(epochs: int, rounds: int) -> None:
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype("float32")
     batches = epochs * int(np.ceil(len(x) / 32))
-    print(f"\n== Keras {keras.__version__} digits MLP 64-128-10, backend "
-          f"{keras.backend.backend()}, batch 32, {batches} batches a fit, {rounds} rounds ==")
+    print(
+        f"\n== Keras {keras.__version__} digits MLP 64-128-10, backend "
+        f"{keras.backend.backend()}, batch 32, {batches} batches a fit, {rounds} rounds =="
+    )
     model = mlp(keras, [64, 128, 10])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # build and compile the step
     # JAX donates a fit's state to the next step: no worker may read it then (refused).
-    arms = tuple(a for a in ("none", *GUARD_ARMS)
-                 if not (a == "thread" and keras.backend.backend() == "jax"))
+    arms = tuple(
+        a for a in ("none", *GUARD_ARMS) if not (a == "thread" and keras.backend.backend() == "jax")
+    )
     times: dict[str, list[float]] = {a: [] for a in arms}
     shares: dict[str, list[float]] = {a: [] for a in arms}
     for _ in range(rounds):
         for arm in arms:
-            callbacks = [] if arm == "none" else [
-                timed_callback(keras, ZetaKeras, **GUARD_ARMS[arm])
-            ]
+            callbacks = (
+                [] if arm == "none" else [timed_callback(keras, ZetaKeras, **GUARD_ARMS[arm])]
+            )
             t = time.perf_counter()
             model.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=callbacks)
             total = time.perf_counter() - t
@@ -180,16 +204,25 @@ def keras_child(epochs: int, rounds: int) -> None:
             shares[arm].append(inside / (total - inside))
     print_table(times, shares)
     if keras.backend.backend() == "jax":
-        print("(no thread arm: full_pass='thread' is refused for JAX arrays; on JAX the in-run "
-              "share also holds the wait for the step's async computation, so read the "
-              "overhead column there)")
+        print(
+            "(no thread arm: full_pass='thread' is refused for JAX arrays; on JAX the in-run "
+            "share also holds the wait for the step's async computation, so read the "
+            "overhead column there)"
+        )
     sys.stdout.flush()
 
 
 def keras_backend(backend: str, epochs: int, rounds: int) -> None:
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, __file__, "--keras-child", "--epochs", str(epochs),
-           "--rounds", str(rounds)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--keras-child",
+        "--epochs",
+        str(epochs),
+        "--rounds",
+        str(rounds),
+    ]
     sys.stdout.flush()
     subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
 

@@ -57,8 +57,10 @@ def workload(params: float, batch: int, steps: int, blocks: int, interval: int) 
     width = model[0].in_features
     x = torch.randn(batch, width)
     y = torch.randn(batch, width)
-    print(f"\n== {n / 1e6:.1f}M-parameter MLP ({len(list(model.parameters()))} tensors), AdamW, "
-          f"batch {batch}; {blocks} blocks of {steps} steps per arm ==")
+    print(
+        f"\n== {n / 1e6:.1f}M-parameter MLP ({len(list(model.parameters()))} tensors), AdamW, "
+        f"batch {batch}; {blocks} blocks of {steps} steps per arm =="
+    )
     guards = {
         "tiered": ZetaGuard(auto_recover=False, full_pass_interval=interval),
         "thread": ZetaGuard(auto_recover=False, full_pass_interval=interval, full_pass="thread"),
@@ -106,26 +108,38 @@ def workload(params: float, batch: int, steps: int, blocks: int, interval: int) 
     g = guards["tiered"]
     stats = g.get_statistics().get("tiered")
     if stats is not None:
-        print(f"tiered: {stats['sampled_elements']:,} of {n:,} elements sampled "
-              f"({stats['sample_fraction']:.4f} of the blocks), full passes "
-              f"{stats['full_passes']} (every {stats['full_pass_interval']} steps, escalations "
-              f"{stats['escalations']}) over {g.step} steps")
+        print(
+            f"tiered: {stats['sampled_elements']:,} of {n:,} elements sampled "
+            f"({stats['sample_fraction']:.4f} of the blocks), full passes "
+            f"{stats['full_passes']} (every {stats['full_pass_interval']} steps, escalations "
+            f"{stats['escalations']}) over {g.step} steps"
+        )
     guards["thread"].close()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer blocks")
-    ap.add_argument("--workloads",
-                    default="4.2M/256,25M/32,25M/512,gpt2,keras-tensorflow,keras-torch,keras-jax",
-                    help="comma-separated PARAMS/BATCH (M = millions), gpt2, keras-<backend>")
-    ap.add_argument("--full-pass-interval", type=int, default=50,
-                    help="full_pass_interval of the MLPs' tiered and thread arms")
+    ap.add_argument(
+        "--workloads",
+        default="4.2M/256,25M/32,25M/512,gpt2,keras-tensorflow,keras-torch,keras-jax",
+        help="comma-separated PARAMS/BATCH (M = millions), gpt2, keras-<backend>",
+    )
+    ap.add_argument(
+        "--full-pass-interval",
+        type=int,
+        default=50,
+        help="full_pass_interval of the MLPs' tiered and thread arms",
+    )
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
-          f"threads, load {os.getloadavg()[0]:.1f} (other processes share this machine)")
-    print("overhead: median over blocks of arm/none - 1 (same block); in-run share: time in "
-          "the guard's call / the rest of the same steps")
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+        f"threads, load {os.getloadavg()[0]:.1f} (other processes share this machine)"
+    )
+    print(
+        "overhead: median over blocks of arm/none - 1 (same block); in-run share: time in "
+        "the guard's call / the rest of the same steps"
+    )
     for item in args.workloads.split(","):
         if item == "gpt2":
             gpt2(steps=60 if args.quick else 120, rounds=3 if args.quick else 7)

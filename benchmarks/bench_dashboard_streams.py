@@ -211,6 +211,5 @@ def main() -> None:
             )
 
 
-
 if __name__ == "__main__":
     main()

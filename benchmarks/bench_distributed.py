@@ -47,7 +47,10 @@ def worker(rank: int, world: int, rendezvous: str, args: argparse.Namespace) -> 
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=rendezvous, rank=rank, world_size=world,
+        "gloo",
+        init_method=rendezvous,
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=300),
     )
     torch.manual_seed(0)
@@ -63,7 +66,11 @@ def worker(rank: int, world: int, rendezvous: str, args: argparse.Namespace) -> 
     for mode in ("exact", "sketch"):
         guard = ZetaGuard(mode=mode, warmup_steps=5, auto_recover=False)
         times: dict[str, list[float]] = {
-            "step": [], "grad": [], "guard": [], "floor": [], "monitor": []
+            "step": [],
+            "grad": [],
+            "guard": [],
+            "floor": [],
+            "monitor": [],
         }
         one = torch.zeros(1, dtype=torch.float64)
         packet_floats = 0
@@ -94,27 +101,35 @@ def worker(rank: int, world: int, rendezvous: str, args: argparse.Namespace) -> 
                 times["floor"].append(t_floor)
                 times["monitor"].append(t_monitor)
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({
-            "mode": mode,  # type: ignore[dict-item]
-            "params": n_params,
-            "grad_bytes": 4 * n_params,
-            "guard_bytes": 8 * packet_floats,
-            **{f"t_{k}": v for k, v in med.items()},
-        })
+        rows.append(
+            {
+                "mode": mode,  # type: ignore[dict-item]
+                "params": n_params,
+                "grad_bytes": 4 * n_params,
+                "guard_bytes": 8 * packet_floats,
+                **{f"t_{k}": v for k, v in med.items()},
+            }
+        )
     if rank == 0:
-        print(f"2 ranks, gloo on CPU, MLP {args.layers}x{args.width}, {n_params:,} parameters, "
-              f"median of {args.steps - 3} steps")
-        head = (f"{'mode':<7} {'grad AR bytes':>13} {'guard bytes':>11} {'grad AR ms':>10} "
-                f"{'guard AR ms':>11} {'8 B AR ms':>9} {'guard/grad':>10} {'monitor ms':>10} "
-                f"{'DDP step ms':>11} "
-                f"{'monitor/step':>12}")
+        print(
+            f"2 ranks, gloo on CPU, MLP {args.layers}x{args.width}, {n_params:,} parameters, "
+            f"median of {args.steps - 3} steps"
+        )
+        head = (
+            f"{'mode':<7} {'grad AR bytes':>13} {'guard bytes':>11} {'grad AR ms':>10} "
+            f"{'guard AR ms':>11} {'8 B AR ms':>9} {'guard/grad':>10} {'monitor ms':>10} "
+            f"{'DDP step ms':>11} "
+            f"{'monitor/step':>12}"
+        )
         print(head)
         for r in rows:
-            print(f"{r['mode']:<7} {r['grad_bytes']:>13,} {r['guard_bytes']:>11,} "
-                  f"{1e3 * r['t_grad']:>10.3f} {1e3 * r['t_guard']:>11.3f} "
-                  f"{1e3 * r['t_floor']:>9.3f} "
-                  f"{r['t_guard'] / r['t_grad']:>10.4f} {1e3 * r['t_monitor']:>10.3f} "
-                  f"{1e3 * r['t_step']:>11.3f} {r['t_monitor'] / r['t_step']:>12.4f}")
+            print(
+                f"{r['mode']:<7} {r['grad_bytes']:>13,} {r['guard_bytes']:>11,} "
+                f"{1e3 * r['t_grad']:>10.3f} {1e3 * r['t_guard']:>11.3f} "
+                f"{1e3 * r['t_floor']:>9.3f} "
+                f"{r['t_guard'] / r['t_grad']:>10.4f} {1e3 * r['t_monitor']:>10.3f} "
+                f"{1e3 * r['t_step']:>11.3f} {r['t_monitor'] / r['t_step']:>12.4f}"
+            )
     dist.destroy_process_group()
 
 
@@ -133,9 +148,20 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         rendezvous = f"file://{Path(tmp) / 'rendezvous'}"
-        base = [sys.executable, __file__, "--rendezvous", rendezvous, "--width", str(args.width),
-                "--layers", str(args.layers), "--batch", str(args.batch), "--steps",
-                str(args.steps)]
+        base = [
+            sys.executable,
+            __file__,
+            "--rendezvous",
+            rendezvous,
+            "--width",
+            str(args.width),
+            "--layers",
+            str(args.layers),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         procs = [subprocess.Popen([*base, "--rank", str(r)], env=env) for r in range(world)]
         codes = [p.wait() for p in procs]

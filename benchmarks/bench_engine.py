@@ -98,21 +98,29 @@ def bench_size(n: int, parts: int, rounds: int) -> None:
         methods["torch get_total_norm"] = lambda: torch.nn.utils.get_total_norm(views)
     med = _rounds(methods, rounds)
     bound = med["bound (copy 2.5N)"]
-    print(f"\n{n / 1e6:.0f}M float32 parameters in {parts} tensor(s)  "
-          f"(exact state {exact1.state_bytes / 2**20:.0f} MiB, sketch state "
-          f"{sketch.state_bytes / 2**10:.0f} KiB)")
+    print(
+        f"\n{n / 1e6:.0f}M float32 parameters in {parts} tensor(s)  "
+        f"(exact state {exact1.state_bytes / 2**20:.0f} MiB, sketch state "
+        f"{sketch.state_bytes / 2**10:.0f} KiB)"
+    )
     print(f"  {'method':<22}{'ms':>9}{'x bound':>9}{'GB/s moved':>12}")
     for name, t in med.items():
-        moved = 5 * 4 * n if name != "torch get_total_norm" and not name.startswith("sketch") else 4 * n
+        moved = (
+            5 * 4 * n if name != "torch get_total_norm" and not name.startswith("sketch") else 4 * n
+        )
         print(f"  {name:<22}{t * 1e3:>9.2f}{t / bound:>9.2f}{moved / t / 1e9:>12.1f}")
     exact = min(med["exact, 1 thread"], med["exact, 2 threads"])
-    print(f"  exact / bound (1 thread) = {med['exact, 1 thread'] / bound:.2f}  (target <= 1.3 at 25M)")
+    print(
+        f"  exact / bound (1 thread) = {med['exact, 1 thread'] / bound:.2f}  (target <= 1.3 at 25M)"
+    )
     print(f"  naive / exact = {med['naive NumPy'] / exact:.1f}x  (target >= 4x)")
     if "torch get_total_norm" in med:
         best_sketch = min(med["sketch, 1 thread"], med["sketch, 2 threads"])
         print(f"  torch threads: {torch.get_num_threads()}")
-        print(f"  sketch / get_total_norm = {best_sketch / med['torch get_total_norm']:.2f}  "
-              f"(target <= 1.0; sketch state {sketch.state_bytes} bytes, target <= 1 MiB)")
+        print(
+            f"  sketch / get_total_norm = {best_sketch / med['torch get_total_norm']:.2f}  "
+            f"(target <= 1.0; sketch state {sketch.state_bytes} bytes, target <= 1 MiB)"
+        )
 
 
 def bench_overhead(rounds: int) -> None:
@@ -121,10 +129,18 @@ def bench_overhead(rounds: int) -> None:
     10 steps, per-layer groups)."""
     print("\nmonitor() call overhead on 4-element tensors (best round's median call)")
     rows = []
-    kinds: list[tuple[str, Callable[[int], object]]] = [("numpy list", lambda k: [np.ones(4, np.float32) for _ in range(k)])]
+    kinds: list[tuple[str, Callable[[int], object]]] = [
+        ("numpy list", lambda k: [np.ones(4, np.float32) for _ in range(k)])
+    ]
     if torch is not None:
-        kinds.append(("torch parameters", lambda k: list(torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.ones(4)) for _ in range(k)]))))
+        kinds.append(
+            (
+                "torch parameters",
+                lambda k: list(
+                    torch.nn.ParameterList([torch.nn.Parameter(torch.ones(4)) for _ in range(k)])
+                ),
+            )
+        )
     configs: list[tuple[str, dict[str, object]]] = [
         ("bare", {"auto_recover": False, "group_by": "none"}),
         ("defaults", {}),
@@ -159,7 +175,9 @@ def bench_overhead(rounds: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes only")
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()

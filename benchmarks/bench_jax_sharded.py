@@ -23,7 +23,8 @@ import time
 from typing import Any
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+).strip()
 
 import numpy as np
 
@@ -69,21 +70,27 @@ def main(argv: list[str] | None = None) -> None:
             "single": [jax.devices()[0]] * len(host),
             "replicated": [NamedSharding(mesh, spec())] * len(host),
             # Split by columns (the biases stay replicated).
-            "sharded": [NamedSharding(mesh, spec(None, "d") if h.ndim == 2 else spec())
-                        for h in host],
+            "sharded": [
+                NamedSharding(mesh, spec(None, "d") if h.ndim == 2 else spec()) for h in host
+            ],
         }
-        bases = {k: [jax.device_put(h, d) for h, d in zip(host, v, strict=True)]
-                 for k, v in layouts.items()}
+        bases = {
+            k: [jax.device_put(h, d) for h, d in zip(host, v, strict=True)]
+            for k, v in layouts.items()
+        }
         for label, base in bases.items():
+
             def make(i: int, base: list[Any] = base) -> list[Any]:
                 return [b + i for b in base]  # new arrays, same layout
 
-            ours = best_fresh(lambda arrays, names=names: host_arrays(names, arrays), make,
-                              number, repeat)
-            copy = best_fresh(lambda arrays: [np.asarray(x) for x in arrays], make, number,
-                              repeat)
-            print(f"{params / 1e6:>10.2f}M p {label:>10} {ours * 1e6:>9.1f} us "
-                  f"{copy * 1e6:>8.1f} us {copy / ours:>6.1f}x")
+            ours = best_fresh(
+                lambda arrays, names=names: host_arrays(names, arrays), make, number, repeat
+            )
+            copy = best_fresh(lambda arrays: [np.asarray(x) for x in arrays], make, number, repeat)
+            print(
+                f"{params / 1e6:>10.2f}M p {label:>10} {ours * 1e6:>9.1f} us "
+                f"{copy * 1e6:>8.1f} us {copy / ours:>6.1f}x"
+            )
         steps = {}
         # The timed trajectory is a straight line (CRITICAL after warm-up): same for every
         # layout, so the ratios are fair; its log lines are not the point here.
@@ -91,12 +98,16 @@ def main(argv: list[str] | None = None) -> None:
         for label in ("single", "replicated", "sharded"):
             guard = ZetaGuard(mode="exact", warmup_steps=5, auto_recover=False)
             base = bases[label]
-            steps[label] = best_fresh(guard.monitor, lambda i, base=base: [b + i for b in base],
-                                      number, repeat)
-        print(f"{'':>14} monitor() step: single-device {steps['single'] * 1e6:.0f} us, "
-              f"replicated {steps['replicated'] * 1e6:.0f} us "
-              f"({steps['replicated'] / steps['single']:.2f}x), sharded "
-              f"{steps['sharded'] * 1e6:.0f} us ({steps['sharded'] / steps['single']:.2f}x)")
+            steps[label] = best_fresh(
+                guard.monitor, lambda i, base=base: [b + i for b in base], number, repeat
+            )
+        print(
+            f"{'':>14} monitor() step: single-device {steps['single'] * 1e6:.0f} us, "
+            f"replicated {steps['replicated'] * 1e6:.0f} us "
+            f"({steps['replicated'] / steps['single']:.2f}x), sharded "
+            f"{steps['sharded'] * 1e6:.0f} us ({steps['sharded'] / steps['single']:.2f}x)"
+        )
+
 
 if __name__ == "__main__":
     main()

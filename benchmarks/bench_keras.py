@@ -168,7 +168,10 @@ def bench_fit(keras: Any, epochs: int, rounds: int) -> tuple[list[Arm], int]:
             lambda: [timed_callback(keras, ZetaKeras, auto_recover=False)],
         ),
         Arm("ZetaKeras()", lambda: [timed_callback(keras, ZetaKeras)]),
-        Arm("ZetaKeras(every_n_batches=10)", lambda: [timed_callback(keras, ZetaKeras, every_n_batches=10)]),
+        Arm(
+            "ZetaKeras(every_n_batches=10)",
+            lambda: [timed_callback(keras, ZetaKeras, every_n_batches=10)],
+        ),
     ]
     order = np.random.default_rng(0)
     for _ in range(rounds):  # every arm once per round, in a new order each round
@@ -200,9 +203,7 @@ def run_backend(epochs: int, rounds: int) -> None:
             )
     arms, batches = bench_fit(keras, epochs, rounds)
     base = arms[0]
-    print(
-        f"\nmodel.fit on digits (1797 samples, batch 32, {epochs} epochs a fit, {rounds} rounds)"
-    )
+    print(f"\nmodel.fit on digits (1797 samples, batch 32, {epochs} epochs a fit, {rounds} rounds)")
     print(
         f"{'callbacks':<31}{'wall/batch':>12}{'vs none':>9}{'IQR':>15}{'CPU vs none':>13}"
         f"{'in-run share':>14}"
@@ -216,8 +217,7 @@ def run_backend(epochs: int, rounds: int) -> None:
         print(
             f"{arm.name:<31}{np.median(arm.wall) / batches * 1e6:>10.1f}us"
             f"{np.median(wall) * 100:>+8.1f}%{f'[{q1:+.1f}, {q3:+.1f}]':>15}"
-            f"{np.median(cpu) * 100:>+12.1f}%"
-            + (f"{share:>13.1f}%" if arm.name != "none" else "")
+            f"{np.median(cpu) * 100:>+12.1f}%" + (f"{share:>13.1f}%" if arm.name != "none" else "")
         )
     print(
         "vs none: median over rounds of the arm's fit time over the same round's fit without "

@@ -61,10 +61,14 @@ def adapter_cost() -> None:
     per_snap = (s1 - s0) / (n1 - n0)
     per_mon = (m1 - m0) / (n1 - n0)
     print(f"{'':24}{'fixed (us)':>12}{'per tensor (us)':>18}{'upper bound (us)':>19}")
-    print(f"{'adapter snapshot()':24}{max(s0 - n0 * per_snap, 0) * 1e6:12.1f}"
-          f"{per_snap * 1e6:18.3f}{s1 / n1 * 1e6:19.3f}")
-    print(f"{'guard.monitor() total':24}{max(m0 - n0 * per_mon, 0) * 1e6:12.1f}"
-          f"{per_mon * 1e6:18.3f}{m1 / n1 * 1e6:19.3f}")
+    print(
+        f"{'adapter snapshot()':24}{max(s0 - n0 * per_snap, 0) * 1e6:12.1f}"
+        f"{per_snap * 1e6:18.3f}{s1 / n1 * 1e6:19.3f}"
+    )
+    print(
+        f"{'guard.monitor() total':24}{max(m0 - n0 * per_mon, 0) * 1e6:12.1f}"
+        f"{per_mon * 1e6:18.3f}{m1 / n1 * 1e6:19.3f}"
+    )
     print("(per tensor: slope between 20 and 2000 tensors; upper bound: 2000-tensor call / 2000)")
     print("targets: adapter <= 2 us per tensor; monitor <= 30 us fixed")
 
@@ -148,13 +152,17 @@ def plain_loop(params: int, steps: int, blocks: int, batch: int = 32) -> None:
     for name in ("exact", "sketch"):
         g = guards[name]
         direct = best_of(lambda g=g: g.monitor(model), 3, 3)  # type: ignore[misc]
-        print(f"monitor() alone, {name}: {direct * 1e3:.2f} ms "
-              f"({n * 4 / direct / 1e9:.1f} GB/s of parameters)")
+        print(
+            f"monitor() alone, {name}: {direct * 1e3:.2f} ms "
+            f"({n * 4 / direct / 1e9:.1f} GB/s of parameters)"
+        )
     # The floor of any monitor that looks at every parameter and gradient: reading both once.
     tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
     floor = best_of(lambda: [t.sum() for t in tensors], 3, 3)
-    print(f"floor: reading parameters and gradients once (torch.sum, {torch.get_num_threads()} "
-          f"threads) {floor * 1e3:.2f} ms = {floor / base * 100:.1f}% of the step")
+    print(
+        f"floor: reading parameters and gradients once (torch.sum, {torch.get_num_threads()} "
+        f"threads) {floor * 1e3:.2f} ms = {floor / base * 100:.1f}% of the step"
+    )
     print("targets: exact <= 5%, sketch <= 2%")
 
 
@@ -181,12 +189,26 @@ def hf_trainer(steps: int, repeats: int) -> None:
 
     def run(mode: str | None) -> float:
         torch.manual_seed(0)
-        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=32,
-                            bos_token_id=0, eos_token_id=0)
-        args = TrainingArguments(output_dir="/tmp/zg_bench_hf", max_steps=steps,
-                                 per_device_train_batch_size=16, learning_rate=1e-3,
-                                 logging_steps=10**6, save_strategy="no", report_to=[],
-                                 use_cpu=True, disable_tqdm=True)
+        config = GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=96,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        args = TrainingArguments(
+            output_dir="/tmp/zg_bench_hf",
+            max_steps=steps,
+            per_device_train_batch_size=16,
+            learning_rate=1e-3,
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
         callbacks = [] if mode is None else [_Timed(warmup_steps=10, **ARMS[mode])]
         trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens())
         for cb in callbacks:
@@ -238,12 +260,18 @@ def main() -> int:
     ap.add_argument("--params", type=float, default=25e6)
     ap.add_argument("--batches", default="32,512", help="plain-loop batch sizes")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load "
-          f"{os.getloadavg()[0]:.1f} (other processes share this machine)")
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, load "
+        f"{os.getloadavg()[0]:.1f} (other processes share this machine)"
+    )
     adapter_cost()
     for batch in (int(b) for b in args.batches.split(",")):
-        plain_loop(int(args.params), steps=3 if args.quick else 5, blocks=3 if args.quick else 5,
-                   batch=batch)
+        plain_loop(
+            int(args.params),
+            steps=3 if args.quick else 5,
+            blocks=3 if args.quick else 5,
+            batch=batch,
+        )
     hf_trainer(steps=40 if args.quick else 80, repeats=2 if args.quick else 3)
     return 0
 

@@ -73,7 +73,9 @@ def worker(repeat: int, package: str | None) -> None:
             p.grad = torch.zeros_like(p)
         guards = {
             "auto bare": ZetaGuard(warmup_steps=5, auto_recover=False, group_by="none"),
-            "exact bare": ZetaGuard(warmup_steps=5, auto_recover=False, group_by="none", mode="exact"),
+            "exact bare": ZetaGuard(
+                warmup_steps=5, auto_recover=False, group_by="none", mode="exact"
+            ),
             "auto defaults": ZetaGuard(),
             "exact defaults": ZetaGuard(mode="exact"),
         }
@@ -99,7 +101,8 @@ def unpack_base(ref: str, into: Path) -> Path:
     """``python/zetaguard`` at ``ref`` under ``into``, with this checkout's built engine."""
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", ref, "python/zetaguard"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     import zetaguard._core as core
@@ -112,13 +115,18 @@ def run_worker(pythonpath: Path | None, repeat: int) -> dict[str, float]:
     extra = [] if pythonpath is None else ["--package", str(pythonpath)]
     done = subprocess.run(
         [sys.executable, __file__, "--worker", "--repeat", str(repeat), *extra],
-        check=True, capture_output=True, text=True, cwd=tempfile.gettempdir(),
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
     )
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="3 rounds of 6 blocks")
     ap.add_argument("--base", default="main", help="git ref of the 'before' package")
     ap.add_argument("--rounds", type=int, default=5)
@@ -130,12 +138,24 @@ def main() -> None:
         worker(args.repeat, args.package)
         return
     rounds, repeat = (3, 6) if args.quick else (args.rounds, 10)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.base],
-                            check=True, capture_output=True, text=True).stdout.strip()
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "python"],
-                           check=True, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", args.base],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "python"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     best: dict[str, dict[str, float]] = {"before": {}, "after": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base = unpack_base(args.base, Path(tmp))
@@ -145,10 +165,14 @@ def main() -> None:
                     if isinstance(t, float):
                         best[label][key] = min(best[label].get(key, t), t)
     (n0, n1) = SIZES
-    print(f"before: {args.base} ({commit}); after: this checkout ({head}"
-          f"{', uncommitted changes' if dirty else ''}); best of {rounds} alternating rounds")
-    print(f"{'arm':44}{'ns/tensor before':>17}{'after':>8}{'change':>8}"
-          f"{'fixed us before':>16}{'after':>8}")
+    print(
+        f"before: {args.base} ({commit}); after: this checkout ({head}"
+        f"{', uncommitted changes' if dirty else ''}); best of {rounds} alternating rounds"
+    )
+    print(
+        f"{'arm':44}{'ns/tensor before':>17}{'after':>8}{'change':>8}"
+        f"{'fixed us before':>16}{'after':>8}"
+    )
     for arm in ARMS:
         row = []
         for label in ("before", "after"):
@@ -157,8 +181,10 @@ def main() -> None:
             row.append((slope * 1e9, (t0 - n0 * slope) * 1e6))
         (b, bf), (a, af) = row
         print(f"{arm:44}{b:17.0f}{a:8.0f}{(a / b - 1) * 100:7.0f}%{bf:16.1f}{af:8.1f}")
-    print("(per tensor: slope between 20 and 2000 tensors; fixed: the intercept; the machine is "
-          "shared, so compare the two columns of a row, not rows across runs)")
+    print(
+        "(per tensor: slope between 20 and 2000 tensors; fixed: the intercept; the machine is "
+        "shared, so compare the two columns of a row, not rows across runs)"
+    )
 
 
 if __name__ == "__main__":

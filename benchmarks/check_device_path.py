@@ -20,8 +20,12 @@ import torch
 from zetaguard import _core
 from zetaguard.engine.device import DeviceTracker
 
-NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-         torch.bfloat16: "bfloat16"}
+NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
 
 
 def _model(params: int, device: str) -> torch.nn.Module:
@@ -40,8 +44,10 @@ def check(device: str, params: int) -> bool:
     for mode in ("exact", "sketch"):
         for dtype in NAMES:
             gen = torch.Generator().manual_seed(0)
-            host_ts = [torch.randn(n, generator=gen).to(dtype)
-                       for n in (params // 8, params // 64, 1000, 7)]
+            host_ts = [
+                torch.randn(n, generator=gen).to(dtype)
+                for n in (params // 8, params // 64, 1000, 7)
+            ]
             host = _core.Tracker(mode=mode, sketch_buckets=16384, seed=3)
             dev = DeviceTracker(mode=mode, sketch_buckets=16384, seed=3)
             worst = 0.0
@@ -87,8 +93,10 @@ def timing(device: str, params: int) -> None:
     for mode in ("exact", "sketch"):
         dev = DeviceTracker(mode=mode)
         t = timed(lambda d=dev: d.update_with_grads(params_list, None))  # type: ignore[misc]
-        print(f"{mode:8}{t * 1e3:12.2f}{t / base * 100:9.1f}%{n * 4 / t / 1e9:8.1f}"
-              f"{dev.state_bytes / 2**20:11.1f}")
+        print(
+            f"{mode:8}{t * 1e3:12.2f}{t / base * 100:9.1f}%{n * 4 / t / 1e9:8.1f}"
+            f"{dev.state_bytes / 2**20:11.1f}"
+        )
 
 
 def main() -> int:

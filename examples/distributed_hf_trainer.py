@@ -64,8 +64,9 @@ class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
 class Faults(TrainerCallback):
     """An LR blown up x1000 (scheduler base LRs too, so it sticks), or a rank that hangs."""
 
-    def __init__(self, blow_up_at: int | None, every: int | None, hang_rank: int | None,
-                 hang_at: int | None) -> None:
+    def __init__(
+        self, blow_up_at: int | None, every: int | None, hang_rank: int | None, hang_at: int | None
+    ) -> None:
         self.blow_up_at, self.every = blow_up_at, every
         self.hang_rank, self.hang_at = hang_rank, hang_at
         self.hang_started: float | None = None  # when every rank reached the hang step
@@ -73,7 +74,9 @@ class Faults(TrainerCallback):
     def _blows_up(self, step: int) -> bool:
         if self.blow_up_at is None or step < self.blow_up_at:
             return False
-        return step == self.blow_up_at or bool(self.every and (step - self.blow_up_at) % self.every == 0)
+        return step == self.blow_up_at or bool(
+            self.every and (step - self.blow_up_at) % self.every == 0
+        )
 
     def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):  # type: ignore[no-untyped-def]
         if self._blows_up(state.global_step):
@@ -95,28 +98,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--blow-up-at", type=int, default=None)
-    p.add_argument("--blow-up-every", type=int, default=None,
-                   help="blow up again every N steps, until the guard's ladder says stop")
+    p.add_argument(
+        "--blow-up-every",
+        type=int,
+        default=None,
+        help="blow up again every N steps, until the guard's ladder says stop",
+    )
     p.add_argument("--hang-rank", type=int, default=None)
     p.add_argument("--hang-at", type=int, default=None)
     p.add_argument("--timeout", type=float, default=120.0, help="the guard's collective deadline")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     args = TrainingArguments(
-        output_dir=str(a.out / "trainer"), max_steps=a.steps, per_device_train_batch_size=16,
-        learning_rate=3e-3, lr_scheduler_type="linear", warmup_steps=0, logging_steps=10,
-        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-        dataloader_num_workers=0, ddp_backend="gloo",
+        output_dir=str(a.out / "trainer"),
+        max_steps=a.steps,
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        ddp_backend="gloo",
     )
     # mode= explicit: "auto" chooses from each rank's local size (docs/scaling.md).
     guard = ZetaGuard(warmup_steps=10, mode="exact", recovery_mode="balanced")
     cb = ZetaGuardCallback(guard)
     faults = Faults(a.blow_up_at, a.blow_up_every, a.hang_rank, a.hang_at)
-    trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens(),
-                      callbacks=[faults, cb])
+    trainer = Trainer(
+        model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens(), callbacks=[faults, cb]
+    )
     distributed.configure(guard, timeout_s=a.timeout)  # before the first monitor()
     rank = dist.get_rank() if dist.is_initialized() else 0
     statuses: list[str] = []
@@ -143,17 +168,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "should_stop": guard.should_stop,
         "collective_calls": ctx.calls if ctx is not None else 0,
         "recoveries": [
-            {"step": r.step, "actions": [str(x) for x in r.actions]}
-            for r in guard.recovery_reports
+            {"step": r.step, "actions": [str(x) for x in r.actions]} for r in guard.recovery_reports
         ],
         "error": error,
         "waited_s": waited if error else None,  # from the hang to the guard's error
     }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"rank{rank}.json").write_text(json.dumps(out))
-    print(f"rank {rank}: {len(statuses)} steps, "
-          f"{sum(s == 'CRITICAL' for s in statuses)} CRITICAL, stop={guard.should_stop}"
-          + (f", error: {error}" if error else ""))
+    print(
+        f"rank {rank}: {len(statuses)} steps, "
+        f"{sum(s == 'CRITICAL' for s in statuses)} CRITICAL, stop={guard.should_stop}"
+        + (f", error: {error}" if error else "")
+    )
     return out
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+).strip()
 
 import jax
 import keras
@@ -52,28 +53,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1024, 32)).astype("float32")
     y = (x @ rng.normal(size=(32,)) > 0).astype("int32")
-    model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(64, activation="tanh"),
-                              keras.layers.Dense(2)])
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = keras.Sequential(
+        [keras.Input((32,)), keras.layers.Dense(64, activation="tanh"), keras.layers.Dense(2)]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     guard = ZetaGuard(warmup_steps=15, recovery_mode="aggressive", snapshot_interval=5)
     zk = ZetaKeras(guard)
-    model.fit(x, y, batch_size=32, epochs=a.epochs, verbose=0, shuffle=False,
-              callbacks=[BlowUp(a.blow_up_at), zk])
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=a.epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=[BlowUp(a.blow_up_at), zk],
+    )
     weights = [w.value for w in model.trainable_weights]
     out = {
         "devices": len(devices),
-        "replicated": all(len(w.sharding.device_set) == len(devices) and w.is_fully_replicated
-                          for w in weights),
+        "replicated": all(
+            len(w.sharding.device_set) == len(devices) and w.is_fully_replicated for w in weights
+        ),
         "finite": all(bool(np.isfinite(np.asarray(w)).all()) for w in weights),
         "steps": guard.step,
         "status_counts": guard.get_statistics()["status_counts"],
-        "recoveries": [{"step": r.step, "actions": [str(s) for s in r.actions],
-                        "restored_step": r.restored_step} for r in guard.recovery_reports],
+        "recoveries": [
+            {
+                "step": r.step,
+                "actions": [str(s) for s in r.actions],
+                "restored_step": r.restored_step,
+            }
+            for r in guard.recovery_reports
+        ],
         "lr": float(np.asarray(model.optimizer.learning_rate.value)),
     }
-    print(f"{out['devices']} devices, {out['steps']} steps, {out['status_counts']}, "
-          f"recoveries: {[r['actions'] for r in out['recoveries']]}, lr now {out['lr']:.3g}")
+    print(
+        f"{out['devices']} devices, {out['steps']} steps, {out['status_counts']}, "
+        f"recoveries: {[r['actions'] for r in out['recoveries']]}, lr now {out['lr']:.3g}"
+    )
     return out
 
 

@@ -59,8 +59,9 @@ class Hang(pl.Callback):
 class Net(pl.LightningModule):
     def __init__(self, blow_up_at: int | None) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(),
-                                       torch.nn.Linear(64, 2))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2)
+        )
         self.blow_up_at = blow_up_at
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -94,8 +95,14 @@ def fit(steps: int, blow_up_at: int | None, a: argparse.Namespace) -> dict[str, 
     model = Net(blow_up_at)
     hang = Hang(a.hang_rank, a.hang_at)
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         callbacks=[hang, ZetaCallback(guard, log_metrics=False)],
     )
     error = None
@@ -111,8 +118,12 @@ def fit(steps: int, blow_up_at: int | None, a: argparse.Namespace) -> dict[str, 
         "should_stop": guard.should_stop,
         "collective_calls": ctx.calls if ctx is not None else 0,
         "recoveries": [
-            {"step": r.step, "actions": [str(x) for x in r.actions],
-             "restored_step": r.restored_step, "lr_after": r.lr_after}
+            {
+                "step": r.step,
+                "actions": [str(x) for x in r.actions],
+                "restored_step": r.restored_step,
+                "lr_after": r.lr_after,
+            }
             for r in guard.recovery_reports
         ],
         # Replicas stay identical when both ranks took the same rollback.
@@ -139,15 +150,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     out["rank"] = rank
     out["world"] = dist.get_world_size() if dist.is_initialized() else 1
-    out["error"] = next((r["error"] for k, r in out.items()
-                         if isinstance(r, dict) and r["error"]), None)
+    out["error"] = next(
+        (r["error"] for k, r in out.items() if isinstance(r, dict) and r["error"]), None
+    )
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"rank{rank}.json").write_text(json.dumps(out))
     for name in ("healthy", "blow_up"):
         if name in out:
             s = out[name]["statuses"]
-            print(f"rank {rank} {name}: {len(s)} steps, {s.count('CRITICAL')} CRITICAL"
-                  + (f", error: {out[name]['error']}" if out[name]["error"] else ""))
+            print(
+                f"rank {rank} {name}: {len(s)} steps, {s.count('CRITICAL')} CRITICAL"
+                + (f", error: {out[name]['error']}" if out[name]["error"] else "")
+            )
     return out
 
 

@@ -37,8 +37,9 @@ from zetaguard import ZetaGuard, distributed
 from zetaguard.integrations.ray_train import metrics, report
 
 
-def fit(config: dict[str, Any], rank: int, steps: int, blow_at: int | None,
-        hang: bool) -> dict[str, Any]:
+def fit(
+    config: dict[str, Any], rank: int, steps: int, blow_at: int | None, hang: bool
+) -> dict[str, Any]:
     """One fit of a fresh model and guard in this worker; what its guard saw."""
     torch.manual_seed(0)  # the same initial weights on every worker (DDP broadcasts them too)
     net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2))
@@ -56,8 +57,9 @@ def fit(config: dict[str, Any], rank: int, steps: int, blow_at: int | None,
     hang_started = None
     try:
         for step in range(steps):
-            if blow_at is not None and (step == blow_at or (
-                    every and step > blow_at and (step - blow_at) % every == 0)):
+            if blow_at is not None and (
+                step == blow_at or (every and step > blow_at and (step - blow_at) % every == 0)
+            ):
                 for g in opt.param_groups:
                     g["lr"] *= 1000.0
             x = torch.randn(32, 32, generator=gen)
@@ -86,12 +88,19 @@ def fit(config: dict[str, Any], rank: int, steps: int, blow_at: int | None,
         "statuses": statuses,
         "should_stop": guard.should_stop,
         "collective_calls": ctx.calls if ctx is not None else 0,
-        "recoveries": [{"step": r.step, "actions": [str(a) for a in r.actions],
-                        "restored_step": r.restored_step} for r in guard.recovery_reports],
+        "recoveries": [
+            {
+                "step": r.step,
+                "actions": [str(a) for a in r.actions],
+                "restored_step": r.restored_step,
+            }
+            for r in guard.recovery_reports
+        ],
         # Replicas stay identical when both workers took the same rollbacks.
         "param_sum": float(sum(p.detach().double().sum() for p in model.parameters())),
         "error": error,
-        "waited_s": None if error is None or hang_started is None
+        "waited_s": None
+        if error is None or hang_started is None
         else time.monotonic() - hang_started,
         "result": metrics(guard) if statuses else None,
     }
@@ -109,8 +118,12 @@ def train_loop(config: dict[str, Any]) -> Any:
     runs = {"healthy": fit(config, rank, config["healthy_steps"], None, hang=True)}
     if runs["healthy"]["error"] is None:
         runs["blow_up"] = fit(config, rank, config["steps"], config["blow_up_at"], hang=False)
-    summary = {"rank": rank, "world": ray.train.get_context().get_world_size(), **runs,
-               "loop_s": time.monotonic() - began}
+    summary = {
+        "rank": rank,
+        "world": ray.train.get_context().get_world_size(),
+        **runs,
+        "loop_s": time.monotonic() - began,
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
     if runs["healthy"]["error"] is not None:  # a failure: Ray's FailureConfig applies
         raise distributed.RankFailureError(runs["healthy"]["error"])
@@ -125,21 +138,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=80, help="steps of the blown-up fit")
     p.add_argument("--blow-up-at", type=int, default=30, help="in the second fit")
     p.add_argument("--blow-up-every", type=int, default=10)
-    p.add_argument("--report-every", type=int, default=10,
-                   help="ray.train.report every N steps (each waits for Ray's controller)")
+    p.add_argument(
+        "--report-every",
+        type=int,
+        default=10,
+        help="ray.train.report every N steps (each waits for Ray's controller)",
+    )
     p.add_argument("--hang-rank", type=int, default=None)
     p.add_argument("--hang-at", type=int, default=None)
-    p.add_argument("--fault", choices=["hang", "exit"], default="hang",
-                   help="what --hang-rank does at --hang-at: sleep, or end its process")
+    p.add_argument(
+        "--fault",
+        choices=["hang", "exit"],
+        default="hang",
+        help="what --hang-rank does at --hang-at: sleep, or end its process",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="the guard's collective deadline")
     p.add_argument("--max-failures", type=int, default=1, help="Ray's FailureConfig")
     a = p.parse_args(argv)
     a.out = a.out.resolve()
     a.out.mkdir(parents=True, exist_ok=True)
-    config = {"out": str(a.out), "healthy_steps": a.healthy_steps, "steps": a.steps,
-              "blow_up_at": a.blow_up_at, "report_every": a.report_every,
-              "blow_up_every": a.blow_up_every, "hang_rank": a.hang_rank,
-              "hang_at": a.hang_at, "fault": a.fault, "timeout": a.timeout}
+    config = {
+        "out": str(a.out),
+        "healthy_steps": a.healthy_steps,
+        "steps": a.steps,
+        "blow_up_at": a.blow_up_at,
+        "report_every": a.report_every,
+        "blow_up_every": a.blow_up_every,
+        "hang_rank": a.hang_rank,
+        "hang_at": a.hang_at,
+        "fault": a.fault,
+        "timeout": a.timeout,
+    }
     # A fresh local Ray ("local": never a cluster found through RAY_ADDRESS or /tmp/ray).
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     trainer = TorchTrainer(
@@ -148,8 +177,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(
-            name="zetaguard", storage_path=str(a.out / "ray_results"),
-            failure_config=ray.train.FailureConfig(max_failures=a.max_failures)),
+            name="zetaguard",
+            storage_path=str(a.out / "ray_results"),
+            failure_config=ray.train.FailureConfig(max_failures=a.max_failures),
+        ),
     )
     started = time.monotonic()
     summary: dict[str, Any] = {"error": None}
@@ -164,8 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     summary["fit_s"] = time.monotonic() - started
     ray.shutdown()
-    summary["attempts"] = [len((a.out / f"attempts-rank{r}.txt").read_text().splitlines())
-                           for r in range(2)]
+    summary["attempts"] = [
+        len((a.out / f"attempts-rank{r}.txt").read_text().splitlines()) for r in range(2)
+    ]
     (a.out / "result.json").write_text(json.dumps(summary))
     print(json.dumps({k: summary.get(k) for k in ("error", "attempts", "fit_s", "return_value")}))
     return summary

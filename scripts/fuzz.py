@@ -136,10 +136,29 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 # ---- case: NumPy arrays through the buffer protocol / DLPack -----------------------------------
 
 NUMPY_DTYPES = [
-    np.float32, np.float64, np.float16, np.longdouble, np.complex64, np.complex128, np.bool_,
-    np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-    np.dtype("datetime64[s]"), np.dtype("S4"), np.dtype("U2"), np.dtype("V4"),
-    np.dtype([("a", np.float32), ("b", np.int16)]), np.dtype(">f4"), np.dtype(">f8"), object,
+    np.float32,
+    np.float64,
+    np.float16,
+    np.longdouble,
+    np.complex64,
+    np.complex128,
+    np.bool_,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.dtype("datetime64[s]"),
+    np.dtype("S4"),
+    np.dtype("U2"),
+    np.dtype("V4"),
+    np.dtype([("a", np.float32), ("b", np.int16)]),
+    np.dtype(">f4"),
+    np.dtype(">f8"),
+    object,
 ]
 
 
@@ -181,8 +200,12 @@ def random_array(r: Reader) -> np.ndarray:
 
 def case_buffer(r: Reader) -> None:
     arrays = [random_array(r) for _ in range(1 + r.below(3))]
-    tracker = _core.Tracker(mode=r.pick(["exact", "sketch"]), sketch_buckets=1 + r.below(64),
-                            min_buckets=1 + r.below(8), threads=1 + r.below(2))
+    tracker = _core.Tracker(
+        mode=r.pick(["exact", "sketch"]),
+        sketch_buckets=1 + r.below(64),
+        min_buckets=1 + r.below(8),
+        threads=1 + r.below(2),
+    )
     use_norms = r.flag()
     rows = expect_clear_error(
         lambda: tracker.norms(arrays) if use_norms else tracker.update(arrays)
@@ -196,12 +219,32 @@ def case_buffer(r: Reader) -> None:
 
 # ---- case: torch tensors through DLPack ---------------------------------------------------------
 
+
 def torch_dtypes() -> list[Any]:
     import torch
 
-    names = ["float32", "float64", "float16", "bfloat16", "complex32", "complex64", "complex128",
-             "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-             "float8_e4m3fn", "float8_e5m2", "quint8", "qint8"]
+    names = [
+        "float32",
+        "float64",
+        "float16",
+        "bfloat16",
+        "complex32",
+        "complex64",
+        "complex128",
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "quint8",
+        "qint8",
+    ]
     return [getattr(torch, n) for n in names if hasattr(torch, n)]
 
 
@@ -234,6 +277,7 @@ def case_torch(r: Reader) -> None:
 
 
 # ---- case: hand-made DLPack capsules ---------------------------------------------------------------
+
 
 class DLDevice(ctypes.Structure):
     _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
@@ -294,9 +338,24 @@ class CapsuleCase:
         # Half the capsules are well-typed CPU tensors, so shapes, strides and offsets get
         # exercised on the accepted path too; the rest vary every field.
         clean = r.flag()
-        code_bits = r.pick([(2, 32), (2, 64), (2, 16), (4, 16)] if clean else [
-            (2, 32), (2, 64), (2, 16), (4, 16), (0, 32), (1, 8), (5, 64), (6, 8), (3, 64),
-            (2, 8), (4, 32), (r.u(1), r.u(1))])
+        code_bits = r.pick(
+            [(2, 32), (2, 64), (2, 16), (4, 16)]
+            if clean
+            else [
+                (2, 32),
+                (2, 64),
+                (2, 16),
+                (4, 16),
+                (0, 32),
+                (1, 8),
+                (5, 64),
+                (6, 8),
+                (3, 64),
+                (2, 8),
+                (4, 32),
+                (r.u(1), r.u(1)),
+            ]
+        )
         self.lanes = 1 if clean else r.pick([1, 1, 1, 2, 4, 0])
         self.dtype = _ENGINE_TYPES.get(code_bits)
         elem = max(1, code_bits[1] // 8)
@@ -356,12 +415,14 @@ class CapsuleCase:
         tensor.dtype = DLDataType(code_bits[0], code_bits[1], self.lanes)
         null_shape = not clean and r.below(16) == 0
         tensor.shape = (
-            ctypes.cast(None, ctypes.POINTER(ctypes.c_int64)) if null_shape
+            ctypes.cast(None, ctypes.POINTER(ctypes.c_int64))
+            if null_shape
             else ctypes.cast(self.shape_arr, ctypes.POINTER(ctypes.c_int64))
         )
         tensor.strides = (
             ctypes.cast(self.strides_arr, ctypes.POINTER(ctypes.c_int64))
-            if self.strides_arr is not None else ctypes.cast(None, ctypes.POINTER(ctypes.c_int64))
+            if self.strides_arr is not None
+            else ctypes.cast(None, ctypes.POINTER(ctypes.c_int64))
         )
         tensor.byte_offset = offset
         self.deleter = DELETER(self._delete)
@@ -378,8 +439,9 @@ class CapsuleCase:
         # A name of the other kind would describe a struct of another layout: a producer bug
         # no consumer can see, so the harness never makes that lie.
         good_name = b"dltensor_versioned" if self.versioned else b"dltensor"
-        self.name = good_name if clean else r.pick([good_name] * 3 + [b"used_" + good_name,
-                                                                       b"", b"junk"])
+        self.name = (
+            good_name if clean else r.pick([good_name] * 3 + [b"used_" + good_name, b"", b"junk"])
+        )
         self.capsule = _capsule_new(ctypes.addressof(self.managed), self.name, None)
 
     def _delete(self, _ptr: int) -> None:
@@ -447,8 +509,31 @@ def good_states() -> list[tuple[bytes, list[dict[str, np.ndarray]]]]:
 
 
 def _random_json_value(r: Reader) -> Any:
-    return r.pick([0, 1, 2, 3, -1, 7, 1 << 40, -(1 << 62), 1 << 70, 0.5, float("nan"), "x",
-                   "float32", "bfloat16", "exact", "sketch", None, [], {}, [1, 2], True])
+    return r.pick(
+        [
+            0,
+            1,
+            2,
+            3,
+            -1,
+            7,
+            1 << 40,
+            -(1 << 62),
+            1 << 70,
+            0.5,
+            float("nan"),
+            "x",
+            "float32",
+            "bfloat16",
+            "exact",
+            "sketch",
+            None,
+            [],
+            {},
+            [1, 2],
+            True,
+        ]
+    )
 
 
 def _mutate_meta(r: Reader, meta: Any) -> Any:
@@ -494,9 +579,15 @@ def case_state(r: Reader) -> None:
             meta = _mutate_meta(r, meta)
         else:
             name = r.pick(sorted(arrays))
-            arrays[name] = r.pick([arrays[name][:-1], arrays[name][:0],
-                                   np.zeros(3, np.int64), arrays[name].astype(np.float32),
-                                   np.full(arrays[name].shape, np.nan)])
+            arrays[name] = r.pick(
+                [
+                    arrays[name][:-1],
+                    arrays[name][:0],
+                    np.zeros(3, np.int64),
+                    arrays[name].astype(np.float32),
+                    np.full(arrays[name].shape, np.nan),
+                ]
+            )
         out = io.BytesIO()
         payload = {"format": state.FORMAT, "version": state.VERSION, **meta}
         try:
@@ -524,11 +615,18 @@ def case_state(r: Reader) -> None:
 
 # ---- case: a group whose size changes between steps --------------------------------------------------
 
+
 def case_resize(r: Reader) -> None:
-    guard = ZetaGuard(warmup_steps=2, mode=r.pick(["exact", "sketch", "auto"]),
-                      sketch_buckets=1 + r.below(50), auto_recover=False)
-    layout = [(r.pick([0, 1, 5, 64, 300]), r.pick([np.float32, np.float64, np.float16]))
-              for _ in range(1 + r.below(3))]
+    guard = ZetaGuard(
+        warmup_steps=2,
+        mode=r.pick(["exact", "sketch", "auto"]),
+        sketch_buckets=1 + r.below(50),
+        auto_recover=False,
+    )
+    layout = [
+        (r.pick([0, 1, 5, 64, 300]), r.pick([np.float32, np.float64, np.float16]))
+        for _ in range(1 + r.below(3))
+    ]
     refusals = []
     for _ in range(2 + r.below(5)):
         change = r.below(12)  # mostly the same group; sometimes one parameter more, fewer,
@@ -568,7 +666,11 @@ def _covered(t: Any) -> bool:
     """The harness's own bound (not the adapter's): the storage holds every element."""
     if t.numel() == 0:
         return True
-    end = t.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    end = (
+        t.storage_offset()
+        + 1
+        + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    )
     return end * t.element_size() <= t.untyped_storage().nbytes()
 
 
@@ -609,7 +711,10 @@ def _apply(op: int, p: Any, r: Reader, dtype: Any, n: int) -> None:
             size = r.below(p.numel() + 1)
             stride = r.below(3)
             offset = r.below(2)
-            if offset + max(size - 1, 0) * stride < p.untyped_storage().nbytes() // p.element_size():
+            if (
+                offset + max(size - 1, 0) * stride
+                < p.untyped_storage().nbytes() // p.element_size()
+            ):
                 p.as_strided_((size,), (stride,), offset)
         elif op == 7:
             other = torch.from_numpy(r.floats(n)).to(dtype)
@@ -627,13 +732,20 @@ def case_mutate(r: Reader) -> None:
 
     params = []
     for _ in range(1 + r.below(3)):
-        t = torch.from_numpy(r.floats(r.pick([1, 4, 17, 64]))).to(getattr(torch, r.pick(_TORCH_FLOATS)))
+        t = torch.from_numpy(r.floats(r.pick([1, 4, 17, 64]))).to(
+            getattr(torch, r.pick(_TORCH_FLOATS))
+        )
         p = torch.nn.Parameter(t)
         if r.flag():
             p.grad = torch.from_numpy(r.floats(p.numel())).to(p.dtype)
         params.append(p)
-    guard = ZetaGuard(warmup_steps=2, auto_recover=False, group_by="tensor",
-                      mode=r.pick(["exact", "sketch"]), sketch_buckets=8)
+    guard = ZetaGuard(
+        warmup_steps=2,
+        auto_recover=False,
+        group_by="tensor",
+        mode=r.pick(["exact", "sketch"]),
+        sketch_buckets=8,
+    )
     refused = []
     for _ in range(2 + r.below(5)):
         _mutate(r, params)
@@ -742,8 +854,16 @@ def main() -> None:
     # artifacts (crashing or slow inputs) go to the temporary directory, not the working tree.
     artifacts = os.path.join(tempfile.gettempdir(), "zetaguard-fuzz") + os.sep
     os.makedirs(artifacts, exist_ok=True)
-    atheris.Setup([sys.argv[0], "-max_len=512", "-len_control=0",
-                   f"-artifact_prefix={artifacts}", f"-runs={args.runs + 10}"], one_input)
+    atheris.Setup(
+        [
+            sys.argv[0],
+            "-max_len=512",
+            "-len_control=0",
+            f"-artifact_prefix={artifacts}",
+            f"-runs={args.runs + 10}",
+        ],
+        one_input,
+    )
     atheris.Fuzz()
 
 

@@ -75,20 +75,27 @@ def long_run(steps: int, warmup: int, tolerance: float) -> bool:
     base = next(mb for s, mb in samples if s >= warmup)
     after = [mb for s, mb in samples if s >= warmup]
     drift = (max(after) - base) / base
-    print(f"long run: {steps} monitor() steps on a 200-tensor model in {elapsed:.1f} s "
-          f"({elapsed / steps * 1e6:.0f} us/step with the weight update, "
-          f"{in_monitor / steps * 1e6:.0f} us/step in monitor())")
+    print(
+        f"long run: {steps} monitor() steps on a 200-tensor model in {elapsed:.1f} s "
+        f"({elapsed / steps * 1e6:.0f} us/step with the weight update, "
+        f"{in_monitor / steps * 1e6:.0f} us/step in monitor())"
+    )
     print("  RSS MB by step: " + ", ".join(f"{s}:{mb:.1f}" for s, mb in samples))
-    print(f"  RSS after warm-up (step {warmup}): {base:.1f} MB, max later {max(after):.1f} MB, "
-          f"growth {drift * 100:+.2f}% (target within {tolerance * 100:.0f}%)")
+    print(
+        f"  RSS after warm-up (step {warmup}): {base:.1f} MB, max later {max(after):.1f} MB, "
+        f"growth {drift * 100:+.2f}% (target within {tolerance * 100:.0f}%)"
+    )
     grew = (traced[1] - traced[0]) / 1024.0
-    print(f"  Python allocations (tracemalloc) steps {window[0]}->{window[1]}: {grew:+.1f} KiB "
-          f"({grew * 1024 / max(window[1] - window[0], 1):+.1f} B/step)")
+    print(
+        f"  Python allocations (tracemalloc) steps {window[0]}->{window[1]}: {grew:+.1f} KiB "
+        f"({grew * 1024 / max(window[1] - window[0], 1):+.1f} B/step)"
+    )
     return drift <= tolerance
 
 
-def run_threads(name: str, jobs: list[tuple[ZetaGuard, torch.nn.Module]], steps: int,
-                timeout: float) -> bool:
+def run_threads(
+    name: str, jobs: list[tuple[ZetaGuard, torch.nn.Module]], steps: int, timeout: float
+) -> bool:
     errors: list[BaseException] = []
     done = [0] * len(jobs)
 
@@ -104,8 +111,9 @@ def run_threads(name: str, jobs: list[tuple[ZetaGuard, torch.nn.Module]], steps:
         except BaseException as e:  # reported below; a thread must not die silently
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i, g, m), daemon=True)
-               for i, (g, m) in enumerate(jobs)]
+    threads = [
+        threading.Thread(target=work, args=(i, g, m), daemon=True) for i, (g, m) in enumerate(jobs)
+    ]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -114,9 +122,11 @@ def run_threads(name: str, jobs: list[tuple[ZetaGuard, torch.nn.Module]], steps:
     elapsed = time.perf_counter() - start
     hung = [i for i, t in enumerate(threads) if t.is_alive()]
     status = "DEADLOCK" if hung else "ok"
-    print(f"{name}: {len(jobs)} threads x {steps} steps, torch threads "
-          f"{torch.get_num_threads()}, engine threads {jobs[0][0].threads}: "
-          f"{elapsed:.1f} s, steps done {done}, {status}")
+    print(
+        f"{name}: {len(jobs)} threads x {steps} steps, torch threads "
+        f"{torch.get_num_threads()}, engine threads {jobs[0][0].threads}: "
+        f"{elapsed:.1f} s, steps done {done}, {status}"
+    )
     for e in errors:
         print(f"  error in a thread: {type(e).__name__}: {e}")
     return not hung and not errors
@@ -134,12 +144,19 @@ def main() -> None:
 
     # Models over the engine's parallel threshold (2^18 elements), so its pool runs too.
     big = [model_with(20, 160), model_with(20, 160)]
-    ok &= run_threads("two guards, two threads",
-                      [(ZetaGuard(auto_recover=False, threads=2), m) for m in big],
-                      args.thread_steps, args.timeout)
+    ok &= run_threads(
+        "two guards, two threads",
+        [(ZetaGuard(auto_recover=False, threads=2), m) for m in big],
+        args.thread_steps,
+        args.timeout,
+    )
     shared = ZetaGuard(auto_recover=False, threads=2)
-    ok &= run_threads("one guard, two threads", [(shared, big[0]), (shared, big[0])],
-                      args.thread_steps, args.timeout)
+    ok &= run_threads(
+        "one guard, two threads",
+        [(shared, big[0]), (shared, big[0])],
+        args.thread_steps,
+        args.timeout,
+    )
     print("leak check: " + ("PASS" if ok else "FAIL"))
     sys.exit(0 if ok else 1)
 

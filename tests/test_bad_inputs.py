@@ -29,6 +29,7 @@ def guard(**kw: Any) -> ZetaGuard:
 
 # ---- entry points: each turns a list of tensors into one call ------------------------------------
 
+
 def via_numpy_list(ts: list[Any]) -> Callable[[ZetaGuard], Any]:
     return lambda g: g.monitor(ts)
 
@@ -58,8 +59,15 @@ TORCH_ENTRIES = [via_numpy_list, via_dict, via_torch_module, via_tracker, via_tr
 # ---- unsupported element types ---------------------------------------------------------------------
 
 NUMPY_BAD = [np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128, np.longdouble]
-TORCH_BAD = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64,
-             torch.complex128, torch.float8_e4m3fn]
+TORCH_BAD = [
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+    torch.float8_e4m3fn,
+]
 
 
 @pytest.mark.parametrize("entry", NUMPY_ENTRIES, ids=lambda f: f.__name__)
@@ -108,6 +116,7 @@ def test_meta_module_names_the_fix() -> None:
 
 # ---- empty parameter sets ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "empty",
     [[], {}, (), torch.nn.Sequential(), torch.nn.ReLU(), iter([])],
@@ -137,6 +146,7 @@ def test_refused_first_step_does_not_poison_the_guard() -> None:
 
 
 # ---- the monitored set changes between steps ------------------------------------------------------------
+
 
 def _steps(g: ZetaGuard, params: Callable[[int], Any], n: int) -> None:
     for t in range(n):
@@ -203,6 +213,7 @@ def test_storage_swapped_behind_a_parameter_is_caught() -> None:
 
 # ---- layouts: non-contiguous, misaligned, read-only, offsets ---------------------------------------------
 
+
 def test_non_contiguous_names_the_fix() -> None:
     a = np.ones((4, 6), np.float32)
     for bad in (a.T, a[:, ::2], np.broadcast_to(np.float32(1), (5,))):
@@ -233,18 +244,26 @@ def test_read_only_and_offset_views_read_the_right_memory() -> None:
 
 # ---- values: NaN, Inf, 1e38, denormals ----------------------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def trajectory(n_steps: int, dtype: torch.dtype, seed: int = 0) -> list[list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    x = [torch.randn(600, generator=gen, dtype=torch.float64),  # sketched in sketch mode
-         torch.randn(40, generator=gen, dtype=torch.float64)]
+    x = [
+        torch.randn(600, generator=gen, dtype=torch.float64),  # sketched in sketch mode
+        torch.randn(40, generator=gen, dtype=torch.float64),
+    ]
     out = []
     for _ in range(n_steps):
-        x = [v - 0.01 * (0.1 * v + torch.randn(v.shape, generator=gen, dtype=torch.float64))
-             for v in x]
+        x = [
+            v - 0.01 * (0.1 * v + torch.randn(v.shape, generator=gen, dtype=torch.float64))
+            for v in x
+        ]
         out.append([v.to(dtype) for v in x])
     return out
 
@@ -346,8 +365,11 @@ def test_loss_of_wrong_type_names_the_fix(bad: Any) -> None:
         guard().monitor([np.ones(3, np.float32)], loss=bad)
 
 
-@pytest.mark.parametrize("bad", [None, 3, "abc", [1.0, 2.0], [[1.0]], [object()]],
-                         ids=["None-list", "int", "str", "floats", "nested", "object"])
+@pytest.mark.parametrize(
+    "bad",
+    [None, 3, "abc", [1.0, 2.0], [[1.0]], [object()]],
+    ids=["None-list", "int", "str", "floats", "nested", "object"],
+)
 def test_non_tensor_inputs_name_the_fix(bad: Any) -> None:
     items = [bad] if bad is None else bad
     with pytest.raises(TypeError, match=r"neither DLPack nor the buffer protocol; pass NumPy"):

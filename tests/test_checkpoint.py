@@ -85,14 +85,18 @@ def test_torch_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
     assert torch.equal(back["model"]["weight"], model.weight.detach())
     fresh = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
     fresh.load_state_dict(back["optimizer"])
-    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
 
 
 def test_safetensors_from_numpy_and_tied_torch_tensors(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
     save_safetensors(tmp_path / "a.safetensors", {"x": np.arange(6.0).reshape(2, 3)})
-    np.testing.assert_array_equal(load_file(tmp_path / "a.safetensors")["x"], np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(
+        load_file(tmp_path / "a.safetensors")["x"], np.arange(6.0).reshape(2, 3)
+    )
     shared = torch.randn(4, 4)
     save_safetensors(tmp_path / "t.safetensors", {"emb": shared, "head": shared})  # tied weights
     back = load_file(tmp_path / "t.safetensors")

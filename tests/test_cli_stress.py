@@ -160,7 +160,12 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         (["--model", str(tmp_path / "missing.pt")], "does not exist"),
         (["--model", str(tmp_path / "sd.pt")], "--factory"),
         (
-            ["--model", str(tmp_path / "sd.pt"), "--factory", "tests.support.stress_models:not_a_module"],
+            [
+                "--model",
+                str(tmp_path / "sd.pt"),
+                "--factory",
+                "tests.support.stress_models:not_a_module",
+            ],
             "not an nn.Module",
         ),
         (["--model", str(tmp_path / "sd.pt"), "--factory", "nowhere.at_all:f"], "cannot import"),

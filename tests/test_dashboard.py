@@ -134,7 +134,9 @@ def test_token_required_when_set(runs: Path) -> None:
     with dashboard(runs, env=env) as url:
         assert _get(f"{url}/api/runs")[0] == 403
         assert _get(f"{url}/api/runs?token=wrong")[0] == 403
-        assert _get(f"{url}/api/runs", {"Authorization": "Bearer s3cret-token-0123456789"})[0] == 200
+        assert (
+            _get(f"{url}/api/runs", {"Authorization": "Bearer s3cret-token-0123456789"})[0] == 200
+        )
         req = urllib.request.Request(f"{url}/?token=s3cret-token-0123456789")
         with urllib.request.urlopen(req, timeout=10) as r:
             cookie = r.headers["set-cookie"]

@@ -185,9 +185,7 @@ def test_cursor_parameters_are_range_checked(runs: Path, key: str) -> None:
     with dashboard(runs) as url:
         port = _port(url)
         for raw in BAD_CURSORS:
-            status, headers, body = _request(
-                port, f"/api/runs/small/stream?{key}={quote(raw)}"
-            )
+            status, headers, body = _request(port, f"/api/runs/small/stream?{key}={quote(raw)}")
             assert status == 400, (key, raw, status, body[:200])
             assert headers["content-type"].startswith("application/json")
             error = json.loads(body)["error"]
@@ -269,8 +267,14 @@ def test_host_header_is_parsed_strictly(runs: Path) -> None:
             assert b"small" not in body
         status, _, body = _request(port, "/api/runs", host=None)  # no Host at all
         assert status == 400
-        for host in ("127.0.0.1", f"127.0.0.1:{port}", f"LOCALHOST:{port}", "localhost.",
-                     f"[::1]:{port}", "[0:0:0:0:0:0:0:1]"):
+        for host in (
+            "127.0.0.1",
+            f"127.0.0.1:{port}",
+            f"LOCALHOST:{port}",
+            "localhost.",
+            f"[::1]:{port}",
+            "[0:0:0:0:0:0:0:1]",
+        ):
             status, _, body = _request(port, "/api/runs", host)
             assert status == 200, (host, status)
         for host in ("evil.example", f"127.0.0.1.evil.example:{port}", "[::2]"):
@@ -293,7 +297,10 @@ def _cli(*args: str, env_token: str | None = None) -> subprocess.CompletedProces
         env["ZETAGUARD_DASHBOARD_TOKEN"] = env_token
     return subprocess.run(
         [sys.executable, "-m", "zetaguard.cli.dashboard", "--port", "0", *args],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 

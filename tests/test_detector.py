@@ -54,8 +54,9 @@ def test_raw_jar_is_the_seed_formula() -> None:
 
 
 def test_calibration_none_is_smoothed_jar_against_fixed_thresholds() -> None:
-    det = Detector(drift_threshold=0.707, snap_threshold=1.414, alpha=0.3, warmup_steps=50,
-                   calibration="none")
+    det = Detector(
+        drift_threshold=0.707, snap_threshold=1.414, alpha=0.3, warmup_steps=50, calibration="none"
+    )
     smoothed = None
     for row, hist in _rows(_trajectory(1, 40)):
         obs = det.observe(row, hist)
@@ -63,7 +64,9 @@ def test_calibration_none_is_smoothed_jar_against_fixed_thresholds() -> None:
             jar = math.sqrt(row[0, 3]) / (math.sqrt(row[0, 2]) + 1e-12)
             smoothed = jar if smoothed is None else 0.3 * jar + 0.7 * smoothed
             assert obs.zeta_value == pytest.approx(smoothed, rel=1e-12)
-            expected = "CRITICAL" if smoothed >= 1.414 else "DRIFT" if smoothed >= 0.707 else "STABLE"
+            expected = (
+                "CRITICAL" if smoothed >= 1.414 else "DRIFT" if smoothed >= 0.707 else "STABLE"
+            )
             assert obs.status == expected
 
 
@@ -153,8 +156,9 @@ def test_state_dict_is_json_and_resumes_exactly() -> None:
 
 def test_bad_arguments_name_the_problem() -> None:
     with pytest.raises(ValueError, match="calibration"):
-        Detector(drift_threshold=0.7, snap_threshold=1.4, alpha=0.3, warmup_steps=5,
-                 calibration="bogus")  # type: ignore[arg-type]
+        Detector(
+            drift_threshold=0.7, snap_threshold=1.4, alpha=0.3, warmup_steps=5, calibration="bogus"
+        )  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="drift_threshold <= snap_threshold"):
         Detector(drift_threshold=2.0, snap_threshold=1.4, alpha=0.3, warmup_steps=5)
     with pytest.raises(ValueError, match="alpha"):
@@ -186,16 +190,39 @@ def test_recommendations_name_the_channel() -> None:
     from zetaguard.detector import Observation
     from zetaguard.recommend import recommendations
 
-    obs = Observation(status="CRITICAL", zeta_value=1.6, raw_jar=1.0, smoothed_jar=1.0,
-                      confidence=1.0, channels={}, scores={"growth": 1.13, "loss": 0.2},
-                      group_zeta=np.zeros(1), nonfinite=0, in_warmup=False)
+    obs = Observation(
+        status="CRITICAL",
+        zeta_value=1.6,
+        raw_jar=1.0,
+        smoothed_jar=1.0,
+        confidence=1.0,
+        channels={},
+        scores={"growth": 1.13, "loss": 0.2},
+        group_zeta=np.zeros(1),
+        nonfinite=0,
+        in_warmup=False,
+    )
     tips = recommendations(obs, "layer1")
     assert "parameter norm grows" in tips[0]
-    assert f"{16 ** 1.13:.1f}x" in tips[0]
-    assert recommendations(
-        Observation(status="STABLE", zeta_value=0.1, raw_jar=1.0, smoothed_jar=1.0,
-                    confidence=1.0, channels={}, scores={"loss": 0.07}, group_zeta=np.zeros(1),
-                    nonfinite=0, in_warmup=False), None) == []
+    assert f"{16**1.13:.1f}x" in tips[0]
+    assert (
+        recommendations(
+            Observation(
+                status="STABLE",
+                zeta_value=0.1,
+                raw_jar=1.0,
+                smoothed_jar=1.0,
+                confidence=1.0,
+                channels={},
+                scores={"loss": 0.07},
+                group_zeta=np.zeros(1),
+                nonfinite=0,
+                in_warmup=False,
+            ),
+            None,
+        )
+        == []
+    )
 
 
 def test_recommendations_survive_an_exploded_channel() -> None:
@@ -203,8 +230,17 @@ def test_recommendations_survive_an_exploded_channel() -> None:
     from zetaguard.detector import Observation
     from zetaguard.recommend import recommendations
 
-    obs = Observation(status="CRITICAL", zeta_value=500.0, raw_jar=1.0, smoothed_jar=1.0,
-                      confidence=1.0, channels={}, scores={"growth": 300.0, "update": 400.0},
-                      group_zeta=np.zeros(1), nonfinite=0, in_warmup=False)
+    obs = Observation(
+        status="CRITICAL",
+        zeta_value=500.0,
+        raw_jar=1.0,
+        smoothed_jar=1.0,
+        confidence=1.0,
+        channels={},
+        scores={"growth": 300.0, "update": 400.0},
+        group_zeta=np.zeros(1),
+        nonfinite=0,
+        in_warmup=False,
+    )
     tips = recommendations(obs, "layer1")
     assert any("e+" in t for t in tips)  # '1e+50x'-style factors, not an OverflowError

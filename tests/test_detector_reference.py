@@ -45,7 +45,9 @@ def _close(a: float | None, b: float | None) -> bool:
     return math.isclose(a, b, rel_tol=RTOL, abs_tol=1e-12)
 
 
-def _steps(seed: int, groups: int, steps: int, with_loss: bool, with_grad: bool) -> list[dict[str, Any]]:
+def _steps(
+    seed: int, groups: int, steps: int, with_loss: bool, with_grad: bool
+) -> list[dict[str, Any]]:
     """Engine-like rows for a trajectory that is calm, then may spike, go non-finite, restart."""
     rng = np.random.default_rng(seed)
     scale = np.exp(rng.normal(0, 2, groups))
@@ -55,7 +57,9 @@ def _steps(seed: int, groups: int, steps: int, with_loss: bool, with_grad: bool)
     history = 0
     for t in range(steps):
         boost = 30.0 ** min(3, max(0, t - spike_at)) if kind == "lr" else 1.0
-        x2 = (scale * np.exp(0.002 * t + rng.normal(0, 0.01, groups))) ** 2 * (boost if kind == "lr" else 1)
+        x2 = (scale * np.exp(0.002 * t + rng.normal(0, 0.01, groups))) ** 2 * (
+            boost if kind == "lr" else 1
+        )
         v2 = x2 * 1e-6 * np.exp(rng.normal(0, 0.3, groups)) * boost
         a2 = v2 * np.exp(rng.normal(0, 0.3, groups))
         j2 = a2 * np.exp(rng.normal(0.3, 0.3, groups))
@@ -74,8 +78,15 @@ def _steps(seed: int, groups: int, steps: int, with_loss: bool, with_grad: bool)
         if loss is not None and kind == "nan" and t == spike_at + 1:
             loss = math.nan
         grad = float(np.exp(rng.normal(0, 0.3))) if with_grad else None
-        out.append({"rows": rows, "history": history, "loss": loss, "grad": grad,
-                    "restart": kind == "restart" and t == spike_at})
+        out.append(
+            {
+                "rows": rows,
+                "history": history,
+                "loss": loss,
+                "grad": grad,
+                "restart": kind == "restart" and t == spike_at,
+            }
+        )
         history = min(history + 1, 3)
     return out
 
@@ -83,7 +94,12 @@ def _steps(seed: int, groups: int, steps: int, with_loss: bool, with_grad: bool)
 def _compare(ref: Any, got: Any, where: str) -> None:
     assert got.status == ref.status or abs(got.zeta_value - ref.zeta_value) < 1e-9, where
     for field in ("zeta_value", "raw_jar", "smoothed_jar", "confidence"):
-        assert _close(getattr(ref, field), getattr(got, field)), (where, field, getattr(ref, field), getattr(got, field))
+        assert _close(getattr(ref, field), getattr(got, field)), (
+            where,
+            field,
+            getattr(ref, field),
+            getattr(got, field),
+        )
     assert got.nonfinite == ref.nonfinite, where
     assert got.in_warmup == ref.in_warmup, where
     assert list(got.scores) == list(ref.scores), (where, list(got.scores), list(ref.scores))
@@ -126,9 +142,17 @@ def _state_close(ref: dict[str, Any], got: dict[str, Any]) -> None:
 def test_constants_agree_with_the_reference() -> None:
     c = _core.detector_constants()
     assert c["critical_ratio"] == CRITICAL_RATIO
-    assert (c["noise_sigmas"], c["track_rate"], c["loss_floor"]) == (NOISE_SIGMAS, TRACK_RATE, LOSS_FLOOR)
+    assert (c["noise_sigmas"], c["track_rate"], c["loss_floor"]) == (
+        NOISE_SIGMAS,
+        TRACK_RATE,
+        LOSS_FLOOR,
+    )
     assert (c["gate_fast"], c["gate_slow"], c["gate_margin"]) == (GATE_FAST, GATE_SLOW, GATE_MARGIN)
-    assert (c["growth_rate"], c["growth_floor"], c["growth_ratio"]) == (GROWTH_RATE, GROWTH_FLOOR, GROWTH_RATIO)
+    assert (c["growth_rate"], c["growth_floor"], c["growth_ratio"]) == (
+        GROWTH_RATE,
+        GROWTH_FLOOR,
+        GROWTH_RATIO,
+    )
     assert c["min_calibration_samples"] == MIN_CALIBRATION_SAMPLES
 
 
@@ -143,10 +167,21 @@ def test_constants_agree_with_the_reference() -> None:
     alpha=st.floats(0.05, 1.0),
 )
 def test_cpp_detector_matches_the_reference(
-    seed: int, groups: int, warmup: int, with_loss: bool, with_grad: bool, calibration: str, alpha: float
+    seed: int,
+    groups: int,
+    warmup: int,
+    with_loss: bool,
+    with_grad: bool,
+    calibration: str,
+    alpha: float,
 ) -> None:
-    kw: dict[str, Any] = dict(drift_threshold=0.707, snap_threshold=1.414, alpha=alpha,
-                              warmup_steps=warmup, calibration=calibration)
+    kw: dict[str, Any] = dict(
+        drift_threshold=0.707,
+        snap_threshold=1.414,
+        alpha=alpha,
+        warmup_steps=warmup,
+        calibration=calibration,
+    )
     ref, got = ReferenceDetector(**kw), Detector(**kw)
     for t, s in enumerate(_steps(seed, groups, 120, with_loss, with_grad)):
         if s["restart"]:  # what the guard does after a rollback
@@ -165,7 +200,9 @@ def test_cpp_detector_matches_the_reference(
 def test_state_from_the_reference_resumes_in_cpp(seed: int, cut: int, groups: int) -> None:
     """A state saved by the NumPy rule (as guards saved before the C++ port) loads into the
     C++ detector and continues as the reference does."""
-    kw: dict[str, Any] = dict(drift_threshold=0.707, snap_threshold=1.414, alpha=0.3, warmup_steps=30)
+    kw: dict[str, Any] = dict(
+        drift_threshold=0.707, snap_threshold=1.414, alpha=0.3, warmup_steps=30
+    )
     ref = ReferenceDetector(**kw)
     steps = _steps(seed, groups, 120, True, True)
     for s in steps[:cut]:
@@ -174,9 +211,11 @@ def test_state_from_the_reference_resumes_in_cpp(seed: int, cut: int, groups: in
     got.load_state_dict(json.loads(json.dumps(ref.state_dict())))
     _state_close(ref.state_dict(), got.state_dict())
     for t, s in enumerate(steps[cut:], start=cut):
-        _compare(ref.observe(s["rows"], s["history"], loss=s["loss"], grad_norm=s["grad"]),
-                 got.observe(s["rows"], s["history"], loss=s["loss"], grad_norm=s["grad"]),
-                 f"step {t}")
+        _compare(
+            ref.observe(s["rows"], s["history"], loss=s["loss"], grad_norm=s["grad"]),
+            got.observe(s["rows"], s["history"], loss=s["loss"], grad_norm=s["grad"]),
+            f"step {t}",
+        )
 
 
 def test_corrupt_state_is_refused_with_a_clear_error() -> None:
@@ -210,4 +249,6 @@ def test_group_rows_sums_like_bincount() -> None:
     index = rng.integers(0, 6, 50).astype(np.int64)
     got = _core.group_rows(rows, index, 6)
     for c in range(5):
-        np.testing.assert_array_equal(got[:, c], np.bincount(index, weights=rows[:, c], minlength=6))
+        np.testing.assert_array_equal(
+            got[:, c], np.bincount(index, weights=rows[:, c], minlength=6)
+        )

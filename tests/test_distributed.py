@@ -45,7 +45,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), "--out", str(out), "--rank", str(r), "--world", str(WORLD)],
+            [
+                sys.executable,
+                str(WORKER),
+                "--out",
+                str(out),
+                "--rank",
+                str(r),
+                "--world",
+                str(WORLD),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -194,7 +203,10 @@ def test_emergency_checkpoint_is_a_complete_sharded_directory(world: Path) -> No
     (path,) = r["checkpoint"]
     ckpt = Path(path)
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "guard.json"
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "guard.json",
     ]
     assert json.loads((ckpt / "guard.json").read_text()) == {"step": 7}
     assert not list(ckpt.parent.glob(".tmp-*"))  # written aside, then renamed

@@ -30,20 +30,44 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HF_EXAMPLE = EXAMPLES / "distributed_hf_trainer.py"
 
 
-def launch(launcher: str, script: Path, args: list[str], cwd: Path,
-           timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def launch(
+    launcher: str, script: Path, args: list[str], cwd: Path, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     port = str(free_port())
     if launcher == "torchrun":
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", port]
+        head = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        ]
     else:
         # `--multi_gpu` is accelerate's torchrun-style launcher; the script's
         # TrainingArguments(use_cpu=True) keeps both processes on the CPU with gloo.
-        head = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-                "--main_process_port", port]
+        head = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+        ]
     return run_group([*head, str(script), *args], cwd=cwd, env=env, timeout=timeout)
 
 
@@ -57,8 +81,12 @@ def test_hf_trainer_agrees_and_stops_together(launcher: str, tmp_path: Path) -> 
     pytest.importorskip("transformers")
     if launcher == "accelerate":
         pytest.importorskip("accelerate")
-    proc = launch(launcher, HF_EXAMPLE, ["--out", str(tmp_path), "--blow-up-at", "12",
-                                         "--blow-up-every", "12", "--steps", "80"], tmp_path)
+    proc = launch(
+        launcher,
+        HF_EXAMPLE,
+        ["--out", str(tmp_path), "--blow-up-at", "12", "--blow-up-every", "12", "--steps", "80"],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = ranks(tmp_path)
     assert r0["world"] == r1["world"] == 2
@@ -78,9 +106,23 @@ def test_hf_trainer_agrees_and_stops_together(launcher: str, tmp_path: Path) -> 
 def test_hf_trainer_hung_rank_raises_within_the_deadline(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     timeout = 3.0
-    proc = launch("torchrun", HF_EXAMPLE, ["--out", str(tmp_path), "--steps", "40",
-                                           "--hang-rank", "1", "--hang-at", "5",
-                                           "--timeout", str(timeout)], tmp_path)
+    proc = launch(
+        "torchrun",
+        HF_EXAMPLE,
+        [
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "40",
+            "--hang-rank",
+            "1",
+            "--hang-at",
+            "5",
+            "--timeout",
+            str(timeout),
+        ],
+        tmp_path,
+    )
     # Rank 0 raised and exited with 3, so torchrun stopped the hung rank 1 and failed the job.
     assert proc.returncode != 0
     r0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -97,10 +139,12 @@ def test_lightning_ddp_agrees_on_both_ranks(tmp_path: Path) -> None:
     and rolled back to the same snapshot on both. 15-50 s here, by load."""
     pytest.importorskip("lightning")
     script = EXAMPLES / "distributed_lightning.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    proc = run_group([sys.executable, str(script), "--out", str(tmp_path)], cwd=tmp_path,
-                     env=env, timeout=240)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    proc = run_group(
+        [sys.executable, str(script), "--out", str(tmp_path)], cwd=tmp_path, env=env, timeout=240
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = ranks(tmp_path)
     assert r0["world"] == r1["world"] == 2
@@ -129,12 +173,28 @@ def test_lightning_ddp_hung_rank_raises_within_the_deadline(tmp_path: Path) -> N
     import time
 
     script = EXAMPLES / "distributed_lightning.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    proc = subprocess.Popen([sys.executable, str(script), "--out", str(tmp_path), "--hang-rank",
-                             "1", "--hang-at", "10", "--timeout", "3"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            "--out",
+            str(tmp_path),
+            "--hang-rank",
+            "1",
+            "--hang-at",
+            "10",
+            "--timeout",
+            "3",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     report = tmp_path / "rank0.json"
     try:
         deadline = time.monotonic() + 180

@@ -33,8 +33,9 @@ def launch(out: Path, *args: str) -> tuple[dict[str, Any], dict[str, Any]]:
     # Ray's controller polls its workers every 2 s by default and each report() waits for a
     # poll; 0.2 s keeps the test short (the example reports every 10 steps).
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
-    proc = run_group([sys.executable, str(EXAMPLE), "--out", str(out), *args], cwd=out,
-                     env=env, timeout=300)
+    proc = run_group(
+        [sys.executable, str(EXAMPLE), "--out", str(out), *args], cwd=out, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "result.json").read_text())
     r0 = json.loads((out / "rank0.json").read_text())
@@ -42,8 +43,17 @@ def launch(out: Path, *args: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_ray_train_agrees_stops_together_and_is_not_restarted(tmp_path: Path) -> None:
-    summary, r0 = launch(tmp_path, "--max-failures", "1", "--blow-up-at", "30",
-                         "--blow-up-every", "10", "--steps", "80")
+    summary, r0 = launch(
+        tmp_path,
+        "--max-failures",
+        "1",
+        "--blow-up-at",
+        "30",
+        "--blow-up-every",
+        "10",
+        "--steps",
+        "80",
+    )
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert summary["error"] is None
     assert summary["attempts"] == [1, 1]  # the guard's stop is not a failure to retry
@@ -83,8 +93,19 @@ def test_ray_train_agrees_stops_together_and_is_not_restarted(tmp_path: Path) ->
 def test_ray_train_failed_rank_raises_within_the_deadline(tmp_path: Path, fault: str) -> None:
     """Worker 1 sleeps (or ends its process) before its guard call at step 10: worker 0 raises
     RankFailureError at the 3 s deadline (at once for a dead peer) and Ray fails the run."""
-    summary, r0 = launch(tmp_path, "--max-failures", "0", "--hang-rank", "1", "--hang-at",
-                         "10", "--fault", fault, "--timeout", "3")
+    summary, r0 = launch(
+        tmp_path,
+        "--max-failures",
+        "0",
+        "--hang-rank",
+        "1",
+        "--hang-at",
+        "10",
+        "--fault",
+        fault,
+        "--timeout",
+        "3",
+    )
     assert not (tmp_path / "rank1.json").exists()  # worker 1 never got past step 10
     assert summary["attempts"] == [1, 1]
     healthy = r0["healthy"]

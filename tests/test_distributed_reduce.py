@@ -26,8 +26,10 @@ def sharded_runs(draw: st.DrawFn) -> tuple[int, list[int], list[bool], list[list
     world = draw(st.integers(1, 4))
     sizes = draw(st.lists(st.integers(1, 300), min_size=1, max_size=4))
     replicated = [draw(st.booleans()) for _ in sizes]
-    cuts = [sorted(draw(st.lists(st.integers(0, n), min_size=world - 1, max_size=world - 1)))
-            for n in sizes]
+    cuts = [
+        sorted(draw(st.lists(st.integers(0, n), min_size=world - 1, max_size=world - 1)))
+        for n in sizes
+    ]
     seed = draw(st.integers(0, 2**31 - 1))
     return world, sizes, replicated, cuts, seed
 
@@ -80,8 +82,9 @@ def test_summed_packets_equal_one_engine_over_the_whole_tensors(
     rng = np.random.default_rng(seed)
     trajectory = [[rng.standard_normal(n).astype(np.float32) for n in sizes]]
     for _ in range(STEPS - 1):
-        trajectory.append([t + 0.1 * rng.standard_normal(t.size).astype(np.float32)
-                           for t in trajectory[-1]])
+        trajectory.append(
+            [t + 0.1 * rng.standard_normal(t.size).astype(np.float32) for t in trajectory[-1]]
+        )
     bad_step = int(rng.integers(0, STEPS))
     bad_tensor = int(rng.integers(0, len(sizes)))
     trajectory[bad_step][bad_tensor] = trajectory[bad_step][bad_tensor].copy()
@@ -107,7 +110,10 @@ def test_summed_packets_equal_one_engine_over_the_whole_tensors(
 
 def _packet(rank: int, world: int, call: int, **kw: float | None) -> np.ndarray:
     args: dict[str, float | None] = {
-        "loss": None, "grad_norm": None, "grad_sq": None, "grad_nonfinite": None
+        "loss": None,
+        "grad_norm": None,
+        "grad_sq": None,
+        "grad_nonfinite": None,
     }
     args.update(kw)
     return pack_step(
@@ -145,12 +151,29 @@ def test_gradient_norms_local_shards_add_and_caller_norms_average() -> None:
 def test_a_replicated_nonfinite_count_is_not_averaged_away() -> None:
     world = 4
     rows = np.array([[1.0, 0.0, 0.0, 0.0, 1.0]]) / world  # one NaN on one replica of four
-    total = pack_step(rows, local_nonfinite=1.0, loss=None, grad_norm=None, grad_sq=None,
-                      grad_nonfinite=None, call=1, rank=0, world=world)
+    total = pack_step(
+        rows,
+        local_nonfinite=1.0,
+        loss=None,
+        grad_norm=None,
+        grad_sq=None,
+        grad_nonfinite=None,
+        call=1,
+        rank=0,
+        world=world,
+    )
     for r in range(1, world):
-        total = total + pack_step(np.zeros((1, 5)), local_nonfinite=0.0, loss=None,
-                                  grad_norm=None, grad_sq=None, grad_nonfinite=None, call=1,
-                                  rank=r, world=world)
+        total = total + pack_step(
+            np.zeros((1, 5)),
+            local_nonfinite=0.0,
+            loss=None,
+            grad_norm=None,
+            grad_sq=None,
+            grad_nonfinite=None,
+            call=1,
+            rank=r,
+            world=world,
+        )
     assert unpack_step(total, (1, 5), world).rows[0, 4] == 1.0
 
 

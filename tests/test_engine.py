@@ -133,8 +133,9 @@ def test_total_norm_is_the_sum_of_the_per_tensor_norms() -> None:
     tracker = _core.Tracker(threads=2)
     rows = tracker.norms(arrays)
     squares, nonfinite = tracker.total_norm(arrays)
-    assert squares == pytest.approx(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays),
-                                    rel=1e-12)
+    assert squares == pytest.approx(
+        sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays), rel=1e-12
+    )
     assert squares == pytest.approx(float(rows[:, 0].sum()), rel=1e-15)
     assert nonfinite == 0
     arrays[2][[5, 9]] = [np.nan, np.inf]
@@ -145,8 +146,9 @@ def test_total_norm_is_the_sum_of_the_per_tensor_norms() -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     size=st.integers(1, 5000),
-    bad=st.lists(st.tuples(st.integers(0, 4999), st.sampled_from([np.nan, np.inf, -np.inf])),
-                 max_size=6),
+    bad=st.lists(
+        st.tuples(st.integers(0, 4999), st.sampled_from([np.nan, np.inf, -np.inf])), max_size=6
+    ),
     dtype=st.sampled_from([np.float32, np.float64, np.float16]),
     huge=st.booleans(),
 )

@@ -54,8 +54,12 @@ FUZZ_BYTES = st.binary(max_size=300) | st.builds(
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(EXAMPLES))
 def test_fuzz_case(case: str) -> None:
-    @settings(max_examples=EXAMPLES[case], deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES[case],
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(FUZZ_BYTES)
     def run(data: bytes) -> None:
         fuzz.fuzz_one(data, case)

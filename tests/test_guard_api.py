@@ -24,7 +24,9 @@ def _walk(
 ) -> Iterator[dict[str, npt.NDArray[np.float32]]]:
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     for _ in range(steps):
-        params = {k: (v - lr * rng.standard_normal(v.shape)).astype(np.float32) for k, v in params.items()}
+        params = {
+            k: (v - lr * rng.standard_normal(v.shape)).astype(np.float32) for k, v in params.items()
+        }
         yield params
 
 
@@ -38,7 +40,14 @@ def test_result_carries_every_field_of_the_seed() -> None:
         r = guard.monitor(p)
     assert isinstance(r, StabilityResult)
     assert r.status in ("STABLE", "DRIFT", "CRITICAL")
-    for name in ("zeta_value", "raw_jar", "smoothed_jar", "confidence", "recommendations", "timestamp"):
+    for name in (
+        "zeta_value",
+        "raw_jar",
+        "smoothed_jar",
+        "confidence",
+        "recommendations",
+        "timestamp",
+    ):
         assert hasattr(r, name)
     assert 0.0 <= r.confidence <= 1.0
     assert set(r.groups) == {"fc1", "fc2"}  # grouped by layer by default
@@ -56,8 +65,16 @@ def test_result_wraps_the_detectors_observation() -> None:
         want = twin.observe(r.group_rows, r.history, loss=loss)
         obs = r.observation
         assert isinstance(obs, Observation)
-        for name in ("status", "zeta_value", "raw_jar", "smoothed_jar", "confidence",
-                     "nonfinite", "in_warmup", "channels"):
+        for name in (
+            "status",
+            "zeta_value",
+            "raw_jar",
+            "smoothed_jar",
+            "confidence",
+            "nonfinite",
+            "in_warmup",
+            "channels",
+        ):
             assert getattr(r, name) is getattr(obs, name)  # not a copy
             assert getattr(obs, name) == getattr(want, name)
         assert r.group_zeta is obs.group_zeta
@@ -68,17 +85,30 @@ def test_result_wraps_the_detectors_observation() -> None:
     back = pickle.loads(pickle.dumps(r))
     assert (back.observation.zeta_value, back.step, back.groups) == (r.zeta_value, r.step, r.groups)
     assert repr(r).startswith(f"StabilityResult(status={r.status!r}, zeta_value={r.zeta_value!r}")
-    by_hand = StabilityResult(status="DRIFT", zeta_value=0.8, raw_jar=None, smoothed_jar=None,
-                              confidence=0.5, step=3, channels={"loss": 1.0})
+    by_hand = StabilityResult(
+        status="DRIFT",
+        zeta_value=0.8,
+        raw_jar=None,
+        smoothed_jar=None,
+        confidence=0.5,
+        step=3,
+        channels={"loss": 1.0},
+    )
     assert by_hand.observation.zeta_value == 0.8
     assert by_hand.channels == {"loss": 1.0}
     assert by_hand.group_zeta is None
     assert by_hand.groups == {}
     assert by_hand.worst_group is None
-    assert by_hand == StabilityResult(status="DRIFT", zeta_value=0.8, raw_jar=None,
-                                      smoothed_jar=None, confidence=0.5, step=3,
-                                      channels={"loss": 1.0}, timestamp=by_hand.timestamp)
-
+    assert by_hand == StabilityResult(
+        status="DRIFT",
+        zeta_value=0.8,
+        raw_jar=None,
+        smoothed_jar=None,
+        confidence=0.5,
+        step=3,
+        channels={"loss": 1.0},
+        timestamp=by_hand.timestamp,
+    )
 
 
 def test_dataclasses_replace_keeps_working_on_results() -> None:
@@ -102,6 +132,7 @@ def test_dataclasses_replace_keeps_working_on_results() -> None:
     assert changed.zeta_value == r.zeta_value
     with pytest.raises(TypeError, match="missing raw_jar, smoothed_jar, confidence"):
         StabilityResult(status="STABLE", zeta_value=0.1)
+
 
 def test_raw_jar_is_the_seed_formula_to_the_letter() -> None:
     # mode="exact": every element every step (the default tiered mode estimates it between

@@ -55,8 +55,14 @@ print(json.dumps({"backend": keras.backend.backend(), "per_batch": Probe.per_bat
 
 def test_a_jax_fit_is_read_without_walking_the_layers_each_batch() -> None:
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["backend"] == "jax"
     assert result["steps"] == 40  # every batch scored

@@ -46,11 +46,13 @@ def assert_matches_numpy(rows: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("scenario", ["data_parallel", "model_parallel"])
-def test_one_decision_per_batch_from_numpy_equal_norms(runs: dict[str, Any],
-                                                       scenario: str) -> None:
+def test_one_decision_per_batch_from_numpy_equal_norms(runs: dict[str, Any], scenario: str) -> None:
     run = runs[scenario]
-    expected = ["replicated"] * 4 if scenario == "data_parallel" else [
-        "sharded", "replicated", "sharded", "replicated"]
+    expected = (
+        ["replicated"] * 4
+        if scenario == "data_parallel"
+        else ["sharded", "replicated", "sharded", "replicated"]
+    )
     assert run["layouts"] == expected  # the layout the test means to exercise is real
     # One guard call per batch, each variable once (a replica counted twice would show as a
     # second name, or as a norm sqrt(2) times NumPy's).
@@ -93,9 +95,17 @@ def test_an_array_sharded_across_processes_is_refused_clearly() -> None:
 
     port = str(free_port())
     env = dict(os.environ, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.support.jax_processes", str(i), port],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.support.jax_processes", str(i), port],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
     outs = []
     try:
         for p in procs:
@@ -103,7 +113,7 @@ def test_an_array_sharded_across_processes_is_refused_clearly() -> None:
             lines = [ln for ln in stdout.splitlines() if ln.startswith(MARK)]
             assert p.returncode == 0, stderr[-3000:]
             assert lines, stderr[-3000:]
-            outs.append(json.loads(lines[-1][len(MARK):]))
+            outs.append(json.loads(lines[-1][len(MARK) :]))
     finally:
         for p in procs:
             p.kill()

@@ -27,12 +27,15 @@ class Net(pl.LightningModule):
     def __init__(self, blow_up_at: int | None = None, lr: float = 2e-3) -> None:
         super().__init__()
         self.lr = lr
-        self.net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                                       torch.nn.Linear(32, 10))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+        )
         self.blow_up_at = blow_up_at
         self.lr_blown: float | None = None
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         loss = torch.nn.functional.cross_entropy(self.net(x), y)
         self.log("train_loss", loss)
@@ -52,9 +55,15 @@ class Net(pl.LightningModule):
 
 def _trainer(tmp: Path, steps: int, callbacks: list, **kw: object) -> pl.Trainer:  # type: ignore[type-arg]
     return pl.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=CSVLogger(tmp, name="run"),
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-        callbacks=callbacks, **kw,  # type: ignore[arg-type]
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp, name="run"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=callbacks,
+        **kw,  # type: ignore[arg-type]
     )
 
 

@@ -31,11 +31,14 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> No
         opt.step()
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.Adam(p, lr=1e-2),
-    lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
-    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    ],
+)
 def test_rollback_restores_parameters_and_optimizer_state_bit_for_bit(make_opt) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = _model()
@@ -78,8 +81,10 @@ def test_captures_reuse_the_buffers_of_dropped_snapshots_and_never_of_held_ones(
     backend = make_backend(model, opt)
 
     def tensors(snap) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-        return [*snap.params.values(),
-                *(v for s in snap.optimizer_state["state"].values() for v in s.values())]
+        return [
+            *snap.params.values(),
+            *(v for s in snap.optimizer_state["state"].values() for v in s.values()),
+        ]
 
     def pointers(snap) -> set[int]:  # type: ignore[no-untyped-def]
         return {t.data_ptr() for t in tensors(snap)}
@@ -175,7 +180,9 @@ def test_generator_is_refused_with_the_fix() -> None:
 
 @pytest.mark.parametrize("kind", ["lambda", "step", "onecycle", "cosine", "cyclic", "sequential"])
 def test_lr_cut_persists_under_a_scheduler(kind: str) -> None:
-    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    def build() -> tuple[
+        torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
+    ]:
         torch.manual_seed(0)
         m = torch.nn.Linear(4, 2)
         o = torch.optim.SGD(m.parameters(), lr=0.1)

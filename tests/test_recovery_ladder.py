@@ -15,7 +15,9 @@ from zetaguard.recovery.ladder import LADDERS, MAX_TOTAL_RECOVERIES, MIN_LR_FACT
 
 from tests.support.results import make_result as _result
 
-_STATUS = st.sampled_from([("STABLE", 0.1), ("DRIFT", 0.9), ("CRITICAL", 2.0), ("CRITICAL", math.inf)])
+_STATUS = st.sampled_from(
+    [("STABLE", 0.1), ("DRIFT", 0.9), ("CRITICAL", 2.0), ("CRITICAL", math.inf)]
+)
 
 
 @settings(max_examples=60, deadline=None)

@@ -76,7 +76,11 @@ def test_a_loop_that_sets_the_lr_every_step_is_warned_once_and_the_cut_held(
     assert factor < 0.5
     with caplog.at_level("INFO", logger="zetaguard"):
         steps = _lr_loop(guard, model, opt, range(30, 60), ramp)
-    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "assigns the learning rate" in r.getMessage()]
+    warnings = [
+        r
+        for r in caplog.records
+        if r.levelname == "WARNING" and "assigns the learning rate" in r.getMessage()
+    ]
     assert len(warnings) == 1
     assert "guard.attach(scheduler=...)" in warnings[0].getMessage()
     for loop_value, used in steps:
@@ -84,7 +88,7 @@ def test_a_loop_that_sets_the_lr_every_step_is_warned_once_and_the_cut_held(
         # a relative ramp does not compound it.
         assert used == pytest.approx(loop_value * factor, rel=1e-3)
     if relative:
-        assert steps[-1][0] == pytest.approx(report.lr_before * factor * 1.01 ** 30, rel=1e-6)
+        assert steps[-1][0] == pytest.approx(report.lr_before * factor * 1.01**30, rel=1e-6)
     assert guard.recovery.lr_watch.overridden
 
 
@@ -156,10 +160,14 @@ def test_rollback_rewinds_the_scheduler_and_keeps_the_cut(kind: str) -> None:
     elif kind == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     else:
-        sched = torch.optim.lr_scheduler.SequentialLR(opt, [
-            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=6),
-            torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
-        ], milestones=[6])
+        sched = torch.optim.lr_scheduler.SequentialLR(
+            opt,
+            [
+                torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=6),
+                torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
+            ],
+            milestones=[6],
+        )
 
     def step() -> None:
         model(torch.randn(8, 4)).pow(2).mean().backward()
@@ -263,8 +271,9 @@ def test_a_rollback_that_rewinds_a_ramp_replays_at_the_intended_lr_not_below(sha
     assert report.lr_after == pytest.approx(max(intended, cut * stable))
     assert any(a.startswith("lr x") for a in report.actions)
 
-    steps = _lr_loop(guard, model, opt, range(trouble - restored + 5), lambda t, lr: None,
-                     sched=sched)
+    steps = _lr_loop(
+        guard, model, opt, range(trouble - restored + 5), lambda t, lr: None, sched=sched
+    )
     for i, (_, used) in enumerate(steps):
         position = restored + i
         schedule = cut * 0.01 * ramp(position)  # the rewound schedule with the cut kept

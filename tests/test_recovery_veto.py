@@ -67,7 +67,9 @@ def test_guarded_step_needs_an_optimizer() -> None:
     norms=st.lists(st.floats(1e-3, 1e3), min_size=20, max_size=300),
     scale=st.floats(1e-3, 1e3),
 )
-def test_clip_value_is_above_the_median_and_scale_equivariant(norms: list[float], scale: float) -> None:
+def test_clip_value_is_above_the_median_and_scale_equivariant(
+    norms: list[float], scale: float
+) -> None:
     value = recommended_clip_value(norms)
     assert value is not None
     recent = norms[-200:]

@@ -29,8 +29,12 @@ def trajectory(seed: int = 7) -> tuple[list[dict[str, np.ndarray]], list[float]]
     point so the continued run crosses DRIFT/CRITICAL paths too."""
     rng = np.random.default_rng(seed)
     shapes = {"enc.weight": (64, 80), "enc.bias": (80,), "dec.weight": (80, 16), "head": (300,)}
-    dtypes = {"enc.weight": np.float32, "enc.bias": np.float64, "dec.weight": np.float16,
-              "head": np.float32}
+    dtypes = {
+        "enc.weight": np.float32,
+        "enc.bias": np.float64,
+        "dec.weight": np.float16,
+        "head": np.float32,
+    }
     x = {k: rng.normal(size=s) for k, s in shapes.items()}
     steps, losses = [], []
     for t in range(STEPS):
@@ -66,8 +70,14 @@ def describe(result: Any) -> Any:
 
 
 def guard_for(mode: str) -> ZetaGuard:
-    return ZetaGuard(warmup_steps=WARMUP, mode=mode, sketch_buckets=256, group_by="layer",
-                     auto_recover=False, threads=1)
+    return ZetaGuard(
+        warmup_steps=WARMUP,
+        mode=mode,
+        sketch_buckets=256,
+        group_by="layer",
+        auto_recover=False,
+        threads=1,
+    )
 
 
 CHILD = r"""
@@ -103,12 +113,28 @@ def test_resume_in_new_process_is_bit_identical(tmp_path: Path, mode: str) -> No
     assert "CRITICAL" in statuses, "the continued run should cross the NaN at step 52"
 
     arrays = {f"{t}/{k}": v for t, snap in enumerate(steps) for k, v in snap.items()}
-    np.savez(tmp_path / "traj.npz", names=json.dumps(list(steps[0])), steps=STEPS,
-             losses=np.array(losses), **arrays)
+    np.savez(
+        tmp_path / "traj.npz",
+        names=json.dumps(list(steps[0])),
+        steps=STEPS,
+        losses=np.array(losses),
+        **arrays,
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "mid.zg"), str(tmp_path / "traj.npz"),
-         str(SAVE_AT), str(Path(__file__).parent), mode],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(tmp_path / "mid.zg"),
+            str(tmp_path / "traj.npz"),
+            str(SAVE_AT),
+            str(Path(__file__).parent),
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     resumed = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -138,8 +164,9 @@ def test_truncated_file_is_refused_and_guard_untouched(tmp_path: Path) -> None:
     # The guard that tries to load has a run of its own; a refused file must leave it intact.
     _, bystander = good_state(tmp_path / "other", steps=15)
     _, twin = good_state(tmp_path / "twin", steps=15)
-    for cut in sorted({0, 1, 10, 100, len(blob) // 3, len(blob) // 2, len(blob) - 22,
-                       len(blob) - 1}):
+    for cut in sorted(
+        {0, 1, 10, 100, len(blob) // 3, len(blob) // 2, len(blob) - 22, len(blob) - 1}
+    ):
         bad = tmp_path / f"cut{cut}.zg"
         bad.write_bytes(blob[:cut])
         with pytest.raises(StateFileError, match=r"truncated or corrupt|not a zetaguard|earlier"):
@@ -189,9 +216,12 @@ def test_inconsistent_header_is_a_state_file_error(tmp_path: Path) -> None:
 
     path, _ = good_state(tmp_path)
     meta, arrays = state.load(path)
-    for broken in ({"config": {}}, {"engine": {**meta["engine"], "history": 7}},
-                   {"engine": {**meta["engine"], "tensors": meta["engine"]["tensors"][:1]}},
-                   {"names": 5}):
+    for broken in (
+        {"config": {}},
+        {"engine": {**meta["engine"], "history": 7}},
+        {"engine": {**meta["engine"], "tensors": meta["engine"]["tensors"][:1]}},
+        {"names": 5},
+    ):
         m = {k: v for k, v in meta.items() if k not in ("format", "version", "sha256")}
         m.update(broken)
         state.save(tmp_path / "odd.zg", m, arrays)
@@ -253,7 +283,8 @@ def test_killed_writer_never_leaves_a_partial_file(tmp_path: Path) -> None:
     for _ in range(3):
         proc = subprocess.Popen(
             [sys.executable, "-c", KILLED_WRITER, str(target), str(Path(__file__).parent)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"

@@ -18,9 +18,13 @@ def reference_rows(xs: list[list[np.ndarray]], plans: list[dict]) -> list[np.nda
     for t in range(len(xs)):
         rows = np.zeros((len(plans), 5))
         for i, plan in enumerate(plans):
-            idx = np.concatenate(
-                [np.arange(s, min(s + plan["block"], xs[t][i].size)) for s in plan["starts"]]
-            ) if plan["starts"] else np.zeros(0, dtype=np.int64)
+            idx = (
+                np.concatenate(
+                    [np.arange(s, min(s + plan["block"], xs[t][i].size)) for s in plan["starts"]]
+                )
+                if plan["starts"]
+                else np.zeros(0, dtype=np.int64)
+            )
             hist = [xs[t - k][i].astype(np.float64).ravel()[idx] for k in range(min(t, 3) + 1)]
             x = hist[0]
             rows[i, 0] = np.sum(x * x)

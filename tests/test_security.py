@@ -34,6 +34,7 @@ class Payload:
 
 # ---- code execution from files ---------------------------------------------------------------------
 
+
 def test_state_file_with_a_pickle_is_refused_without_running_it(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     bad = tmp_path / "evil.zg"
@@ -85,6 +86,7 @@ def test_state_files_are_written_without_pickle(tmp_path: Path) -> None:
 
 # ---- the dashboard ---------------------------------------------------------------------------------
 
+
 def test_dashboard_defaults_to_loopback_and_demands_a_token_elsewhere(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -112,11 +114,12 @@ def _start_dashboard(tmp_path: Path, *extra: str) -> Iterator[str]:
     pytest.importorskip("starlette")
     pytest.importorskip("uvicorn")
     runs = _run_dir(tmp_path)
-    code = ("import sys; from zetaguard.cli.dashboard import main; "
-            "sys.exit(main(sys.argv[1:]))")
+    code = "import sys; from zetaguard.cli.dashboard import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--runs", str(runs), "--port", "0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -186,11 +189,19 @@ def test_dashboard_token_and_paths(dashboard: str) -> None:
     # Path traversal: no request path reaches the filesystem outside the fixed static table.
     auth = {"Authorization": f"Bearer {TOKEN}"}
     for path in (
-        "/static/..%2F__init__.py", "/static/%2e%2e%2fapp.py", "/static/..%2F..%2Fguard.py",
-        "/static/../../guard.py", "/static/app.js%00.py", "/static/.%2F__init__.py",
-        "/static/%2Fetc%2Fpasswd", "/api/runs/..", "/api/runs/..%2F..%2Fetc",
-        "/api/runs/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/api/runs/demo%2F..%2F..",
-        "/api/runs/..%2Fruns%2Fdemo", "/api/runs/.%2Fdemo/stream",
+        "/static/..%2F__init__.py",
+        "/static/%2e%2e%2fapp.py",
+        "/static/..%2F..%2Fguard.py",
+        "/static/../../guard.py",
+        "/static/app.js%00.py",
+        "/static/.%2F__init__.py",
+        "/static/%2Fetc%2Fpasswd",
+        "/api/runs/..",
+        "/api/runs/..%2F..%2Fetc",
+        "/api/runs/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/api/runs/demo%2F..%2F..",
+        "/api/runs/..%2Fruns%2Fdemo",
+        "/api/runs/.%2Fdemo/stream",
     ):
         status, body, _ = _get(dashboard + path, auth)
         assert status in (400, 404), (path, status)
@@ -199,6 +210,7 @@ def test_dashboard_token_and_paths(dashboard: str) -> None:
 
 
 # ---- webhooks ---------------------------------------------------------------------------------------
+
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
     seen: list[tuple[str, str, bytes]]
@@ -226,8 +238,9 @@ def _server(
     redirect_to: str | None = None, code: int = 302
 ) -> tuple[http.server.HTTPServer, list[Any]]:
     seen: list[Any] = []
-    handler = type("H", (_Recorder,), {"seen": seen, "redirect_to": redirect_to,
-                                       "redirect_code": code})
+    handler = type(
+        "H", (_Recorder,), {"seen": seen, "redirect_to": redirect_to, "redirect_code": code}
+    )
     server = http.server.HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, seen

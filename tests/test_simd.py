@@ -30,7 +30,9 @@ def _arrays(dtype: type, n: int, seed: int, with_nonfinite: bool) -> list[np.nda
     seed=st.integers(0, 2**31),
     with_nonfinite=st.booleans(),
 )
-def test_simd_lanes_equal_scalar_lanes(isa: str, dtype: type, n: int, seed: int, with_nonfinite: bool) -> None:
+def test_simd_lanes_equal_scalar_lanes(
+    isa: str, dtype: type, n: int, seed: int, with_nonfinite: bool
+) -> None:
     arrays = _arrays(dtype, n, seed, with_nonfinite)
     lanes = LANES[isa]
     simd = _core._kernel_lanes("fused", isa, lanes, arrays)

@@ -50,7 +50,9 @@ def test_sketch_handles_constant_and_periodic_updates() -> None:
             sk = _core.Tracker(mode="sketch", sketch_buckets=k, seed=seed)
             sk.update([base])
             est.append(sk.update([base + update])[0, 1])
-        assert np.mean(est) / float(np.sum(update.astype(np.float64) ** 2)) == pytest.approx(1.0, abs=0.1)
+        assert np.mean(est) / float(np.sum(update.astype(np.float64) ** 2)) == pytest.approx(
+            1.0, abs=0.1
+        )
 
 
 def test_sketch_state_is_bounded_whatever_the_model_size() -> None:
@@ -101,6 +103,8 @@ def test_sketch_constants_are_splitmix64_and_the_engine_map() -> None:
     t.update([np.ones(4096, dtype=np.float32)])
     entry = t.get_state()["tensors"][0]
     k, tseed = entry["buckets"], entry["seed"]
-    want = [-1.0 if splitmix64(tseed ^ ((p * c["tau_mul"]) & mask)) >> 63 else 1.0 for p in range(k)]
+    want = [
+        -1.0 if splitmix64(tseed ^ ((p * c["tau_mul"]) & mask)) >> 63 else 1.0 for p in range(k)
+    ]
     assert np.asarray(entry["tau"], dtype=np.float64).tolist() == want
     assert tseed == splitmix64((7 + c["splitmix_golden"]) & mask)

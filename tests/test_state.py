@@ -12,7 +12,10 @@ from zetaguard import StateFileError, ZetaGuard
 
 def _steps(seed: int, n: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    w = {"l1.weight": rng.standard_normal((40, 20)).astype(np.float32), "l2.bias": rng.standard_normal(7)}
+    w = {
+        "l1.weight": rng.standard_normal((40, 20)).astype(np.float32),
+        "l2.bias": rng.standard_normal(7),
+    }
     out = []
     for t in range(n):
         lr = 0.01 if t < 25 else 0.01 * 1.4 ** (t - 25)  # a ramp so later steps alarm
@@ -76,7 +79,9 @@ def test_corrupt_and_truncated_files_are_refused(tmp_path: Path) -> None:
         ZetaGuard().load_state(other)
 
 
-def test_failed_save_leaves_previous_file_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_leaves_previous_file_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     guard = ZetaGuard()
     guard.monitor([np.ones(4, np.float32)])
     path = tmp_path / "s.npz"

@@ -45,20 +45,27 @@ def test_global_and_per_layer_scalars_round_trip(tmp_path: Path) -> None:
 
     acc = _read(tmp_path)
     tags = set(acc.Tags()["scalars"])
-    assert {"zetaguard/zeta", "zetaguard/status_level", "zetaguard/raw_jar",
-            "zetaguard/layers/0/zeta", "zetaguard/layers/2/update_ratio"} <= tags
+    assert {
+        "zetaguard/zeta",
+        "zetaguard/status_level",
+        "zetaguard/raw_jar",
+        "zetaguard/layers/0/zeta",
+        "zetaguard/layers/2/update_ratio",
+    } <= tags
     zeta = acc.Scalars("zetaguard/zeta")
     assert [e.step for e in zeta] == list(range(12))
     assert [e.value for e in zeta] == pytest.approx(expected["zetaguard/zeta"], rel=1e-6)
     layer = acc.Scalars("zetaguard/layers/0/zeta")
-    assert [e.value for e in layer] == pytest.approx(expected["zetaguard/layers/0/zeta"],
-                                                     rel=1e-6, abs=1e-7)
+    assert [e.value for e in layer] == pytest.approx(
+        expected["zetaguard/layers/0/zeta"], rel=1e-6, abs=1e-7
+    )
 
 
 def test_nonfinite_and_layer_switch_and_logdir(tmp_path: Path) -> None:
     board = ZetaBoard(tmp_path / "run", layers=False)  # a log directory opens a writer
-    n = board.log_stability({"zeta": math.inf, "loss": math.nan, "group/fc/zeta": 1.0,
-                             "step": 3.0}, step=3)
+    n = board.log_stability(
+        {"zeta": math.inf, "loss": math.nan, "group/fc/zeta": 1.0, "step": 3.0}, step=3
+    )
     assert n == 2
     board.writer.close()
     acc = _read(tmp_path / "run")

@@ -13,8 +13,10 @@ from zetaguard import ZetaGuard, _core
 
 
 def _walk(rng: np.random.Generator, n: int, size: int = 64 * 1024) -> list[dict[str, np.ndarray]]:
-    w = {"a.weight": rng.standard_normal(size).astype(np.float32),
-         "b.weight": rng.standard_normal(size // 2).astype(np.float32)}
+    w = {
+        "a.weight": rng.standard_normal(size).astype(np.float32),
+        "b.weight": rng.standard_normal(size // 2).astype(np.float32),
+    }
     out = []
     for _ in range(n):
         w = {k: v - 1e-3 * rng.standard_normal(v.size).astype(np.float32) for k, v in w.items()}

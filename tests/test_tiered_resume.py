@@ -16,12 +16,15 @@ from zetaguard.state import StateFileError
 def _walk(seed: int, n: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     w: dict[str, np.ndarray] = {
-         "a.weight": rng.standard_normal(64 * 1024).astype(np.float32),
-         "b.weight": rng.standard_normal(8 * 1024).astype(np.float16)}
+        "a.weight": rng.standard_normal(64 * 1024).astype(np.float32),
+        "b.weight": rng.standard_normal(8 * 1024).astype(np.float16),
+    }
     out = []
     for _ in range(n):
-        w = {k: np.asarray(v - 1e-2 * rng.standard_normal(v.size), dtype=v.dtype)
-             for k, v in w.items()}
+        w = {
+            k: np.asarray(v - 1e-2 * rng.standard_normal(v.size), dtype=v.dtype)
+            for k, v in w.items()
+        }
         out.append(w)
     return out
 
@@ -42,8 +45,12 @@ def test_a_resumed_tiered_guard_continues_exactly(tmp_path: Path, save_at: int) 
     got = [resumed.monitor(p, loss=1.0) for p in steps[save_at:]]
     assert got[0].raw_jar is not None or save_at < 3  # the ring came back
     for a, b in zip(expected[save_at:], got, strict=True):
-        assert (b.step, b.status, b.raw_jar, b.zeta_value) == (a.step, a.status, a.raw_jar,
-                                                                a.zeta_value)
+        assert (b.step, b.status, b.raw_jar, b.zeta_value) == (
+            a.step,
+            a.status,
+            a.raw_jar,
+            a.zeta_value,
+        )
     assert resumed.get_statistics()["tiered"] == whole.get_statistics()["tiered"]
 
 
@@ -88,8 +95,10 @@ def _edit(meta: dict[str, Any], **changes: Any) -> dict[str, Any]:
         (lambda m, a: (m, {**a, "r1_s2": a["r1_s2"].astype(np.float64)}), "ring 1 slot 2"),
         (lambda m, a: (m, {k: v for k, v in a.items() if k != "r0_s0"}), "ring 0 slot 0"),
         (lambda m, a: ({**m, "config": {**m["config"], "mode": "exact"}}, a), "sampled ring but"),
-        (lambda m, a: ({**m, "config": {**m["config"], "sample_fraction": 0.5}}, a),
-         "another sample_fraction"),
+        (
+            lambda m, a: ({**m, "config": {**m["config"], "sample_fraction": 0.5}}, a),
+            "another sample_fraction",
+        ),
     ],
 )
 def test_a_damaged_sampled_ring_is_refused_and_changes_nothing(

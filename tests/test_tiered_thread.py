@@ -43,8 +43,7 @@ def _train_step(model: Any, opt: Any, data: Any) -> float:
 
 
 def _guards() -> tuple[ZetaGuard, ZetaGuard]:
-    kw: dict[str, Any] = {"auto_recover": False, "full_pass_interval": INTERVAL,
-                          "warmup_steps": 10}
+    kw: dict[str, Any] = {"auto_recover": False, "full_pass_interval": INTERVAL, "warmup_steps": 10}
     return ZetaGuard(**kw), ZetaGuard(full_pass="thread", **kw)
 
 
@@ -79,7 +78,10 @@ def test_thread_results_equal_inline_results_on_a_healthy_run() -> None:
         a = inline.monitor(model, loss=loss)
         b = thread.monitor(model, loss=loss)
         assert (a.status, a.zeta_value, a.raw_jar, a.nonfinite) == (
-            b.status, b.zeta_value, b.raw_jar, b.nonfinite
+            b.status,
+            b.zeta_value,
+            b.raw_jar,
+            b.nonfinite,
         )
         late = b.channels.get("late_full_pass_step")
         assert late == (t - 1 if t % INTERVAL == 0 and t > 0 else None)

@@ -44,8 +44,9 @@ def test_every_float_dtype_matches_numpy_reference(dtype: torch.dtype) -> None:
     rows = _group_rows(r)
     for name in ("w", "b"):
         ref = channels(hist[name])
-        np.testing.assert_allclose(rows[name][:4], [ref["x2"], ref["v2"], ref["a2"], ref["j2"]],
-                                   rtol=1e-9)
+        np.testing.assert_allclose(
+            rows[name][:4], [ref["x2"], ref["v2"], ref["a2"], ref["j2"]], rtol=1e-9
+        )
 
 
 def test_cpu_tensors_are_read_in_place_not_copied() -> None:
@@ -144,7 +145,9 @@ def test_monitor_layers_groups_by_layer() -> None:
     guard.monitor_layers([model[0], model[1]])
     r = guard.monitor()
     assert list(r.groups) == ["0", "1"]
-    block_norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in model[0].parameters()))
+    block_norm = math.sqrt(
+        sum(float(p.detach().double().square().sum()) for p in model[0].parameters())
+    )
     assert r.groups["0"].param_norm == pytest.approx(block_norm)
     assert guard.monitor(model).step == 1  # the attached model means its layers
     named = ZetaGuard(auto_recover=False).monitor_layers({"head": [model[1].weight]})
@@ -237,8 +240,11 @@ def test_grad_norm_matches_torch_on_every_path() -> None:
     assert grad_norm(model) == pytest.approx(want, rel=1e-12)
     assert grad_norm(list(model.parameters())) == pytest.approx(want, rel=1e-12)
     model[1].bias.grad = None  # a missing gradient is left out
-    want = float(torch.nn.utils.get_total_norm(
-        [p.grad.double() for p in model.parameters() if p.grad is not None]))
+    want = float(
+        torch.nn.utils.get_total_norm(
+            [p.grad.double() for p in model.parameters() if p.grad is not None]
+        )
+    )
     assert grad_norm(model) == pytest.approx(want, rel=1e-12)
     model[0].weight.grad[0, 0] = float("nan")
     assert grad_norm(model) == math.inf

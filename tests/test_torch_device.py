@@ -15,8 +15,12 @@ from tests.support.reference import channels
 from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-               torch.bfloat16: "bfloat16"}
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -24,8 +28,9 @@ def _raw(ts: list[torch.Tensor]) -> list[tuple[int, int, str]]:
     return [(t.data_ptr(), t.numel(), DTYPE_NAMES[t.dtype]) for t in ts]
 
 
-def _compare(mode: str, shapes: list[int], dtype: torch.dtype, steps: int, seed: int,
-             buckets: int = 256) -> list[int]:
+def _compare(
+    mode: str, shapes: list[int], dtype: torch.dtype, steps: int, seed: int, buckets: int = 256
+) -> list[int]:
     """Runs both engines side by side; returns the buckets each tensor got (0: exact)."""
     gen = torch.Generator().manual_seed(seed)
     ts = [torch.randn(n, generator=gen).to(dtype) for n in shapes]
@@ -136,13 +141,15 @@ def test_state_moves_between_engines(mode: str, tmp_path) -> None:  # type: igno
     giving the results an uninterrupted run gives."""
     gen = torch.Generator().manual_seed(9)
     params = [torch.randn(4000, generator=gen), torch.randn(3, 5, generator=gen).half()]
-    moves = [[(torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype) for p in params]
-             for _ in range(8)]
+    moves = [
+        [(torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype) for p in params] for _ in range(8)
+    ]
 
     def run(device: str, resume_device: str | None) -> list[float]:
         ps = [p.clone() for p in params]
-        guard = ZetaGuard(mode=mode, sketch_buckets=512, warmup_steps=3, auto_recover=False,
-                          device=device)  # type: ignore[arg-type]
+        guard = ZetaGuard(
+            mode=mode, sketch_buckets=512, warmup_steps=3, auto_recover=False, device=device
+        )  # type: ignore[arg-type]
         zetas = []
         for i, m in enumerate(moves):
             for p, d in zip(ps, m, strict=True):
@@ -192,8 +199,9 @@ def test_cuda_matches_host_engine(mode: str) -> None:
     for _ in range(5):
         for t in cpu:
             t.add_(torch.randn(t.shape, generator=gen) * 0.01)
-        np.testing.assert_allclose(dev.update([t.cuda() for t in cpu]), host.update_raw(_raw(cpu)),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            dev.update([t.cuda() for t in cpu]), host.update_raw(_raw(cpu)), rtol=1e-5
+        )
 
 
 @needs_cuda

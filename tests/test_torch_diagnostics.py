@@ -48,8 +48,16 @@ def test_table_matches_hand_computed_ratios() -> None:
     assert diag["2"].nonfinite_grads == 1
     assert diag["2"].nonfinite_params == 0
     text = str(diag)
-    assert text.splitlines()[1].split() == ["layer", "status", "zeta", "JAR", "update/weight",
-                                            "grad/weight", "nonfinite", "p/g"]
+    assert text.splitlines()[1].split() == [
+        "layer",
+        "status",
+        "zeta",
+        "JAR",
+        "update/weight",
+        "grad/weight",
+        "nonfinite",
+        "p/g",
+    ]
     assert "0/1" in text.splitlines()[-1]
     assert json.loads(json.dumps(diag.to_dict()))["layers"][1]["name"] == "2"
     assert diag.worst(1)[0].name in ("0", "2")

@@ -35,7 +35,9 @@ class Tied(torch.nn.Module):
 class OwnWalk(torch.nn.Linear):
     """A module whose named_parameters() is its own: its generators must be iterated."""
 
-    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    def named_parameters(
+        self, *args: Any, **kwargs: Any
+    ) -> Iterator[tuple[str, torch.nn.Parameter]]:
         for name, p in super().named_parameters(*args, **kwargs):
             if name != "bias":
                 yield name, p
@@ -115,7 +117,9 @@ def test_monitor_reads_the_same_as_a_list() -> None:
         b = by_list.monitor(list(model.parameters()))
         assert a.status == b.status
         assert a.channels["grad_norm"] == b.channels["grad_norm"]
-        assert a.zeta_value == b.zeta_value or (math.isnan(a.zeta_value) and math.isnan(b.zeta_value))
+        assert a.zeta_value == b.zeta_value or (
+            math.isnan(a.zeta_value) and math.isnan(b.zeta_value)
+        )
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     want = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
     assert a.channels["grad_norm"] == pytest.approx(want, rel=1e-6)
@@ -128,7 +132,9 @@ def test_storage_shrunk_behind_a_cached_module_is_still_refused() -> None:
     guard.monitor(model.parameters())
     guard.monitor(model.parameters())
     first.weight.untyped_storage().resize_(16)
-    with pytest.raises(ValueError, match=r"param\.0 needs 16384 bytes of its storage but the storage holds 16"):
+    with pytest.raises(
+        ValueError, match=r"param\.0 needs 16384 bytes of its storage but the storage holds 16"
+    ):
         guard.monitor(model.parameters())
 
 
@@ -145,10 +151,17 @@ def test_which_generators_take_the_cached_walk() -> None:
     model = Tied()
     assert unwalked(model.parameters()) is not None
     assert unwalked(model.named_parameters()) is not None
-    assert unwalked(model.named_parameters(prefix="", recurse=True, remove_duplicate=True)) is not None
-    for gen in (model.parameters(recurse=False), model.named_parameters(prefix="m"),
-                model.named_parameters(remove_duplicate=False), OwnWalk(2, 2).parameters(),
-                model.buffers(), (p for p in model.parameters())):
+    assert (
+        unwalked(model.named_parameters(prefix="", recurse=True, remove_duplicate=True)) is not None
+    )
+    for gen in (
+        model.parameters(recurse=False),
+        model.named_parameters(prefix="m"),
+        model.named_parameters(remove_duplicate=False),
+        OwnWalk(2, 2).parameters(),
+        model.buffers(),
+        (p for p in model.parameters()),
+    ):
         assert unwalked(gen) is None
     started = model.parameters()
     next(started)

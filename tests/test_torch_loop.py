@@ -18,8 +18,14 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
 
 
-def _train(steps: int, guard: ZetaGuard, *, blow_up_at: int | None = None,
-           nan_at: int | None = None, device: str = "auto") -> tuple[list[str], list[float]]:
+def _train(
+    steps: int,
+    guard: ZetaGuard,
+    *,
+    blow_up_at: int | None = None,
+    nan_at: int | None = None,
+    device: str = "auto",
+) -> tuple[list[str], list[float]]:
     torch.manual_seed(0)
     x, y = _data()
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))

@@ -56,20 +56,44 @@ class _BlowUp(TrainerCallback):  # type: ignore[misc]
             self.lr_blown = optimizer.param_groups[0]["lr"]
 
 
-def _train(tmp: Path, steps: int, callbacks: list, seed: int = 0,  # type: ignore[type-arg]
-           installed: ZetaGuardCallback | None = None, max_grad_norm: float = 1.0,
-           learning_rate: float = 3e-3) -> Trainer:
+def _train(
+    tmp: Path,
+    steps: int,
+    callbacks: list,
+    seed: int = 0,  # type: ignore[type-arg]
+    installed: ZetaGuardCallback | None = None,
+    max_grad_norm: float = 1.0,
+    learning_rate: float = 3e-3,
+) -> Trainer:
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                        bos_token_id=0, eos_token_id=0)
-    args = TrainingArguments(
-        output_dir=str(tmp), max_steps=steps, per_device_train_batch_size=16,
-        learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=0, logging_steps=5,
-        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=seed,
-        dataloader_num_workers=0, max_grad_norm=max_grad_norm,
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
     )
-    trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=_Tokens(),
-                      callbacks=callbacks)
+    args = TrainingArguments(
+        output_dir=str(tmp),
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        learning_rate=learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=seed,
+        dataloader_num_workers=0,
+        max_grad_norm=max_grad_norm,
+    )
+    trainer = Trainer(
+        model=GPT2LMHeadModel(config), args=args, train_dataset=_Tokens(), callbacks=callbacks
+    )
     if installed is not None:
         installed.install(trainer)
     trainer.train()
@@ -111,17 +135,16 @@ def test_lr_blow_up_is_caught_and_the_cut_persists(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("install", [True, False])
-def test_the_callback_sees_the_gradient_norm_before_clipping(
-    tmp_path: Path, install: bool
-) -> None:
+def test_the_callback_sees_the_gradient_norm_before_clipping(tmp_path: Path, install: bool) -> None:
     """The Trainer clips before on_pre_optimizer_step, so a norm read there is capped at
     max_grad_norm. Installed, the callback records the Trainer's own pre-clip norm; passed in
     `callbacks=`, its gradient hooks take the norm before the clip. The Trainer logs its own
     pre-clip norm: the guard's must agree with it either way."""
     cb = ZetaGuardCallback(warmup_steps=10)
     clip = 1e-3  # far below this model's gradient norms: every step is clipped
-    trainer = _train(tmp_path, 20, [] if install else [cb], installed=cb if install else None,
-                     max_grad_norm=clip)
+    trainer = _train(
+        tmp_path, 20, [] if install else [cb], installed=cb if install else None, max_grad_norm=clip
+    )
     logged = [h for h in trainer.state.log_history if "grad_norm" in h and "loss" in h]
     assert len(logged) == 4
     for entry in logged:

@@ -79,7 +79,10 @@ def score_run(trace: Trace, levels: np.ndarray, score: FamilyScore) -> None:
         return
     score.collapsed += 1
     window = levels[event : collapse + 1]
-    for level, hits, leads in ((1, "any_hits", "any_leads"), (2, "critical_hits", "critical_leads")):
+    for level, hits, leads in (
+        (1, "any_hits", "any_leads"),
+        (2, "critical_hits", "critical_leads"),
+    ):
         idx = np.flatnonzero(window >= level)
         if len(idx):
             setattr(score, hits, getattr(score, hits) + 1)

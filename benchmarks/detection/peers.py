@@ -34,7 +34,9 @@ def zetaguard_levels(trace: Trace, calibration: str = "auto", **kwargs: Any) -> 
     out = np.zeros(trace.steps, dtype=np.int8)
     for t in range(trace.steps):
         obs = det.observe(
-            trace.rows[t], int(trace.history[t]), loss=float(trace.loss[t]),
+            trace.rows[t],
+            int(trace.history[t]),
+            loss=float(trace.loss[t]),
             grad_norm=float(trace.grad_norm[t]),
         )
         out[t] = LEVEL[obs.status]

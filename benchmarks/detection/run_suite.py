@@ -31,8 +31,15 @@ from scenarios import STABLE_FAMILIES, UNSTABLE_FAMILIES, Trace
 HELD_OUT = "gan-2d"
 # A family is gradual when its median event-to-collapse gap is at least this many steps.
 GRADUAL_GAP = 10
-PEERS_ONLY = ("zclip", "lightning-spike", "olmo-skip", "kill-loss-spike", "megatron-10x",
-              "grad-norm>10", "terminate-nan")
+PEERS_ONLY = (
+    "zclip",
+    "lightning-spike",
+    "olmo-skip",
+    "kill-loss-spike",
+    "megatron-10x",
+    "grad-norm>10",
+    "terminate-nan",
+)
 
 
 def record_all(seeds: int) -> list[Trace]:
@@ -41,7 +48,9 @@ def record_all(seeds: int) -> list[Trace]:
         t0 = time.perf_counter()
         for seed in range(seeds):
             traces.append(fn(seed))
-        print(f"  recorded {name:<18} {seeds} run(s) in {time.perf_counter() - t0:5.1f} s", flush=True)
+        print(
+            f"  recorded {name:<18} {seeds} run(s) in {time.perf_counter() - t0:5.1f} s", flush=True
+        )
     return traces
 
 
@@ -94,7 +103,9 @@ def _per_k(n: int, d: int) -> str:
     return f"{1000.0 * n / d:6.2f}" if d else "    - "
 
 
-def summary(scores: dict[str, dict[str, FamilyScore]], families: list[str]) -> dict[str, FamilyScore]:
+def summary(
+    scores: dict[str, dict[str, FamilyScore]], families: list[str]
+) -> dict[str, FamilyScore]:
     return {det: _merge([per[f] for f in families if f in per]) for det, per in scores.items()}
 
 
@@ -104,10 +115,14 @@ def print_tables(traces: list[Trace], scores: dict[str, dict[str, FamilyScore]])
     tuned = [f for f in unstable if f != HELD_OUT]
     gradual = [f for f in unstable if gaps(traces, f) and np.median(gaps(traces, f)) >= GRADUAL_GAP]
     steps_stable = sum(t.steps for t in traces if t.stable)
-    print(f"\nstable runs: {sum(t.stable for t in traces)} ({steps_stable} steps); unstable runs: "
-          f"{sum(not t.stable for t in traces)}")
-    print("ground truth per unstable family: runs that collapsed / runs, median steps from the "
-          "event to the collapse")
+    print(
+        f"\nstable runs: {sum(t.stable for t in traces)} ({steps_stable} steps); unstable runs: "
+        f"{sum(not t.stable for t in traces)}"
+    )
+    print(
+        "ground truth per unstable family: runs that collapsed / runs, median steps from the "
+        "event to the collapse"
+    )
     for f in unstable:
         g = gaps(traces, f)
         runs = sum(t.family == f for t in traces)
@@ -116,12 +131,17 @@ def print_tables(traces: list[Trace], scores: dict[str, dict[str, FamilyScore]])
     if bad:
         print(f"  WARNING: {len(bad)} stable run(s) meet the collapse definition")
 
-    header = (f"{'detector':<16} {'recall':>7} {'CRIT':>7} {'lead grad':>9} {'lead sud':>8} "
-              f"{'DRIFT/1k':>8} {'CRIT/1k':>8} {'runs w/ CRIT':>12}")
+    header = (
+        f"{'detector':<16} {'recall':>7} {'CRIT':>7} {'lead grad':>9} {'lead sud':>8} "
+        f"{'DRIFT/1k':>8} {'CRIT/1k':>8} {'runs w/ CRIT':>12}"
+    )
     for title, fams, healthy in (
         ("unstable families used for tuning; false alarms on the stable families", tuned, stable),
-        (f"held-out family {HELD_OUT}; false alarms on its own pre-event steps",
-         [f for f in unstable if f == HELD_OUT], [HELD_OUT]),
+        (
+            f"held-out family {HELD_OUT}; false alarms on its own pre-event steps",
+            [f for f in unstable if f == HELD_OUT],
+            [HELD_OUT],
+        ),
     ):
         if not fams:
             continue
@@ -133,14 +153,18 @@ def print_tables(traces: list[Trace], scores: dict[str, dict[str, FamilyScore]])
         su = summary(scores, [f for f in fams if f not in gradual])
         for det in scores:
             u, s = unst[det], st[det]
-            print(f"{det:<16} {_pct(u.any_hits, u.collapsed):>7} {_pct(u.critical_hits, u.collapsed):>7} "
-                  f"{_med(gr[det].any_leads):>9} {_med(su[det].any_leads):>8} "
-                  f"{_per_k(s.drift_alarms, s.healthy_steps):>8} {_per_k(s.critical_alarms, s.healthy_steps):>8} "
-                  f"{s.runs_with_critical:>5}/{s.runs:<6}")
-    print("\nrecall = any alarm (DRIFT or CRITICAL) in [event, collapse]; CRIT = a CRITICAL there; "
-          "lead = collapse - first alarm, median over runs (grad = gradual families "
-          f"{', '.join(gradual) or 'none'}; sud = the others); x/1k = alarms per 1,000 healthy steps; "
-          "runs w/ CRIT = healthy runs with any CRITICAL")
+            print(
+                f"{det:<16} {_pct(u.any_hits, u.collapsed):>7} {_pct(u.critical_hits, u.collapsed):>7} "
+                f"{_med(gr[det].any_leads):>9} {_med(su[det].any_leads):>8} "
+                f"{_per_k(s.drift_alarms, s.healthy_steps):>8} {_per_k(s.critical_alarms, s.healthy_steps):>8} "
+                f"{s.runs_with_critical:>5}/{s.runs:<6}"
+            )
+    print(
+        "\nrecall = any alarm (DRIFT or CRITICAL) in [event, collapse]; CRIT = a CRITICAL there; "
+        "lead = collapse - first alarm, median over runs (grad = gradual families "
+        f"{', '.join(gradual) or 'none'}; sud = the others); x/1k = alarms per 1,000 healthy steps; "
+        "runs w/ CRIT = healthy runs with any CRITICAL"
+    )
 
     print("\n== per family: any-alarm hits / collapsed runs, median lead (steps) ==")
     print(f"{'detector':<16} " + " ".join(f"{f[:14]:>14}" for f in unstable))
@@ -153,15 +177,21 @@ def print_tables(traces: list[Trace], scores: dict[str, dict[str, FamilyScore]])
     print("\n== per stable family: DRIFT / CRITICAL alarms per 1,000 steps ==")
     print(f"{'detector':<16} " + " ".join(f"{f[:17]:>17}" for f in stable))
     for det, per in scores.items():
-        cells = [f"{_per_k(per[f].drift_alarms, per[f].healthy_steps).strip()}/"
-                 f"{_per_k(per[f].critical_alarms, per[f].healthy_steps).strip()}" for f in stable]
+        cells = [
+            f"{_per_k(per[f].drift_alarms, per[f].healthy_steps).strip()}/"
+            f"{_per_k(per[f].critical_alarms, per[f].healthy_steps).strip()}"
+            for f in stable
+        ]
         print(f"{det:<16} " + " ".join(f"{c:>17}" for c in cells))
     print_targets(scores, stable, tuned, gradual)
     print("\npeers: " + "; ".join(f"{k}: {v}" for k, (_, v) in DETECTORS.items()))
 
 
 def print_targets(
-    scores: dict[str, dict[str, FamilyScore]], stable: list[str], tuned: list[str], gradual: list[str]
+    scores: dict[str, dict[str, FamilyScore]],
+    stable: list[str],
+    tuned: list[str],
+    gradual: list[str],
 ) -> None:
     zg = scores["zetaguard"]
     st = _merge([zg[f] for f in stable])
@@ -169,16 +199,27 @@ def print_targets(
     print("\n== targets (zetaguard default, tuning families) ==")
     rows = [
         ("CRITICAL on stable runs = 0", st.critical_alarms, st.critical_alarms == 0),
-        ("DRIFT <= 0.5% of stable steps", f"{_pct(st.drift_alarms, st.healthy_steps).strip()}",
-         st.drift_alarms <= 0.005 * st.healthy_steps),
-        ("recall (any alarm) >= 98%", _pct(un.any_hits, un.collapsed).strip(),
-         un.any_hits >= 0.98 * un.collapsed),
-        ("CRITICAL before collapse >= 90%", _pct(un.critical_hits, un.collapsed).strip(),
-         un.critical_hits >= 0.90 * un.collapsed),
+        (
+            "DRIFT <= 0.5% of stable steps",
+            f"{_pct(st.drift_alarms, st.healthy_steps).strip()}",
+            st.drift_alarms <= 0.005 * st.healthy_steps,
+        ),
+        (
+            "recall (any alarm) >= 98%",
+            _pct(un.any_hits, un.collapsed).strip(),
+            un.any_hits >= 0.98 * un.collapsed,
+        ),
+        (
+            "CRITICAL before collapse >= 90%",
+            _pct(un.critical_hits, un.collapsed).strip(),
+            un.critical_hits >= 0.90 * un.collapsed,
+        ),
     ]
     for f in tuned:
-        best = max((np.median(scores[p][f].any_leads) for p in PEERS_ONLY if scores[p][f].any_leads),
-                   default=-1.0)
+        best = max(
+            (np.median(scores[p][f].any_leads) for p in PEERS_ONLY if scores[p][f].any_leads),
+            default=-1.0,
+        )
         ours = float(np.median(zg[f].any_leads)) if zg[f].any_leads else -math.inf
         if f in gradual:
             ok = ours >= 5 and ours >= 2 * best
@@ -205,11 +246,17 @@ def plots(traces: list[Trace], out: Path) -> list[Path]:
         if tr is None:
             continue
         det = Detector(drift_threshold=0.707, snap_threshold=1.414, alpha=0.3, warmup_steps=50)
-        zeta = np.array([
-            det.observe(tr.rows[t], int(tr.history[t]), loss=float(tr.loss[t]),
-                        grad_norm=float(tr.grad_norm[t])).zeta_value
-            for t in range(tr.steps)
-        ])
+        zeta = np.array(
+            [
+                det.observe(
+                    tr.rows[t],
+                    int(tr.history[t]),
+                    loss=float(tr.loss[t]),
+                    grad_norm=float(tr.grad_norm[t]),
+                ).zeta_value
+                for t in range(tr.steps)
+            ]
+        )
         levels = zetaguard_levels(tr)
         fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
         a1.semilogy(np.where(np.isfinite(tr.loss), tr.loss, np.nan), lw=0.8, color="k")
@@ -240,13 +287,19 @@ def plots(traces: list[Trace], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, FamilyScore]]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="one seed per family (smoke run)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--cache", type=Path, help="pickle of recorded traces to reuse or create")
     ap.add_argument("--plots", type=Path, help="write PNGs of representative runs here")
-    ap.add_argument("--mode", choices=("auto", "exact", "sketch"), default="auto",
-                    help="the live guard's engine mode (default auto: tiered monitoring)")
+    ap.add_argument(
+        "--mode",
+        choices=("auto", "exact", "sketch"),
+        default="auto",
+        help="the live guard's engine mode (default auto: tiered monitoring)",
+    )
     args = ap.parse_args(argv)
     import scenarios
 
@@ -260,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, FamilyScore]]:
             traces: list[Trace] = pickle.load(f)
         print(f"loaded {len(traces)} recorded runs from {args.cache}")
     else:
-        print(f"recording {len(STABLE_FAMILIES) + len(UNSTABLE_FAMILIES)} families x {seeds} seed(s)")
+        print(
+            f"recording {len(STABLE_FAMILIES) + len(UNSTABLE_FAMILIES)} families x {seeds} seed(s)"
+        )
         traces = record_all(seeds)
         if args.cache is not None:
             from zetaguard._atomic import atomic_write
@@ -269,21 +324,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, FamilyScore]]:
     scores = evaluate(traces)
     print_tables(traces, scores)
     zg = scores["zetaguard"]
-    print("\nzetaguard per unstable family: collapsed, any-alarm hits, CRITICAL hits, "
-          "any-alarm leads, CRITICAL leads")
+    print(
+        "\nzetaguard per unstable family: collapsed, any-alarm hits, CRITICAL hits, "
+        "any-alarm leads, CRITICAL leads"
+    )
     for f in UNSTABLE_FAMILIES:
         if f in zg:
             s = zg[f]
-            print(f"  {f:<18} {s.collapsed} {s.any_hits} {s.critical_hits} "
-                  f"{list(s.any_leads)} {list(s.critical_leads)}")
+            print(
+                f"  {f:<18} {s.collapsed} {s.any_hits} {s.critical_hits} "
+                f"{list(s.any_leads)} {list(s.critical_leads)}"
+            )
     mismatch = live_matches_replay(traces)
-    print(f"\nlive guard vs replayed detector: {mismatch} step(s) differ"
-          + ("" if mismatch == 0 else " (recorded with another detector version?)"))
+    print(
+        f"\nlive guard vs replayed detector: {mismatch} step(s) differ"
+        + ("" if mismatch == 0 else " (recorded with another detector version?)")
+    )
     if args.plots is not None:
         for p in plots(traces, args.plots):
             print(f"wrote {p}")
     # CPU time is what an idle machine would take; wall time also counts other load on the box
-    print(f"\nsuite time: {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU")
+    print(
+        f"\nsuite time: {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU"
+    )
     return scores
 
 

@@ -71,7 +71,36 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return _DIGITS
 
 
-_WORDS = ["the", "a", "one", "every", "some", "model", "guard", "step", "loss", "weight", "layer", "signal", "runs", "drifts", "holds", "learns", "falls", "rises", "slowly", "quickly", "under", "over", "near", "far", "small", "large", "stable", "noisy"]
+_WORDS = [
+    "the",
+    "a",
+    "one",
+    "every",
+    "some",
+    "model",
+    "guard",
+    "step",
+    "loss",
+    "weight",
+    "layer",
+    "signal",
+    "runs",
+    "drifts",
+    "holds",
+    "learns",
+    "falls",
+    "rises",
+    "slowly",
+    "quickly",
+    "under",
+    "over",
+    "near",
+    "far",
+    "small",
+    "large",
+    "stable",
+    "noisy",
+]
 
 
 def char_corpus(chars: int = 40_000, seed: int = 7) -> tuple[torch.Tensor, int]:
@@ -254,7 +283,12 @@ def mlp_adam(seed: int) -> Trace:
     torch.manual_seed(seed)
     model = mlp()
     return _classifier_run(
-        "mlp-adam", seed, model, torch.optim.Adam(model.parameters(), 1e-3), STABLE_STEPS, stable=True
+        "mlp-adam",
+        seed,
+        model,
+        torch.optim.Adam(model.parameters(), 1e-3),
+        STABLE_STEPS,
+        stable=True,
     )
 
 
@@ -323,7 +357,9 @@ def _transformer_run(
 
 
 def transformer_adamw(seed: int) -> Trace:
-    return _transformer_run("transformer-adamw", seed, STABLE_STEPS, stable=True, lr=3e-3, warmup=100)
+    return _transformer_run(
+        "transformer-adamw", seed, STABLE_STEPS, stable=True, lr=3e-3, warmup=100
+    )
 
 
 # ---- unstable families --------------------------------------------------------------------
@@ -336,8 +372,15 @@ def lr_jump(seed: int) -> Trace:
     event = _event(seed)
     factor = float(10 ** np.random.default_rng(seed).uniform(1.0, 2.0))
     return _classifier_run(
-        "lr-jump", seed, model, opt, UNSTABLE_STEPS, stable=False, event_step=event,
-        lr_at=lambda t: factor if t >= event else 1.0, meta={"factor": factor},
+        "lr-jump",
+        seed,
+        model,
+        opt,
+        UNSTABLE_STEPS,
+        stable=False,
+        event_step=event,
+        lr_at=lambda t: factor if t >= event else 1.0,
+        meta={"factor": factor},
     )
 
 
@@ -348,8 +391,15 @@ def lr_ramp(seed: int) -> Trace:
     event = _event(seed, 80, 160)
     rate = float(np.random.default_rng(seed).uniform(1.04, 1.08))
     return _classifier_run(
-        "lr-ramp", seed, model, opt, UNSTABLE_STEPS + 60, stable=False, event_step=event,
-        lr_at=lambda t: rate ** max(0, t - event), meta={"rate": rate},
+        "lr-ramp",
+        seed,
+        model,
+        opt,
+        UNSTABLE_STEPS + 60,
+        stable=False,
+        event_step=event,
+        lr_at=lambda t: rate ** max(0, t - event),
+        meta={"rate": rate},
     )
 
 
@@ -359,7 +409,13 @@ def corrupt_once(seed: int) -> Trace:
     opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
     event = _event(seed)
     return _classifier_run(
-        "corrupt-once", seed, model, opt, UNSTABLE_STEPS, stable=False, event_step=event,
+        "corrupt-once",
+        seed,
+        model,
+        opt,
+        UNSTABLE_STEPS,
+        stable=False,
+        event_step=event,
         corrupt=lambda t: t == event,
     )
 
@@ -370,7 +426,13 @@ def corrupt_repeated(seed: int) -> Trace:
     opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
     event = _event(seed)
     return _classifier_run(
-        "corrupt-repeated", seed, model, opt, UNSTABLE_STEPS, stable=False, event_step=event,
+        "corrupt-repeated",
+        seed,
+        model,
+        opt,
+        UNSTABLE_STEPS,
+        stable=False,
+        event_step=event,
         corrupt=lambda t: t >= event and (t - event) % 5 == 0,
     )
 
@@ -384,8 +446,15 @@ def exploding_tanh(seed: int) -> Trace:
     event = _event(seed, 120, 200)
     slope = float(np.random.default_rng(seed).uniform(0.3, 0.6))
     return _classifier_run(
-        "exploding-tanh", seed, model, opt, UNSTABLE_STEPS + 60, stable=False, event_step=event,
-        lr_at=lambda t: 1.0 + slope * max(0, t - event), meta={"slope": slope},
+        "exploding-tanh",
+        seed,
+        model,
+        opt,
+        UNSTABLE_STEPS + 60,
+        stable=False,
+        event_step=event,
+        lr_at=lambda t: 1.0 + slope * max(0, t - event),
+        meta={"slope": slope},
     )
 
 
@@ -395,8 +464,16 @@ def adam_spikes(seed: int) -> Trace:
     event = _event(seed)
     jump = float(10 ** np.random.default_rng(seed).uniform(2.0, 2.5))
     return _transformer_run(
-        "adam-spikes", seed, UNSTABLE_STEPS, stable=False, lr=1e-3, warmup=1, eps=1e-12,
-        event_step=event, lr_jump=jump, meta={"jump": jump},
+        "adam-spikes",
+        seed,
+        UNSTABLE_STEPS,
+        stable=False,
+        lr=1e-3,
+        warmup=1,
+        eps=1e-12,
+        event_step=event,
+        lr_jump=jump,
+        meta={"jump": jump},
     )
 
 
@@ -415,8 +492,15 @@ def nan_inject(seed: int) -> Trace:
             p.grad.view(-1)[0] = bad
 
     return _classifier_run(
-        "nan-inject", seed, model, opt, UNSTABLE_STEPS, stable=False, event_step=event,
-        inject=inject, meta={"value": str(bad)},
+        "nan-inject",
+        seed,
+        model,
+        opt,
+        UNSTABLE_STEPS,
+        stable=False,
+        event_step=event,
+        inject=inject,
+        meta={"value": str(bad)},
     )
 
 
@@ -424,8 +508,12 @@ def gan_2d(seed: int) -> Trace:
     """A 2-D GAN on a ring of 8 Gaussians; from the event step both learning rates are far too
     high and the game oscillates, then diverges."""
     torch.manual_seed(seed)
-    gen_net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
-    disc = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    gen_net = nn.Sequential(
+        nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)
+    )
+    disc = nn.Sequential(
+        nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)
+    )
     both = nn.ModuleDict({"G": gen_net, "D": disc})
     opt_g = torch.optim.SGD(gen_net.parameters(), 1e-2, momentum=0.9)
     opt_d = torch.optim.SGD(disc.parameters(), 1e-2, momentum=0.9)

@@ -133,8 +133,12 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[tuple[Outc
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 seed, for a smoke run")
-    ap.add_argument("--mode", choices=("auto", "exact", "sketch"), default="auto",
-                    help="the zetaguard arm's engine mode (default auto: tiered monitoring)")
+    ap.add_argument(
+        "--mode",
+        choices=("auto", "exact", "sketch"),
+        default="auto",
+        help="the zetaguard arm's engine mode (default auto: tiered monitoring)",
+    )
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families")
     ap.add_argument("--models", default=",".join(m.name for m in MODELS))
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[tuple[Outc
     quiet()
     arms = _pick(args.arms, ARMS, "--arms")
     families = _pick(args.families, FAMILIES, "--families")
-    models = [m for m in MODELS if m.name in _pick(args.models, [m.name for m in MODELS], "--models")]
+    models = [
+        m for m in MODELS if m.name in _pick(args.models, [m.name for m in MODELS], "--models")
+    ]
     seeds = 1 if args.quick else args.seeds
     started = time.perf_counter()
     results: dict[tuple[str, str], list[tuple[Outcome, bool]]] = {}
@@ -152,41 +158,61 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[tuple[Outc
             ref = run_family(spec, "healthy", seed, "none")
             for family in families:
                 for arm in arms:
-                    out = ref if (family, arm) == ("healthy", "none") else run_family(
-                        spec, family, seed, arm, args.mode)
+                    out = (
+                        ref
+                        if (family, arm) == ("healthy", "none")
+                        else run_family(spec, family, seed, arm, args.mode)
+                    )
                     results.setdefault((family, arm), []).append((out, judge(family, out, ref)))
                     strict.setdefault((family, arm), []).append(rescued(out, ref))
     elapsed = time.perf_counter() - started
-    print(f"zetaguard arm: ZetaGuard(mode={args.mode!r}, recovery_mode='balanced'); "
-          f"{len(models)} models x {seeds} seeds per family ({elapsed:.0f} s, 2 shared CPU cores)")
+    print(
+        f"zetaguard arm: ZetaGuard(mode={args.mode!r}, recovery_mode='balanced'); "
+        f"{len(models)} models x {seeds} seeds per family ({elapsed:.0f} s, 2 shared CPU cores)"
+    )
     print(RESCUE_RULE)
-    print("unstable_start: rescued = the arm stopped or recovered and the final held-out loss is "
-          "below the untrained model's; strict = the rule above against the same model at its own LR")
+    print(
+        "unstable_start: rescued = the arm stopped or recovered and the final held-out loss is "
+        "below the untrained model's; strict = the rule above against the same model at its own LR"
+    )
     for family in families:
         print(f"\n{family}")
-        print(f"{'arm':<12}{'rescued':>12}{'held-out loss':>15}{'accuracy':>10}{'actions':>9}"
-              f"{'clipped':>9}{'stopped':>9}{'steps':>8}"
-              + (f"{'strict':>9}" if family == "unstable_start" else ""))
+        print(
+            f"{'arm':<12}{'rescued':>12}{'held-out loss':>15}{'accuracy':>10}{'actions':>9}"
+            f"{'clipped':>9}{'stopped':>9}{'steps':>8}"
+            + (f"{'strict':>9}" if family == "unstable_start" else "")
+        )
         for arm in arms:
             rows = results[(family, arm)]
             outs = [o for o, _ in rows]
             won = sum(ok for _, ok in rows)
-            print(f"{arm:<12}{won:>5}/{len(rows):<2}{100 * won / len(rows):>4.0f}%"
-                  f"{_mean([o.loss for o in outs]):>15.4g}"
-                  f"{statistics.fmean(o.accuracy for o in outs):>10.3f}"
-                  f"{sum(o.actions for o in outs):>9}{sum(o.clipped for o in outs):>9}"
-                  f"{sum(o.stopped for o in outs):>9}{statistics.fmean(o.steps for o in outs):>8.0f}"
-                  + (f"{sum(strict[(family, arm)]):>7}/{len(rows)}" if family == "unstable_start"
-                     else ""))
+            print(
+                f"{arm:<12}{won:>5}/{len(rows):<2}{100 * won / len(rows):>4.0f}%"
+                f"{_mean([o.loss for o in outs]):>15.4g}"
+                f"{statistics.fmean(o.accuracy for o in outs):>10.3f}"
+                f"{sum(o.actions for o in outs):>9}{sum(o.clipped for o in outs):>9}"
+                f"{sum(o.stopped for o in outs):>9}{statistics.fmean(o.steps for o in outs):>8.0f}"
+                + (
+                    f"{sum(strict[(family, arm)]):>7}/{len(rows)}"
+                    if family == "unstable_start"
+                    else ""
+                )
+            )
     print("\nrescued % per family (actions on healthy runs: the last row)")
     print(f"{'family':<16}" + "".join(f"{a:>12}" for a in arms))
     for family in families:
-        print(f"{family:<16}" + "".join(
-            f"{100 * sum(ok for _, ok in results[(family, a)]) / len(results[(family, a)]):>11.0f}%"
-            for a in arms))
+        print(
+            f"{family:<16}"
+            + "".join(
+                f"{100 * sum(ok for _, ok in results[(family, a)]) / len(results[(family, a)]):>11.0f}%"
+                for a in arms
+            )
+        )
     if "healthy" in families:
-        print(f"{'healthy actions':<16}" + "".join(
-            f"{sum(o.actions for o, _ in results[('healthy', a)]):>12}" for a in arms))
+        print(
+            f"{'healthy actions':<16}"
+            + "".join(f"{sum(o.actions for o, _ in results[('healthy', a)]):>12}" for a in arms)
+        )
     return results
 
 

@@ -140,8 +140,13 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generat
     return float(loss.detach())
 
 
-def _guarded_loop(model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-                  auto_recover: bool, steps: int) -> float:
+def _guarded_loop(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    auto_recover: bool,
+    steps: int,
+) -> float:
     guard = ZetaGuard(auto_recover=auto_recover).attach(model, opt)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -157,8 +162,9 @@ def snapshot_overhead(repeats: int = 100) -> list[tuple[str, int, float, float, 
         "mlp-1M-adam",
         0,
         0,
-        lambda: nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                              nn.Linear(1024, 10)),
+        lambda: nn.Sequential(
+            nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        ),
         lambda p: torch.optim.Adam(p, lr=1e-3),
     )
     for spec in (*MODELS, wide):
@@ -187,8 +193,9 @@ def snapshot_overhead(repeats: int = 100) -> list[tuple[str, int, float, float, 
             off.append(_guarded_loop(model, opt, gen, False, 4 * interval))
             on.append(_guarded_loop(model, opt, gen, True, 4 * interval))
         params = sum(p.numel() for p in model.parameters())
-        rows.append((spec.name, params, statistics.median(step_times) * 1e3, amortised,
-                     min(on) / min(off)))
+        rows.append(
+            (spec.name, params, statistics.median(step_times) * 1e3, amortised, min(on) / min(off))
+        )
     return rows
 
 
@@ -203,16 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1 seed, for a smoke run")
-    ap.add_argument("--mode", choices=("auto", "exact", "sketch"), default="auto",
-                    help="the zetaguard arm's engine mode (default auto: tiered monitoring)")
+    ap.add_argument(
+        "--mode",
+        choices=("auto", "exact", "sketch"),
+        default="auto",
+        help="the zetaguard arm's engine mode (default auto: tiered monitoring)",
+    )
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
     ap.add_argument("--no-overhead", action="store_true", help="skip the snapshot-overhead table")
     args = ap.parse_args(argv)
     quiet()
     arms = [a for a in args.arms.split(",") if a]
     if not arms or set(arms) - set(ARMS):
-        ap.error(f"--arms: unknown {sorted(set(arms) - set(ARMS)) or 'empty'}; "
-                 f"choose from {', '.join(ARMS)}")
+        ap.error(
+            f"--arms: unknown {sorted(set(arms) - set(ARMS)) or 'empty'}; "
+            f"choose from {', '.join(ARMS)}"
+        )
     global GUARD_MODE
     GUARD_MODE = args.mode
     print(f"zetaguard arm: ZetaGuard(mode={args.mode!r})")
@@ -243,15 +256,19 @@ def main(argv: list[str] | None = None) -> int:
                         )
     elapsed = time.perf_counter() - started
     n_per = total // len(SCENARIOS)
-    print(f"Recovery benchmark: {len(MODELS)} models x {len(SCENARIOS)} faults x {seeds} seeds "
-          f"= {total} unstable runs per arm ({elapsed:.0f} s)")
+    print(
+        f"Recovery benchmark: {len(MODELS)} models x {len(SCENARIOS)} faults x {seeds} seeds "
+        f"= {total} unstable runs per arm ({elapsed:.0f} s)"
+    )
     print(RESCUE_RULE + "\n")
     head = f"{'fault':<14}" + "".join(f"{a:>12}" for a in arms)
     print(head)
     print("-" * len(head))
     for scenario in SCENARIOS:
-        print(f"{scenario:<14}" + "".join(
-            f"{per_scenario[(scenario, a)]:>7}/{n_per:<4}" for a in arms))
+        print(
+            f"{scenario:<14}"
+            + "".join(f"{per_scenario[(scenario, a)]:>7}/{n_per:<4}" for a in arms)
+        )
     print("-" * len(head))
     print(f"{'rescued':<14}" + "".join(f"{100.0 * wins[a] / total:>11.0f}%" for a in arms))
     print(f"{'stopped':<14}" + "".join(f"{stops[a]:>12}" for a in arms))
@@ -260,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_overhead:
         return 0
     print("\nSnapshot overhead at the default interval (10 STABLE steps)")
-    print(f"{'model':<20}{'params':>10}{'step ms':>10}{'capture/10 steps':>18}{'guarded on/off':>16}")
+    print(
+        f"{'model':<20}{'params':>10}{'step ms':>10}{'capture/10 steps':>18}{'guarded on/off':>16}"
+    )
     for name, params, step_ms, amortised, ratio in snapshot_overhead():
         print(f"{name:<20}{params:>10}{step_ms:>10.2f}{100 * amortised:>17.2f}%{ratio:>16.3f}")
     return 0

@@ -150,8 +150,14 @@ class Arm:
     recoveries, a stop included; OLMo: skipped steps; SpikeDetection: its stop); ``clipped`` the
     steps whose gradient was clipped (clip 1.0, ZClip, the guard's own clip advice)."""
 
-    def __init__(self, name: str, model: nn.Module, opt: torch.optim.Optimizer,
-                 scheduler: Any = None, mode: str = "auto") -> None:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        scheduler: Any = None,
+        mode: str = "auto",
+    ) -> None:
         if name not in ARMS:
             raise ValueError(f"unknown arm {name!r}: choose one of {', '.join(ARMS)}")
         self.name, self.model, self.opt = name, model, opt
@@ -167,8 +173,9 @@ class Arm:
         if name == "zetaguard":
             if mode not in MODES:
                 raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-            self.guard = ZetaGuard(recovery_mode="balanced", snapshot_interval=INTERVAL,
-                                   mode=cast(Any, mode)).attach(model, opt, scheduler)
+            self.guard = ZetaGuard(
+                recovery_mode="balanced", snapshot_interval=INTERVAL, mode=cast(Any, mode)
+            ).attach(model, opt, scheduler)
             # The weights before the first update: a run unstable from its first step is told
             # apart by its parameter norm against this reference.
             self.guard.take_reference()
@@ -267,8 +274,17 @@ def evaluate(model: nn.Module) -> tuple[float, float]:
 def outcome(arm: Arm, steps: int, initial_loss: float = math.nan) -> Outcome:
     loss, accuracy = evaluate(arm.model)
     arm.close()
-    return Outcome(loss, accuracy, arm.stopped, arm.recoveries, arm.skips, arm.actions,
-                   arm.clipped, steps, initial_loss)
+    return Outcome(
+        loss,
+        accuracy,
+        arm.stopped,
+        arm.recoveries,
+        arm.skips,
+        arm.actions,
+        arm.clipped,
+        steps,
+        initial_loss,
+    )
 
 
 def rescued(outcome: Outcome, reference: Outcome) -> bool:

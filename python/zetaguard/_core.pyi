@@ -42,7 +42,10 @@ class Tracker:
 
 class Sampler:
     def __init__(
-        self, fraction: float = 0.015625, block_bytes: int = 1024, seed: int = 24301,
+        self,
+        fraction: float = 0.015625,
+        block_bytes: int = 1024,
+        seed: int = 24301,
         min_elements: int = 4096,
     ) -> None: ...
     def update(self, tensors: Sequence[Any]) -> npt.NDArray[np.float64]: ...
@@ -75,8 +78,16 @@ def _sketch_buckets(
 # observe()'s result: status, zeta, raw_jar, smoothed_jar, confidence, channels (scores listed
 # again as "score_<name>"), scores, per-group zeta, non-finite count, in_warmup.
 ObserveResult = tuple[
-    Literal["STABLE", "DRIFT", "CRITICAL"], float, float | None, float | None, float, dict[str, float], dict[str, float],
-    npt.NDArray[np.float64], int, bool,
+    Literal["STABLE", "DRIFT", "CRITICAL"],
+    float,
+    float | None,
+    float | None,
+    float,
+    dict[str, float],
+    dict[str, float],
+    npt.NDArray[np.float64],
+    int,
+    bool,
 ]
 
 class Detector:

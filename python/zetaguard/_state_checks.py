@@ -245,8 +245,11 @@ def validate(meta: dict[str, Any], arrays: Mapping[str, npt.NDArray[Any]]) -> No
     _int(c("warmup_steps"), "config.warmup_steps", 0, 2**31 - 1)
     if type(cfg.get("auto_recover", False)) is not bool:
         raise Refusal(f"config.auto_recover must be true or false, got {cfg['auto_recover']!r}")
-    _choice(cfg.get("recovery_mode", "balanced"), "config.recovery_mode",
-            ("conservative", "balanced", "aggressive"))
+    _choice(
+        cfg.get("recovery_mode", "balanced"),
+        "config.recovery_mode",
+        ("conservative", "balanced", "aggressive"),
+    )
     _choice(c("calibration"), "config.calibration", ("auto", "none"))
     _choice(cfg.get("mode", "auto"), "config.mode", ("auto", "exact", "sketch"))
     # Tiered settings (files from before tiered monitoring have none: the defaults apply).
@@ -299,8 +302,10 @@ def validate(meta: dict[str, Any], arrays: Mapping[str, npt.NDArray[Any]]) -> No
         _plain(_dict(recovery, "recovery"), "recovery")
         for key in ("episode", "total", "calm", "skips", "consecutive_skips"):
             _int(_need(recovery, key, "recovery"), f"recovery.{key}", 0, 2**62)
-        if _num(_need(recovery, "since_action", "recovery"), "recovery.since_action",
-                finite=False) < 0:
+        if (
+            _num(_need(recovery, "since_action", "recovery"), "recovery.since_action", finite=False)
+            < 0
+        ):
             raise Refusal("recovery.since_action is negative")
 
     expected = _validate_engine(
@@ -339,12 +344,18 @@ def _validate_sampler(
         numel = _int(_need(t, "numel", what), f"{what}.numel", 0, 2**48)
         dtype = _need(t, "dtype", what)
         if dtype not in _ENGINE_DTYPES:
-            raise Refusal(f"{what}.dtype must be one of {tuple(_ENGINE_DTYPES)}, got {dtype!r}"[:300])
+            raise Refusal(
+                f"{what}.dtype must be one of {tuple(_ENGINE_DTYPES)}, got {dtype!r}"[:300]
+            )
         size = _ENGINE_DTYPES[dtype]
         for j in range(3):
             slot = arrays.get(f"r{i}_s{j}")
-            if (slot is None or slot.dtype != np.uint8 or slot.size > numel * size
-                    or slot.size % size):
+            if (
+                slot is None
+                or slot.dtype != np.uint8
+                or slot.size > numel * size
+                or slot.size % size
+            ):
                 raise Refusal(f"sampled ring {i} slot {j} is missing or of the wrong type or size")
             expected.add(f"r{i}_s{j}")
     return expected
@@ -368,14 +379,18 @@ def _validate_engine(
         numel = _int(_need(t, "numel", what), f"{what}.numel", 0, 2**48)
         dtype = _need(t, "dtype", what)
         if dtype not in _ENGINE_DTYPES:
-            raise Refusal(f"{what}.dtype must be one of {tuple(_ENGINE_DTYPES)}, got {dtype!r}"[:300])
+            raise Refusal(
+                f"{what}.dtype must be one of {tuple(_ENGINE_DTYPES)}, got {dtype!r}"[:300]
+            )
         buckets = _int(_need(t, "buckets", what), f"{what}.buckets", 0, 2**31 - 1)
         _int(_need(t, "seed", what), f"{what}.seed", 0, 2**64 - 1)
         if buckets and engine_mode != "sketch":
             raise Refusal(f"{what} has {buckets} sketch buckets in a {engine_mode} engine")
         for j in range(3):
             slot = arrays.get(f"t{i}_s{j}")
-            want = (np.uint8, numel * _ENGINE_DTYPES[dtype]) if buckets == 0 else (np.float64, buckets)
+            want = (
+                (np.uint8, numel * _ENGINE_DTYPES[dtype]) if buckets == 0 else (np.float64, buckets)
+            )
             if slot is None or slot.dtype != want[0] or slot.size != want[1]:
                 raise Refusal(f"tensor {i} ring slot {j} is missing or of the wrong type or size")
             expected.add(f"t{i}_s{j}")

@@ -71,7 +71,10 @@ def train(
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = _data(seed)
     model = torch.nn.Sequential(
-        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
+        torch.nn.Linear(64, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 64),
+        torch.nn.ReLU(),
         torch.nn.Linear(64, 10),
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -113,12 +116,19 @@ def train(
                 f"zeta {result.zeta_value:7.3f} {result.status:<8} | jar "
                 f"{'   -  ' if result.raw_jar is None else f'{result.raw_jar:6.3f}'}"
             )
-        for report in guard.recovery_reports[len(outcome.recoveries):]:
+        for report in guard.recovery_reports[len(outcome.recoveries) :]:
             line = (
                 f"step {report.step}: {', '.join(report.actions)}"
-                + (f"; restored step {report.restored_step}" if report.restored_step is not None else "")
-                + (f"; lr {report.lr_before:.2e} -> {report.lr_after:.2e}"
-                   if report.lr_before is not None and report.lr_after is not None else "")
+                + (
+                    f"; restored step {report.restored_step}"
+                    if report.restored_step is not None
+                    else ""
+                )
+                + (
+                    f"; lr {report.lr_before:.2e} -> {report.lr_after:.2e}"
+                    if report.lr_before is not None and report.lr_after is not None
+                    else ""
+                )
             )
             outcome.recoveries.append(line)
             if verbose:
@@ -140,10 +150,14 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--spike-step", type=int, default=200)
-    ap.add_argument("--spike", type=float, default=300.0, help="learning-rate multiplier at the spike")
+    ap.add_argument(
+        "--spike", type=float, default=300.0, help="learning-rate multiplier at the spike"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", type=Path, default=Path("zetaguard_runs"))
     ap.add_argument("--quiet", action="store_true")
@@ -151,13 +165,29 @@ def main(argv: list[str] | None = None) -> int:
     verbose = not args.quiet
     logging.basicConfig(level=logging.WARNING, format="  %(message)s")
 
-    print(f"zetaguard demo: MLP on sklearn digits, Adam lr 1e-3, x{args.spike:g} LR at step {args.spike_step}\n")
+    print(
+        f"zetaguard demo: MLP on sklearn digits, Adam lr 1e-3, x{args.spike:g} LR at step {args.spike_step}\n"
+    )
     print("1) without a guard")
-    bare = train(guarded=False, run_dir=None, verbose=verbose, steps=args.steps,
-                 spike_step=args.spike_step, spike=args.spike, seed=args.seed)
+    bare = train(
+        guarded=False,
+        run_dir=None,
+        verbose=verbose,
+        steps=args.steps,
+        spike_step=args.spike_step,
+        spike=args.spike,
+        seed=args.seed,
+    )
     print("\n2) with zetaguard (auto_recover, balanced ladder)")
-    kept = train(guarded=True, run_dir=args.run_dir, verbose=verbose, steps=args.steps,
-                 spike_step=args.spike_step, spike=args.spike, seed=args.seed)
+    kept = train(
+        guarded=True,
+        run_dir=args.run_dir,
+        verbose=verbose,
+        steps=args.steps,
+        spike_step=args.spike_step,
+        spike=args.spike,
+        seed=args.seed,
+    )
 
     print("\nsummary")
     print(f"  {'run':<18}{'test loss':>12}{'test acc':>10}  statuses")
@@ -170,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if kept.run_path:
         print(f"\n  run store: {kept.run_path}")
         print(f"  look at it: zeta-dashboard --runs {args.run_dir}")
-    rescued = (math.isfinite(kept.final_loss) and kept.accuracy > max(bare.accuracy, 0.5) + 0.05) or (
-        math.isfinite(kept.final_loss) and not math.isfinite(bare.final_loss)
-    )
+    rescued = (
+        math.isfinite(kept.final_loss) and kept.accuracy > max(bare.accuracy, 0.5) + 0.05
+    ) or (math.isfinite(kept.final_loss) and not math.isfinite(bare.final_loss))
     print(f"\n  {'the guard saved the run' if rescued else 'the guard did not save this run'}")
     return 0 if rescued else 1
 

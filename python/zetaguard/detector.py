@@ -95,7 +95,10 @@ class Detector:
         calibration: Calibration = "auto",
     ) -> None:
         self._core = _core.Detector(
-            float(drift_threshold), float(snap_threshold), float(alpha), int(warmup_steps),
+            float(drift_threshold),
+            float(snap_threshold),
+            float(alpha),
+            int(warmup_steps),
             calibration,
         )
         self.observe_tuple = self._core.observe

@@ -86,8 +86,12 @@ class Diagnostics:
         return [row.to_dict() for row in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "status": self.status, "zeta": self.zeta,
-                "layers": self.to_dicts()}
+        return {
+            "step": self.step,
+            "status": self.status,
+            "zeta": self.zeta,
+            "layers": self.to_dicts(),
+        }
 
     def worst(self, n: int = 5) -> list[LayerDiagnostics]:
         """The ``n`` layers with the highest zeta (NaN first)."""
@@ -116,8 +120,10 @@ class Diagnostics:
             for row in self.layers
         ]
         header = [title for title, _ in _COLUMNS]
-        widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
-                  for i, h in enumerate(header)]
+        widths = [
+            max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+            for i, h in enumerate(header)
+        ]
 
         def line(values: list[str]) -> str:
             first = values[0].ljust(widths[0])

@@ -188,9 +188,7 @@ def pack_step(
     return np.concatenate([np.asarray(head), groups.ravel(), per_rank])
 
 
-def unpack_step(
-    total: npt.NDArray[np.float64], shape: tuple[int, ...], world: int
-) -> ReducedStep:
+def unpack_step(total: npt.NDArray[np.float64], shape: tuple[int, ...], world: int) -> ReducedStep:
     """The sum of every rank's :func:`pack_step` packet, read back."""
     ranks, s1, s2 = int(total[0]), int(total[1]), int(total[2])
     # Equal sum and sum of squares across `world` ranks <=> every rank sent the same call number.
@@ -420,7 +418,9 @@ class DistributedContext:
     def agree_on_skip(self, reason: str | None) -> str | None:
         """One rank's veto is every rank's: a step skipped on some ranks only would let the
         replicas (DDP) or the shards' optimizer states (FSDP) drift apart. One all-reduce."""
-        vetoes = int(self.all_reduce(np.array([0.0 if reason is None else 1.0]), "the step veto")[0])
+        vetoes = int(
+            self.all_reduce(np.array([0.0 if reason is None else 1.0]), "the step veto")[0]
+        )
         if reason is None and vetoes:
             return f"vetoed on {vetoes} of {self.world} ranks"
         return reason

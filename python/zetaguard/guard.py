@@ -44,6 +44,7 @@ RecoveryMode = Literal["conservative", "balanced", "aggressive"]
 DevicePath = Literal["auto", "cpu", "cuda"]
 __all__ = ["DevicePath", "EngineMode", "GroupBy", "RecoveryMode", "ZetaGuard"]
 
+
 class ZetaGuard:
     """A training watchdog.
 
@@ -123,12 +124,22 @@ class ZetaGuard:
         tiered_worker.check_full_pass(full_pass)
         tiered_worker.check_thread_applies(full_pass, mode, device)
         _validate.guard_arguments(
-            drift_threshold=drift_threshold, snap_threshold=snap_threshold, alpha=alpha,
-            warmup_steps=warmup_steps, auto_recover=auto_recover, sketch_buckets=sketch_buckets,
-            exact_memory_budget=exact_memory_budget, threads=threads, run_name=run_name,
-            seed=seed, snapshot_interval=snapshot_interval,
-            snapshot_memory_budget=snapshot_memory_budget, device=device, mode=mode,
-            group_by=group_by, recovery_mode=recovery_mode,
+            drift_threshold=drift_threshold,
+            snap_threshold=snap_threshold,
+            alpha=alpha,
+            warmup_steps=warmup_steps,
+            auto_recover=auto_recover,
+            sketch_buckets=sketch_buckets,
+            exact_memory_budget=exact_memory_budget,
+            threads=threads,
+            run_name=run_name,
+            seed=seed,
+            snapshot_interval=snapshot_interval,
+            snapshot_memory_budget=snapshot_memory_budget,
+            device=device,
+            mode=mode,
+            group_by=group_by,
+            recovery_mode=recovery_mode,
         )
         self.device: DevicePath = device
         self.drift_threshold = float(drift_threshold)
@@ -263,14 +274,21 @@ class ZetaGuard:
         with self._lock:  # the step's wiring: every part gets explicit values, none the guard
             snap = self._selection.apply(snap)
             scored = self._engine.score(
-                snap, self._detector, loss=_as_float(loss, "loss"),
-                grad_norm=_as_float(grad_norm, "grad_norm"), group_of=self.group_of,
+                snap,
+                self._detector,
+                loss=_as_float(loss, "loss"),
+                grad_norm=_as_float(grad_norm, "grad_norm"),
+                group_of=self.group_of,
                 dist=self._dist,
             )
             result = StabilityResult.wrap(
-                scored.obs, step=self._stats.take_step(step), group_names=self._engine.group_names,
-                module_types=snap.module_types, group_rows=scored.group_rows,
-                thresholds=(self.drift_threshold, self.snap_threshold), history=scored.history,
+                scored.obs,
+                step=self._stats.take_step(step),
+                group_names=self._engine.group_names,
+                module_types=snap.module_types,
+                group_rows=scored.group_rows,
+                thresholds=(self.drift_threshold, self.snap_threshold),
+                history=scored.history,
             )
             if result.status != "STABLE":  # advice, and the worst group it names, only if needed
                 result.recommendations = recommendations(scored.obs, result.worst_group)
@@ -280,8 +298,13 @@ class ZetaGuard:
             self._record(result)
             if result.status == "DRIFT":  # CRITICAL steps are logged once, by the recovery manager
                 batch = "" if batch_index is None else f" batch={batch_index}"
-                log.info("step %d: DRIFT zeta=%.3f worst=%s%s", result.step, result.zeta_value,
-                         result.worst_group, batch)
+                log.info(
+                    "step %d: DRIFT zeta=%.3f worst=%s%s",
+                    result.step,
+                    result.zeta_value,
+                    result.worst_group,
+                    batch,
+                )
             self._recovery.after_step(result, batch_index)
             return result
 
@@ -312,8 +335,10 @@ class ZetaGuard:
 
     def _record(self, result: StabilityResult) -> None:
         """Write the step to the run store (under torch.distributed rank 0 writes for all)."""
-        if self._store is None and self.run_dir is not None and (
-            self._dist is None or self._dist.rank == 0
+        if (
+            self._store is None
+            and self.run_dir is not None
+            and (self._dist is None or self._dist.rank == 0)
         ):
             from zetaguard.store import RunStore
 
@@ -367,7 +392,10 @@ class ZetaGuard:
         landed. Does nothing once :attr:`should_stop` is set."""
         return self._gate.guarded_step(
             optimizer if optimizer is not None else self.optimizer,
-            loss=loss, grad_norm=grad_norm, clip=clip, batch_index=batch_index,
+            loss=loss,
+            grad_norm=grad_norm,
+            clip=clip,
+            batch_index=batch_index,
         )
 
     def should_clip_gradients(self, grad_norm: float | None = None) -> bool:
@@ -483,7 +511,9 @@ class ZetaGuard:
         return self._selection.group_of(name, self.group_by)
 
     def generate_report(
-        self, path: str | os.PathLike[str] | None = None, run_dir: str | os.PathLike[str] | None = None
+        self,
+        path: str | os.PathLike[str] | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
     ) -> Path:
         """Write an HTML report with PNG plots of the run (loss, zeta, per-layer heat map,
         incidents and actions) from its run store; see :func:`zetaguard.report.generate_report`."""
@@ -545,9 +575,7 @@ class ZetaGuard:
         with self._lock:
             # Files from before tiered monitoring carry no fraction or interval: the defaults.
             self.mode = cfg.get("mode", self.mode)
-            self.sample_fraction = float(
-                cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION)
-            )
+            self.sample_fraction = float(cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION))
             self.full_pass_interval = int(
                 cfg.get("full_pass_interval", tiered.DEFAULT_FULL_PASS_INTERVAL)
             )

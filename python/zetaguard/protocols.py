@@ -57,10 +57,10 @@ class EmergencyProtocol:
         self, webhook_url: str | None = None, *, timeout: float = 5.0, notify: bool = True
     ) -> None:
         self.webhook_url = webhook_url or os.environ.get("ZETAGUARD_SLACK_WEBHOOK")
-        if self.webhook_url is not None and not self.webhook_url.startswith(("http://", "https://")):
-            raise ValueError(
-                f"webhook_url must be an http(s) URL, got {self.webhook_url!r}"
-            )
+        if self.webhook_url is not None and not self.webhook_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(f"webhook_url must be an http(s) URL, got {self.webhook_url!r}")
         self.timeout = float(timeout)
         self.notify = notify
 

@@ -35,6 +35,7 @@ class ReportSource(Protocol):
     def recovery_reports(self) -> list[RecoveryReport]: ...
     def get_statistics(self) -> dict[str, Any]: ...
 
+
 STATUS_COLORS = {"STABLE": "#059669", "DRIFT": "#d97706", "CRITICAL": "#dc2626"}
 
 

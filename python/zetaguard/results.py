@@ -124,10 +124,15 @@ class StabilityResult:
         given: dict[str, Any] = {
             name: value
             for name, value in (
-                ("status", status), ("zeta_value", zeta_value), ("raw_jar", raw_jar),
-                ("smoothed_jar", smoothed_jar), ("confidence", confidence),
-                ("channels", channels), ("group_zeta", _group_zeta),
-                ("nonfinite", nonfinite), ("in_warmup", in_warmup),
+                ("status", status),
+                ("zeta_value", zeta_value),
+                ("raw_jar", raw_jar),
+                ("smoothed_jar", smoothed_jar),
+                ("confidence", confidence),
+                ("channels", channels),
+                ("group_zeta", _group_zeta),
+                ("nonfinite", nonfinite),
+                ("in_warmup", in_warmup),
             )
             if value is not _UNSET
         }
@@ -138,7 +143,8 @@ class StabilityResult:
                 observation = dataclasses.replace(observation, **given)
         else:
             missing = [
-                n for n in ("status", "zeta_value", "raw_jar", "smoothed_jar", "confidence")
+                n
+                for n in ("status", "zeta_value", "raw_jar", "smoothed_jar", "confidence")
                 if n not in given
             ]
             if missing:
@@ -154,9 +160,15 @@ class StabilityResult:
             given.setdefault("in_warmup", True)
             observation = Observation(scores={}, **given)
         self._hold(
-            observation, [] if recommendations is None else recommendations,
-            time.time() if timestamp is None else timestamp, step, _group_names, _module_types,
-            _group_rows, _thresholds, _history,
+            observation,
+            [] if recommendations is None else recommendations,
+            time.time() if timestamp is None else timestamp,
+            step,
+            _group_names,
+            _module_types,
+            _group_rows,
+            _thresholds,
+            _history,
         )
 
     @classmethod
@@ -174,8 +186,15 @@ class StabilityResult:
         """The result of one step: ``observation`` held as it is (not copied), stamped now."""
         result = cls.__new__(cls)
         result._hold(
-            observation, [], time.time(), step, group_names, module_types, group_rows,
-            thresholds, history,
+            observation,
+            [],
+            time.time(),
+            step,
+            group_names,
+            module_types,
+            group_rows,
+            thresholds,
+            history,
         )
         return result
 
@@ -203,8 +222,17 @@ class StabilityResult:
 
     def __repr__(self) -> str:
         shown = (
-            "status", "zeta_value", "raw_jar", "smoothed_jar", "confidence", "recommendations",
-            "timestamp", "step", "channels", "nonfinite", "in_warmup",
+            "status",
+            "zeta_value",
+            "raw_jar",
+            "smoothed_jar",
+            "confidence",
+            "recommendations",
+            "timestamp",
+            "step",
+            "channels",
+            "nonfinite",
+            "in_warmup",
         )
         body = ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
         return f"StabilityResult({body})"

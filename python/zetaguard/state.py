@@ -51,7 +51,9 @@ class StateFileError(ValueError):
     """A state file that cannot be used: missing, truncated, corrupt, or of another format."""
 
 
-def pack(meta: dict[str, Any], engine_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]:
+def pack(
+    meta: dict[str, Any], engine_state: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]:
     """Split the engine state into JSON-able metadata and arrays."""
     arrays: dict[str, npt.NDArray[Any]] = {}
     layout = []
@@ -80,7 +82,9 @@ def unpack(meta: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> dict[st
     return {"history": engine["history"], "head": engine["head"], "tensors": tensors}
 
 
-def save(path: str | os.PathLike[str], meta: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> None:
+def save(
+    path: str | os.PathLike[str], meta: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]
+) -> None:
     meta = {"format": FORMAT, "version": VERSION, **meta}
     meta["sha256"] = checks.digest(meta, arrays)
     blob = json.dumps(meta, allow_nan=True).encode()
@@ -229,14 +233,22 @@ def load_guard(
             ]
             tiers = tiered.restore_tiers(
                 float(cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION)),
-                int(cfg["seed"]), saved,
+                int(cfg["seed"]),
+                saved,
             )
         stats = RunStatistics.from_meta(meta)
         # Files written before recovery counters were saved leave the ladder as it is.
         saved_recovery = meta.get("recovery")
         recovery = parse_recovery(saved_recovery) if saved_recovery is not None else None
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError,
-            re.error) as e:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        RuntimeError,
+        re.error,
+    ) as e:
         # RuntimeError: pybind11's cast errors for a field of the wrong type.
         raise StateFileError(
             f"{where!r} holds an inconsistent guard state ({type(e).__name__}: {e}); "

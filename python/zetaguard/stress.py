@@ -119,7 +119,9 @@ def load_model(
             module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
             return module, "torchscript", None
         except Exception as e:
-            raise ModelLoadError(f"cannot load {path} as TorchScript: {str(e) or type(e).__name__}") from e
+            raise ModelLoadError(
+                f"cannot load {path} as TorchScript: {str(e) or type(e).__name__}"
+            ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -118,7 +118,10 @@ class TieredPipeline:
     """The cheap tier, the schedule of full passes and the DRIFT-triggered escalation."""
 
     def __init__(
-        self, sample_fraction: float, full_pass_interval: int, seed: int,
+        self,
+        sample_fraction: float,
+        full_pass_interval: int,
+        seed: int,
         full_pass: str = "inline",
     ) -> None:
         check_settings(sample_fraction, full_pass_interval)
@@ -166,7 +169,11 @@ class TieredPipeline:
         self.reset()
         self.sampler = saved.sampler
         c = saved.counters
-        self._count, self._escalated, self._calm = int(c["steps"]), bool(c["escalated"]), int(c["calm"])
+        self._count, self._escalated, self._calm = (
+            int(c["steps"]),
+            bool(c["escalated"]),
+            int(c["calm"]),
+        )
         self.full_passes, self.escalations = int(c["full_passes"]), int(c["escalations"])
         self.late_passes = int(c["late_passes"])
 
@@ -219,7 +226,8 @@ class TieredPipeline:
         grad_est = grad_norm
         if grad_est is None and snap.grads:
             g2, bad = (
-                sampler.total_norm_raw(snap.grads) if snap.grads_raw
+                sampler.total_norm_raw(snap.grads)
+                if snap.grads_raw
                 else sampler.total_norm(snap.grads)
             )
             grad_est = math.sqrt(g2) if bad == 0 else math.inf

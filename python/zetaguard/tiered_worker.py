@@ -64,8 +64,9 @@ def check_thread_applies(full_pass: str, mode: str, device: str) -> None:
 
 def thread_refused(reason: str) -> ValueError:
     """The error for a step that reached a path where the worker cannot run (raised at once)."""
-    return ValueError(f"full_pass='thread' cannot run here: {reason}; use "
-                      "ZetaGuard(full_pass='inline')")
+    return ValueError(
+        f"full_pass='thread' cannot run here: {reason}; use ZetaGuard(full_pass='inline')"
+    )
 
 
 # Frameworks whose snapshot keeps the memory it points into valid while the snapshot is held
@@ -112,8 +113,7 @@ def scan(step: int, tracker: _core.Tracker, snap: Snapshot) -> LatePass:
     bad = 0
     if snap.grads:
         _, bad = (
-            tracker.total_norm_raw(snap.grads) if snap.grads_raw
-            else tracker.total_norm(snap.grads)
+            tracker.total_norm_raw(snap.grads) if snap.grads_raw else tracker.total_norm(snap.grads)
         )
     return LatePass(step, full[:, 4].copy(), int(bad))
 

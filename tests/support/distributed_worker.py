@@ -39,7 +39,9 @@ def build_model() -> torch.nn.Module:
     return torch.nn.Sequential(
         # Wide enough that sketch mode sketches the first layer's shards (a tensor is only
         # sketched when that compresses it 8x; smaller ones are tracked exactly).
-        torch.nn.Linear(16, 128), torch.nn.Tanh(), torch.nn.Linear(128, 4)
+        torch.nn.Linear(16, 128),
+        torch.nn.Tanh(),
+        torch.nn.Linear(128, 4),
     ).double()
 
 
@@ -131,9 +133,7 @@ def rollback(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, out:
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
-        moved = max(
-            float(np.abs(full(p) - saved[n]).max()) for n, p in model.named_parameters()
-        )
+        moved = max(float(np.abs(full(p) - saved[n]).max()) for n, p in model.named_parameters())
         backend.scale_lr(0.5)  # an LR cut after the snapshot must survive the rollback
         ids = [id(p) for p in model.parameters()]
         backend.restore(snap)
@@ -203,12 +203,16 @@ def recover(rank: int, out: Path) -> None:
         }
         for r in guard.recovery_reports
     ]
-    (out / f"recover_rank{rank}.json").write_text(json.dumps({
-        "statuses": statuses,
-        "after": after,
-        "reports": reports,
-        "backend": type(guard.recovery.backend).__name__,
-    }))
+    (out / f"recover_rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "statuses": statuses,
+                "after": after,
+                "reports": reports,
+                "backend": type(guard.recovery.backend).__name__,
+            }
+        )
+    )
 
 
 def veto(rank: int, out: Path) -> None:

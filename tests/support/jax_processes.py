@@ -19,8 +19,9 @@ MARK = "ZETA_JSON "
 def main(process_id: int, port: int) -> dict[str, Any]:
     jax: Any = importlib.import_module("jax")  # partly untyped in its stubs
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id
+    )
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from zetaguard import ZetaGuard
 
@@ -33,8 +34,9 @@ def main(process_id: int, port: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "sharded_local": bool(sharded.is_fully_addressable),
         "replicated_local": bool(replicated.is_fully_addressable),
-        "replicated_norm": ZetaGuard(mode="exact").monitor(
-            {"w": replicated}).channels["param_norm"],
+        "replicated_norm": ZetaGuard(mode="exact")
+        .monitor({"w": replicated})
+        .channels["param_norm"],
         "expected_norm": float(np.linalg.norm(full.astype(np.float64))),
     }
     try:

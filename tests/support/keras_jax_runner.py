@@ -26,28 +26,47 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_in_subprocess(timeout: float = 300) -> dict[str, Any]:
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.support.keras_jax_runner"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="jax",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.support.keras_jax_runner"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"keras_jax_runner failed:\n{proc.stderr[-4000:]}")
-    out: dict[str, Any] = json.loads(lines[-1][len(MARK):])
+    out: dict[str, Any] = json.loads(lines[-1][len(MARK) :])
     return out
 
 
 def layouts(arrays: list[Any]) -> list[str]:
     """How each array lies over the devices: 'replicated', 'sharded' or 'single'."""
-    return ["single" if len(a.sharding.device_set) == 1
-            else "replicated" if a.is_fully_replicated else "sharded" for a in arrays]
+    return [
+        "single"
+        if len(a.sharding.device_set) == 1
+        else "replicated"
+        if a.is_fully_replicated
+        else "sharded"
+        for a in arrays
+    ]
 
 
 def flat(model: Any) -> np.ndarray:
     """A float64 copy of the weights: NumPy gathers each (replicated or sharded) array."""
     model.jax_state_sync()  # the trainer's live arrays into the variables
-    return np.concatenate([np.asarray(w.numpy(), np.float64).ravel()
-                           for w in model.trainable_weights])
+    return np.concatenate(
+        [np.asarray(w.numpy(), np.float64).ravel() for w in model.trainable_weights]
+    )
 
 
 def fit_scenario(distribution: Any, blow_up_at: int | None = None) -> dict[str, Any]:
@@ -63,10 +82,14 @@ def fit_scenario(distribution: Any, blow_up_at: int | None = None) -> dict[str, 
     try:
         x, y = digits()
         model = mlp(keras)
-        opt = (keras.optimizers.Adam(1e-3) if blow_up_at is None
-               else keras.optimizers.SGD(0.05, momentum=0.9))
-        model.compile(optimizer=opt,
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        opt = (
+            keras.optimizers.Adam(1e-3)
+            if blow_up_at is None
+            else keras.optimizers.SGD(0.05, momentum=0.9)
+        )
+        model.compile(
+            optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
         # Exact mode: every step a full pass, so the norms compare to NumPy's exactly.
         guard = ZetaGuard(warmup_steps=10, mode="exact", auto_recover=False)
         zk = ZetaKeras(guard, stop_on_critical=blow_up_at is not None)
@@ -99,21 +122,30 @@ def fit_scenario(distribution: Any, blow_up_at: int | None = None) -> dict[str, 
                 r = zk.last_result
                 assert r is not None
                 ref = channels(traj)
-                rows.append({
-                    "status": r.status,
-                    "param_norm": r.channels["param_norm"],
-                    "update_norm": r.channels.get("update_norm"),
-                    "accel_norm": r.channels.get("accel_norm"),
-                    "raw_jar": r.raw_jar,
-                    "ref_param_norm": float(np.sqrt(ref["x2"] or 0.0)),
-                    "ref_update_norm": None if ref["v2"] is None else float(np.sqrt(ref["v2"])),
-                    "ref_accel_norm": None if ref["a2"] is None else float(np.sqrt(ref["a2"])),
-                    "ref_raw_jar": raw_jar(traj),
-                })
+                rows.append(
+                    {
+                        "status": r.status,
+                        "param_norm": r.channels["param_norm"],
+                        "update_norm": r.channels.get("update_norm"),
+                        "accel_norm": r.channels.get("accel_norm"),
+                        "raw_jar": r.raw_jar,
+                        "ref_param_norm": float(np.sqrt(ref["x2"] or 0.0)),
+                        "ref_update_norm": None if ref["v2"] is None else float(np.sqrt(ref["v2"])),
+                        "ref_accel_norm": None if ref["a2"] is None else float(np.sqrt(ref["a2"])),
+                        "ref_raw_jar": raw_jar(traj),
+                    }
+                )
                 self.step += 1
 
-        model.fit(x[:512], y[:512], batch_size=32, epochs=2, verbose=0, shuffle=False,
-                  callbacks=[zk, Recorder()])
+        model.fit(
+            x[:512],
+            y[:512],
+            batch_size=32,
+            epochs=2,
+            verbose=0,
+            shuffle=False,
+            callbacks=[zk, Recorder()],
+        )
         return {
             "layouts": seen["layouts"],
             "trainable_weights": len(model.trainable_weights),
@@ -142,11 +174,14 @@ def plain_arrays() -> dict[str, Any]:
     norms = []
     for step in range(6):
         now = [h * (1 + 0.01 * step) for h in host]
-        arrays = {"replicated": jax.device_put(jnp.asarray(now[0]), NamedSharding(mesh, spec())),
-                  "sharded": jax.device_put(jnp.asarray(now[1]), NamedSharding(mesh, spec("d"))),
-                  # bfloat16 is assembled by JAX on one device (NumPy's has no buffer)
-                  "sharded_bf16": jax.device_put(jnp.asarray(now[2], dtype=jnp.bfloat16),
-                                                 NamedSharding(mesh, spec(None, "d")))}
+        arrays = {
+            "replicated": jax.device_put(jnp.asarray(now[0]), NamedSharding(mesh, spec())),
+            "sharded": jax.device_put(jnp.asarray(now[1]), NamedSharding(mesh, spec("d"))),
+            # bfloat16 is assembled by JAX on one device (NumPy's has no buffer)
+            "sharded_bf16": jax.device_put(
+                jnp.asarray(now[2], dtype=jnp.bfloat16), NamedSharding(mesh, spec(None, "d"))
+            ),
+        }
         r = guard.monitor(arrays)
         exact = [np.asarray(a).astype(np.float64) for a in arrays.values()]  # bf16 as rounded
         ref = float(np.sqrt(sum(np.sum(e**2) for e in exact)))
@@ -155,10 +190,16 @@ def plain_arrays() -> dict[str, Any]:
     from zetaguard.adapters.jax_local import host_array
 
     rep = arrays["replicated"]
-    zero_copy = (np.from_dlpack(host_array("r", rep)).ctypes.data
-                 == np.from_dlpack(rep.addressable_shards[0].data).ctypes.data)
-    return {"layouts": layouts(list(arrays.values())), "norms": norms,
-            "monitored": list(guard.monitored_names), "zero_copy": bool(zero_copy)}
+    zero_copy = (
+        np.from_dlpack(host_array("r", rep)).ctypes.data
+        == np.from_dlpack(rep.addressable_shards[0].data).ctypes.data
+    )
+    return {
+        "layouts": layouts(list(arrays.values())),
+        "norms": norms,
+        "monitored": list(guard.monitored_names),
+        "zero_copy": bool(zero_copy),
+    }
 
 
 def main() -> dict[str, Any]:
@@ -173,7 +214,8 @@ def main() -> dict[str, Any]:
     layout_map = keras.distribution.LayoutMap(mesh)
     layout_map[".*kernel"] = (None, "model")  # both kernels split by their columns
     out["model_parallel"] = fit_scenario(
-        keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
+        keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    )
     out["plain"] = plain_arrays()
     out["example"] = run_example()
     return out
@@ -184,7 +226,8 @@ def run_example() -> dict[str, Any]:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "example_distributed_keras_jax", ROOT / "examples" / "distributed_keras_jax.py")
+        "example_distributed_keras_jax", ROOT / "examples" / "distributed_keras_jax.py"
+    )
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -214,7 +214,8 @@ def fit_scenarios() -> dict[str, Any]:
     # the right names, though the variable count and shapes are the same as before.
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((64,))] + [keras.layers.Dense(16, activation="relu") for _ in range(3)]
+        [keras.Input((64,))]
+        + [keras.layers.Dense(16, activation="relu") for _ in range(3)]
         + [keras.layers.Dense(10)]
     )
     watched = []

@@ -13,7 +13,12 @@ def channels(history: list[npt.NDArray[np.float64]]) -> dict[str, float | None]:
     more snapshots than given are None (undefined), as the engine reports them.
     """
     x = [h.astype(np.float64).ravel() for h in history[-4:]]
-    out: dict[str, float | None] = {"x2": float(np.sum(x[-1] ** 2)), "v2": None, "a2": None, "j2": None}
+    out: dict[str, float | None] = {
+        "x2": float(np.sum(x[-1] ** 2)),
+        "v2": None,
+        "a2": None,
+        "j2": None,
+    }
     if len(x) >= 2:
         v = x[-1] - x[-2]
         out["v2"] = float(np.sum(v**2))

@@ -205,8 +205,9 @@ class ReferenceDetector:
             group_zeta = np.full(len(rows), 0.0)
             if len(rows):
                 group_zeta[~np.isfinite(rows).all(axis=1) | (rows[:, 4] > 0)] = math.inf
-            return self._result(math.inf, raw_jar, channels, {"nonfinite": math.inf},
-                                group_zeta, nonfinite)
+            return self._result(
+                math.inf, raw_jar, channels, {"nonfinite": math.inf}, group_zeta, nonfinite
+            )
 
         if self.calibration == "none":
             zeta = self.smoothed_jar if self.smoothed_jar is not None else 0.0
@@ -304,7 +305,9 @@ class ReferenceDetector:
         for name, value in logs.items():
             self.tracks[name].add(value, rate if self.tracks[name].n >= self.warmup_steps else None)
 
-    def _group_raw_jar(self, rows: npt.NDArray[np.float64], history: int) -> npt.NDArray[np.float64]:
+    def _group_raw_jar(
+        self, rows: npt.NDArray[np.float64], history: int
+    ) -> npt.NDArray[np.float64]:
         if history < 3 or len(rows) == 0:
             return np.zeros(len(rows))
         return np.sqrt(rows[:, 3]) / (np.sqrt(rows[:, 2]) + JAR_EPS)

@@ -7,7 +7,9 @@ import math
 from zetaguard import StabilityResult
 
 
-def make_result(step: int, status: str, zeta: float, nonfinite: int | None = None) -> StabilityResult:
+def make_result(
+    step: int, status: str, zeta: float, nonfinite: int | None = None
+) -> StabilityResult:
     """A result at ``step`` with ``status`` and ``zeta_value`` (non-finite zeta: one bad value,
     unless ``nonfinite`` says otherwise)."""
     return StabilityResult(

@@ -50,6 +50,7 @@ def default_threads() -> int:
     memory-bound; more threads than that only contend for bandwidth)."""
     return max(1, min(4, os.cpu_count() or 1))
 
+
 # Root module of an object's type -> adapter module with a `snapshot(obj) -> Snapshot`.
 _ADAPTER_MODULES: dict[str, str] = {
     "torch": "zetaguard.adapters.torch",
@@ -135,8 +136,13 @@ def materialize(items: Iterable[Any]) -> list[Any]:
     read from the torch adapter's cached walk of the module instead of iterated (the
     generator's own walk is the largest per-tensor cost of such a ``monitor()`` call)."""
     code = getattr(items, "gi_code", None)
-    if code is not None and code.co_name in ("parameters", "named_parameters") and (
-        "torch" in sys.modules  # a torch generator means torch is imported; never import it here
+    if (
+        code is not None
+        and code.co_name in ("parameters", "named_parameters")
+        and (
+            "torch"
+            in sys.modules  # a torch generator means torch is imported; never import it here
+        )
     ):
         from zetaguard.adapters.torch_layout import unwalked
 
@@ -197,6 +203,8 @@ def _bfloat16_snapshot(names: list[str], tensors: list[Any]) -> Snapshot:
                 "bfloat16 arrays. Cast with x.astype(np.float32)"
             )
         if not (t.flags.c_contiguous and t.flags.aligned):
-            raise ValueError(f"{label} is not a C-contiguous aligned array; pass np.ascontiguousarray(x)")
+            raise ValueError(
+                f"{label} is not a C-contiguous aligned array; pass np.ascontiguousarray(x)"
+            )
         raw.append((int(t.ctypes.data), int(t.size), t.dtype.name))
     return Snapshot(names=names, tensors=raw, raw=True, keepalive=list(tensors))

@@ -58,7 +58,8 @@ def _raw_grads(
         if facts != layout.grad_facts:
             layout.grad_facts = None
             layout.grad_dtypes = [
-                check_tensor(f"gradient of {n}", g) for n, g in zip(layout.names, dense, strict=True)
+                check_tensor(f"gradient of {n}", g)
+                for n, g in zip(layout.names, dense, strict=True)
             ]
             layout.grad_facts, layout.grad_ptrs = facts, []
         if gptrs != layout.grad_ptrs:
@@ -168,9 +169,11 @@ def grad_norm(parameters: Any) -> float | None:
             squares, nonfinite = _norm_engine[0].total_norm_raw(raw)
             return math.inf if nonfinite else math.sqrt(squares)
     params = parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters
-    grads = [g.coalesce().values() if g.is_sparse else g
-             for i, p in enumerate(params)
-             if (g := p.grad) is not None and checked_grad(f"gradient {i}", g) is g]
+    grads = [
+        g.coalesce().values() if g.is_sparse else g
+        for i, p in enumerate(params)
+        if (g := p.grad) is not None and checked_grad(f"gradient {i}", g) is g
+    ]
     if not grads:
         return None
     norms = torch._foreach_norm(grads, 2, dtype=torch.float64)

@@ -69,7 +69,9 @@ def check_tensor(name: str, t: Any) -> str:
     if t.is_sparse or t.layout != torch.strided:
         raise TypeError(f"{name} has layout {t.layout}; pass dense parameters (t.to_dense())")
     if t.device.type == "meta":
-        raise ValueError(f"{name} is on the meta device and holds no data; materialise the model first")
+        raise ValueError(
+            f"{name} is on the meta device and holds no data; materialise the model first"
+        )
     if not t.is_contiguous():
         raise ValueError(f"{name} is not contiguous in memory; pass t.contiguous()")
     check_storage(name, t)
@@ -82,7 +84,9 @@ def check_storage(name: str, t: torch.Tensor) -> None:
     if t.numel() == 0:
         return
     # The last element's offset plus one; torch strides are never negative.
-    end = t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    end = (
+        t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    )
     need = end * t.element_size()
     have = t.untyped_storage().nbytes()
     if need > have:
@@ -107,8 +111,11 @@ def checked_grad(name: str, g: torch.Tensor) -> torch.Tensor:
 def check_storages(tensors: list[torch.Tensor], what: str = "tensor") -> None:
     """:func:`check_storage` for many tensors: C-level maps for the common case (the bound of
     a contiguous tensor), the exact per-tensor bound only when that one fails."""
-    ends = map(operator.mul, map(operator.add, map(_storage_offset, tensors), map(_numel, tensors)),
-               map(_element_size, tensors))
+    ends = map(
+        operator.mul,
+        map(operator.add, map(_storage_offset, tensors), map(_numel, tensors)),
+        map(_element_size, tensors),
+    )
     if not all(map(operator.le, ends, map(_storage_nbytes, map(_untyped_storage, tensors)))):
         for i, t in enumerate(tensors):
             check_storage(f"{what} {i}", t)
@@ -175,7 +182,11 @@ class Layout:
         # For a module: (parent._modules, name, child) edges as three lists, then every
         # submodule's _modules and _parameters dicts and their sizes when the layout was made.
         self.structure: tuple[list[Any], list[str], list[Any], list[Any], list[int]] = (
-            [], [], [], [], []
+            [],
+            [],
+            [],
+            [],
+            [],
         )
         # Gradients: the facts and engine dtypes that last passed the full check, and the
         # addresses the raw entries were built from.
@@ -321,8 +332,10 @@ def _list_layout(obj: Any) -> tuple[Layout, list[Any]]:
             names, tensors = None, items
     key = (names is None, *map(id, tensors))
     layout = _list_cache.get(key)
-    if layout is not None and len(layout.names) == len(tensors) and (
-        names is None or layout.names == names
+    if (
+        layout is not None
+        and len(layout.names) == len(tensors)
+        and (names is None or layout.names == names)
     ):
         return layout, tensors
     named = named_tensors(obj if isinstance(obj, (dict, torch.Tensor)) else items)
@@ -360,8 +373,10 @@ def unwalked(gen: Any) -> list[Any] | None:
         or args.get("recurse") is not True
         or type(module).named_parameters is not _Module.named_parameters  # parameters() uses it
         or type(module)._named_members is not _Module._named_members
-        or (code is _NAMED_PARAMETERS
-            and (args.get("prefix") != "" or args.get("remove_duplicate") is not True))
+        or (
+            code is _NAMED_PARAMETERS
+            and (args.get("prefix") != "" or args.get("remove_duplicate") is not True)
+        )
     ):
         return None
     try:

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "learning rate), a probe training watched by zetaguard, and a 0-10 score.",
     )
     p.add_argument(
-        "--model", required=True,
+        "--model",
+        required=True,
         help="TorchScript or state dict; torch.export (.pt2) with --trust-pickle",
     )
     p.add_argument("--factory", help="module:function that builds the module for a state dict")

@@ -117,7 +117,9 @@ def sketch_signs(seed: int, k: int) -> npt.NDArray[np.float32]:
     return np.where((h >> np.uint64(63)) != 0, -1.0, 1.0).astype(np.float32)
 
 
-def chunk_maps(seed: int, chunks: int, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+def chunk_maps(
+    seed: int, chunks: int, k: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """Bucket offset and sign of each k-element chunk."""
     c = np.arange(1, chunks + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -135,7 +137,9 @@ def buckets_for(numel: int, total: int, sketch_buckets: int, min_buckets: int) -
         return 0
     k = max(min_buckets, sketch_buckets * numel // total)
     k = -(-k // _ROTATION_GRANULE) * _ROTATION_GRANULE  # whole SIMD vectors, as the engine
-    return 0 if k * _SKETCH_MIN_COMPRESSION > numel else k  # as the engine: sketch only when it pays
+    return (
+        0 if k * _SKETCH_MIN_COMPRESSION > numel else k
+    )  # as the engine: sketch only when it pays
 
 
 class _Sketch:
@@ -346,7 +350,9 @@ class DeviceTracker:
         j_norms: list[torch.Tensor] = [zero] * n
         for batch in self._batches:
             cur = [
-                sk.apply(tensors[i]) if (sk := self._sketches[i]) is not None else tensors[i].reshape(-1)
+                sk.apply(tensors[i])
+                if (sk := self._sketches[i]) is not None
+                else tensors[i].reshape(-1)
                 for i in batch
             ]
             ring = [[self._slots[s][i] for i in batch] for s in range(3)]
@@ -363,8 +369,12 @@ class DeviceTracker:
                     torch._foreach_sub_(d3, d2)  # d3 - d2 = -(d2 - d3), rounded as the engine's
                     torch._foreach_add_(d3, v)  # a - (d2 - d3) = j
                     _put(j_norms, batch, torch._foreach_norm(d3, 2, dtype=torch.float64))
-        parts = [torch.stack(x_norms), torch.stack(v_norms), torch.stack(a_norms),
-                 torch.stack(j_norms)]
+        parts = [
+            torch.stack(x_norms),
+            torch.stack(v_norms),
+            torch.stack(a_norms),
+            torch.stack(j_norms),
+        ]
         grad_count = 0
         if grads:
             grads = [_dense(checked_grad(f"gradient {i}", g)) for i, g in enumerate(grads)]
@@ -413,8 +423,14 @@ class DeviceTracker:
             sketch = self._sketches[i]
             tau = sketch.tau_host if sketch is not None else np.zeros(0, dtype=np.float32)
             tensors.append(
-                {"numel": numel, "dtype": dtype, "buckets": k, "seed": seed, "slots": slots,
-                 "tau": tau}
+                {
+                    "numel": numel,
+                    "dtype": dtype,
+                    "buckets": k,
+                    "seed": seed,
+                    "slots": slots,
+                    "tau": tau,
+                }
             )
         return {"history": self._history, "head": self._head, "tensors": tensors}
 

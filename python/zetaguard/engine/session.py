@@ -116,9 +116,11 @@ class EngineSession:
             return True
         if threaded:
             raise thread_refused(
-                ("parameters on a CUDA device go through the device path"
-                 if snap.framework == DEVICE_FRAMEWORK
-                 else "torch.distributed with more than one rank reduces full reads")
+                (
+                    "parameters on a CUDA device go through the device path"
+                    if snap.framework == DEVICE_FRAMEWORK
+                    else "torch.distributed with more than one rank reduces full reads"
+                )
                 + ", which reads every element in every monitor() call (no separate full pass "
                 "to move off the training thread)"
             )

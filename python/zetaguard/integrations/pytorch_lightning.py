@@ -106,11 +106,16 @@ class ZetaCallback(pl.Callback):
         )
         if self.log_metrics:
             metrics = logged_metrics(self.guard, layers=self.log_layers)
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True,
-                               prog_bar=False)
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False)
             if self.prog_bar:
-                pl_module.log("zeta", self.last_result.zeta_value, on_step=True,
-                              on_epoch=False, logger=False, prog_bar=True)
+                pl_module.log(
+                    "zeta",
+                    self.last_result.zeta_value,
+                    on_step=True,
+                    on_epoch=False,
+                    logger=False,
+                    prog_bar=True,
+                )
         if self.guard.should_stop:
             trainer.should_stop = True
 

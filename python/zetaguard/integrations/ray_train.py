@@ -65,8 +65,9 @@ def metrics(guard: ZetaGuard) -> dict[str, Any]:
     return out
 
 
-def report(guard: ZetaGuard, extra: dict[str, Any] | None = None,
-           checkpoint: Any = None) -> dict[str, Any]:
+def report(
+    guard: ZetaGuard, extra: dict[str, Any] | None = None, checkpoint: Any = None
+) -> dict[str, Any]:
     """``ray.train.report`` this step's metrics with the guard's (:func:`metrics`); returns them.
 
     When the guard stops the run and no ``checkpoint`` is given, worker 0 reports a checkpoint

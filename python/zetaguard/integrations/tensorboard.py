@@ -58,7 +58,7 @@ class ZetaBoard:
     def tag(self, key: str) -> str:
         """The TensorBoard tag of a ``get_metrics()`` key."""
         if key.startswith("group/"):
-            return f"{self.prefix}/layers/{key[len('group/'):]}"
+            return f"{self.prefix}/layers/{key[len('group/') :]}"
         return f"{self.prefix}/{key}"
 
     def log_stability(self, metrics: dict[str, float], step: int) -> int:
@@ -77,12 +77,12 @@ class ZetaBoard:
     def log_result(self, result: Any, step: int | None = None) -> None:
         """Write a :class:`StabilityResult` as text too (status and recommendations)."""
         at = result.step if step is None else int(step)
-        self.writer.add_scalar(f"{self.prefix}/status_level",
-                               float(STATUSES.index(result.status)), at)
+        self.writer.add_scalar(
+            f"{self.prefix}/status_level", float(STATUSES.index(result.status)), at
+        )
         add_text = getattr(self.writer, "add_text", None)
         if callable(add_text) and result.status != "STABLE":
-            lines = [f"**{result.status}** zeta={result.zeta_value:.3g}",
-                     *result.recommendations]
+            lines = [f"**{result.status}** zeta={result.zeta_value:.3g}", *result.recommendations]
             add_text(f"{self.prefix}/events", "\n\n".join(lines), at)
 
     def flush(self) -> None:

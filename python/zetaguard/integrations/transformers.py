@@ -183,8 +183,9 @@ class ZetaGuardCallback(TrainerCallback):
         **kwargs: Any,
     ) -> TrainerControl:
         loss, self._loss = self._loss, None
-        self.last_result = self.guard.monitor(model, loss=loss, grad_norm=self._grad_norm,
-                                              step=state.global_step)
+        self.last_result = self.guard.monitor(
+            model, loss=loss, grad_norm=self._grad_norm, step=state.global_step
+        )
         if self.guard.should_stop:
             control.should_training_stop = True
         return control

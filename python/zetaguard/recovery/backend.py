@@ -247,6 +247,7 @@ def make_backend(model: Any, optimizer: Any = None, scheduler: Any = None) -> Re
     if optimizer is not None:
         log.warning(
             "zetaguard: no recovery backend knows optimizers of type %s; rolling back "
-            "parameters only", type(optimizer).__name__
+            "parameters only",
+            type(optimizer).__name__,
         )
     return NumpyBackend(model)

@@ -66,8 +66,12 @@ class RobustHistory:
 
     def state(self) -> dict[str, Any]:
         """Everything the next decisions depend on, cached median included (JSON-able)."""
-        return {"logs": list(self.logs), "stale": self._stale, "median": self._median,
-                "spread": self._spread}
+        return {
+            "logs": list(self.logs),
+            "stale": self._stale,
+            "median": self._median,
+            "spread": self._spread,
+        }
 
     @classmethod
     def from_state(cls, saved: Mapping[str, Any]) -> RobustHistory:

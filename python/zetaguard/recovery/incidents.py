@@ -45,8 +45,14 @@ RECURRING_WINDOW = 1000
 MAX_UNDOS = 50
 # Channels one batch (its loss, its gradient) or the one update it made can drive critical.
 TRANSIENT_SCORES = frozenset(
-    {"score_loss", "score_loss_start", "score_grad", "score_update", "score_accel",
-     "score_nonfinite"}
+    {
+        "score_loss",
+        "score_loss_start",
+        "score_grad",
+        "score_update",
+        "score_accel",
+        "score_nonfinite",
+    }
 )
 # A growth score at this level means the weights were already growing faster than in warm-up.
 GROWTH_SUSTAINED = 0.5
@@ -154,8 +160,13 @@ class Incidents:
             self.transients += 1
 
     def tighten_veto(
-        self, loss: float | None, loss_median: float | None, grad: float | None,
-        grad_median: float | None, loss_ratio: float | None, grad_ratio: float | None,
+        self,
+        loss: float | None,
+        loss_median: float | None,
+        grad: float | None,
+        grad_median: float | None,
+        loss_ratio: float | None,
+        grad_ratio: float | None,
     ) -> None:
         """After a recurring transient: veto a step whose loss or gradient norm stands at the
         geometric middle between healthy (1x the median) and the excursion seen, or lower

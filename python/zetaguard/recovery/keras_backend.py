@@ -63,7 +63,17 @@ def _is_tf_resource(value: Any) -> bool:
 # Torch dtypes NumPy has (bfloat16 goes through keras.ops.convert_to_numpy, which casts).
 _TORCH_NUMPY_DTYPES = frozenset(
     f"torch.{name}"
-    for name in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+    for name in (
+        "float64",
+        "float32",
+        "float16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+    )
 )
 
 
@@ -171,8 +181,10 @@ class KerasBackend:
         plan = self._live_plan
         if plan is None or plan[0]() is not compiled or plan[1] != list(reads):
             where: dict[int, tuple[str, int]] = {}
-            groups = [("trainable_variables", model.trainable_variables),
-                      ("non_trainable_variables", model.non_trainable_variables)]
+            groups = [
+                ("trainable_variables", model.trainable_variables),
+                ("non_trainable_variables", model.non_trainable_variables),
+            ]
             if self.optimizer is not None:
                 groups.append(("optimizer_variables", self.optimizer.variables))
             for kind, variables in groups:

@@ -150,7 +150,5 @@ def critical_beyond(result: StabilityResult, allowed: frozenset[str]) -> bool:
     unexplained CRITICAL counts too)."""
     if result.nonfinite > 0:
         return True
-    critical = {
-        k for k, v in result.channels.items() if k.startswith("score_") and not v < 1.0
-    }
+    critical = {k for k, v in result.channels.items() if k.startswith("score_") and not v < 1.0}
     return not critical or bool(critical - allowed)

@@ -102,8 +102,7 @@ class LrWatch:
     def _floored(self, lrs: list[float]) -> list[float]:
         assert self._floor is not None
         return [
-            min(lr / self._floor_cut, max(lr, f))
-            for lr, f in zip(lrs, self._floor, strict=False)
+            min(lr / self._floor_cut, max(lr, f)) for lr, f in zip(lrs, self._floor, strict=False)
         ]
 
     def _apply_floor(self, backend: Any, scheduler: Any) -> None:
@@ -133,7 +132,10 @@ class LrWatch:
         if self.warned:
             log.info(
                 "zetaguard: the learning rate was set outside the guard again after the cut at "
-                "step %s (%s, the guard set %s)", self.cut_step, _fmt(now), _fmt(expected)
+                "step %s (%s, the guard set %s)",
+                self.cut_step,
+                _fmt(now),
+                _fmt(expected),
             )
             return
         self.warned = True

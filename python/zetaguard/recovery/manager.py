@@ -157,7 +157,8 @@ class RecoveryManager:
         """:meth:`counters` output checked and typed; raises ``KeyError``, ``TypeError`` or
         ``ValueError`` on a malformed entry (``load_state`` checks before it changes anything)."""
         parsed: dict[str, Any] = {
-            key: int(saved[key]) for key in ("episode", "total", "calm", "skips", "consecutive_skips")
+            key: int(saved[key])
+            for key in ("episode", "total", "calm", "skips", "consecutive_skips")
         }
         parsed["since_action"] = float(saved["since_action"])
         if min(parsed.values()) < 0:
@@ -235,7 +236,9 @@ class RecoveryManager:
 
     # ---- after every monitored step ------------------------------------------------------
 
-    def after_step(self, result: StabilityResult, batch_index: int | None = None) -> RecoveryReport | None:
+    def after_step(
+        self, result: StabilityResult, batch_index: int | None = None
+    ) -> RecoveryReport | None:
         if self.stopped:
             return None
         vetoed = self._vetoed
@@ -244,7 +247,9 @@ class RecoveryManager:
         finally:
             self.incidents.observe(result, vetoed)  # after classifying: the steps before it
 
-    def _after_step(self, result: StabilityResult, batch_index: int | None) -> RecoveryReport | None:
+    def _after_step(
+        self, result: StabilityResult, batch_index: int | None
+    ) -> RecoveryReport | None:
         vetoed, self._vetoed = self._vetoed, False
         self.losses.append(result.channels.get("loss"))
         self.grad_norms.append(result.channels.get("grad_norm"))
@@ -307,9 +312,12 @@ class RecoveryManager:
         self._rollback(0, report)
         if kind == RECURRING:
             self.incidents.tighten_veto(
-                result.channels.get("loss"), self.losses.median(clip.SKIP_MIN_SAMPLES),
-                result.channels.get("grad_norm"), self.grad_norms.median(clip.SKIP_MIN_SAMPLES),
-                self.ladder.skip_loss_ratio, self.ladder.skip_grad_ratio,
+                result.channels.get("loss"),
+                self.losses.median(clip.SKIP_MIN_SAMPLES),
+                result.channels.get("grad_norm"),
+                self.grad_norms.median(clip.SKIP_MIN_SAMPLES),
+                self.ladder.skip_loss_ratio,
+                self.ladder.skip_grad_ratio,
             )
             report.actions.append(
                 "veto tightened (loss > "
@@ -318,8 +326,12 @@ class RecoveryManager:
             )
         report.message = f"{kind}: {why}; undone with no LR cut"
         self.incidents.undone.append(
-            {"step": result.step, "batch": batch_index, "class": kind,
-             "restored_step": report.restored_step}
+            {
+                "step": result.step,
+                "batch": batch_index,
+                "class": kind,
+                "restored_step": report.restored_step,
+            }
         )
         self._finish(report, result, batch_index)
         return report
@@ -341,8 +353,10 @@ class RecoveryManager:
                 out = protocol.execute(self.guard.model, self.guard.optimizer, self.guard)
             finally:
                 self._in_protocol = False
-            report = out if isinstance(out, RecoveryReport) else self.records.report(
-                result, actions=[f"protocol {type(protocol).__name__}"]
+            report = (
+                out
+                if isinstance(out, RecoveryReport)
+                else self.records.report(result, actions=[f"protocol {type(protocol).__name__}"])
             )
         else:
             report = self.run_ladder(result, force=force)
@@ -466,8 +480,13 @@ class RecoveryManager:
         step = self.guard.step
         # A veto is about one batch: a transient, or the recurring one once it has recurred.
         kind = RECURRING if self.incidents.recurring else TRANSIENT
-        log.warning("zetaguard: step %d skipped (%s: %s)%s", step, kind, reason,
-                    "" if batch_index is None else f" batch={batch_index}")
+        log.warning(
+            "zetaguard: step %d skipped (%s: %s)%s",
+            step,
+            kind,
+            reason,
+            "" if batch_index is None else f" batch={batch_index}",
+        )
         self.incidents.skipped.append(
             {"step": step, "batch": batch_index, "class": kind, "reason": reason}
         )
@@ -507,8 +526,11 @@ def _same_items(new: Any, old: Any) -> bool:
         return False
     if new and type(new[0]) is tuple:  # named pairs: the names must match, the values be the same
         return all(
-            type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2
-            and a[0] == b[0] and a[1] is b[1]
+            type(a) is tuple
+            and type(b) is tuple
+            and len(a) == len(b) == 2
+            and a[0] == b[0]
+            and a[1] is b[1]
             for a, b in zip(new, old, strict=True)
         )
     return all(map(operator.is_, new, old))

@@ -84,7 +84,12 @@ class RecoveryRecords:
             action,
         )
         self.store_incident(
-            result.step, result.status, dict(result.channels), result.worst_group, batch_index, action
+            result.step,
+            result.status,
+            dict(result.channels),
+            result.worst_group,
+            batch_index,
+            action,
         )
 
     def store_incident(

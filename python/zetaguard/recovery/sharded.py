@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from zetaguard.recovery.backend import StateSnapshot
 
 
-
 def _clone_tree(obj: Any) -> Any:
     """Deep copy of a (possibly sharded) state dict: each rank clones its own shards."""
     from zetaguard.recovery.torch_backend import map_tensors
@@ -137,7 +136,10 @@ class ShardedBackend:
             )
         path = self._save(self.snapshot_dir / f"snapshot-step{int(step):08d}", None)
         snap = StateSnapshot(
-            step=step, params=path, rng=rng, data_position=data_position,
+            step=step,
+            params=path,
+            rng=rng,
+            data_position=data_position,
             has_optimizer_state=has_optim,
         )
         if self._ctx.rank == 0:  # the directory lives as long as the keeper holds the snapshot
@@ -254,4 +256,3 @@ def make_backend(model: Any, optimizer: Any = None, scheduler: Any = None) -> An
     from zetaguard.recovery.torch_backend import TorchBackend
 
     return TorchBackend(model, optimizer, scheduler)
-

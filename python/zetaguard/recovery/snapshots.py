@@ -57,7 +57,9 @@ class SnapshotKeeper:
             held.append(self.initial)
         return held
 
-    def _capture(self, backend: RecoveryBackend, step: int, data_position: object) -> StateSnapshot | None:
+    def _capture(
+        self, backend: RecoveryBackend, step: int, data_position: object
+    ) -> StateSnapshot | None:
         if self.disabled:
             return None
         snap = backend.capture(step, data_position)

@@ -139,8 +139,13 @@ class TorchBackend:
             rng=rng,
             data_position=data_position,
             # numel x element size: a sparse buffer has no nbytes
-            nbytes=sum(map(operator.mul, map(torch.Tensor.numel, buffers),
-                           map(torch.Tensor.element_size, buffers))),
+            nbytes=sum(
+                map(
+                    operator.mul,
+                    map(torch.Tensor.numel, buffers),
+                    map(torch.Tensor.element_size, buffers),
+                )
+            ),
             has_optimizer_state=opt_state is not None,
         )
         # Once the keeper lets this snapshot go, its host buffers serve the next capture:
@@ -309,14 +314,18 @@ def _scheduler_state(sched: Any) -> Any:
     return {"state": copy.deepcopy(state_dict()), "lr_attrs": _scheduler_lr_attrs(sched)}
 
 
-def _cuts_since(then: list[dict[str, Any]], now: list[dict[str, Any]], groups: int) -> list[float] | None:
+def _cuts_since(
+    then: list[dict[str, Any]], now: list[dict[str, Any]], groups: int
+) -> list[float] | None:
     """Per group, how much the LR attributes were scaled between ``then`` and ``now`` (the cuts
     made since a snapshot), from the first list attribute both hold with nonzero values."""
     for old, new in zip(then, now, strict=False):
         for attr in _SCHEDULER_LR_ATTRS[:3]:  # base_lrs, max_lrs, min_lrs
             a, b = old.get(attr), new.get(attr)
             if (
-                isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == groups
+                isinstance(a, list)
+                and isinstance(b, list)
+                and len(a) == len(b) == groups
                 and all(float(x) != 0.0 for x in a)
             ):
                 return [float(y) / float(x) for x, y in zip(a, b, strict=True)]

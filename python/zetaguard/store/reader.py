@@ -46,8 +46,6 @@ def _decode_blob(
     return zeta, jars, ratio
 
 
-
-
 @dataclass(frozen=True)
 class RunInfo:
     """A run found under a run directory."""
@@ -346,4 +344,3 @@ def iter_new_steps(
                 stop.wait(poll)
             else:
                 time.sleep(poll)
-

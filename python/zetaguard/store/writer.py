@@ -39,7 +39,6 @@ def _group_blob(result: StabilityResult) -> bytes | None:
     return rows.tobytes() + zetas.tobytes()
 
 
-
 class RunStore:
     """Writes one run to ``<run_dir>/<run_name>/run.sqlite``.
 
@@ -342,4 +341,3 @@ def _fresh_name(root: Path) -> str:
         n += 1
         name = f"{base}-{n}"
     return name
-
