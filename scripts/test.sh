@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh and the system packages the browser test needs), then runs every
-# check: the C++ engine tests through ctest (no Python), ruff, mypy, the pytest suite, and the
+# check: the C++ engine tests through ctest (no Python), ruff (lint and format), mypy, the pytest suite, and the
 # native code under ASan+UBSan (scripts/sanitize.sh). Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,7 @@ cmake --preset engine-tests -G Ninja >/dev/null
 cmake --build build/engine-tests >/dev/null
 ctest --preset engine-tests
 ruff check .
+ruff format --check .
 mypy
 python -m pytest "$@"
 bash scripts/sanitize.sh
