@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh and the system packages the browser test needs), then runs every
-# check: the C++ engine tests through ctest (no Python), ruff (lint and format), mypy, the pytest suite, and the
-# native code under ASan+UBSan (scripts/sanitize.sh). Arguments go to pytest.
+# check: the C++ engine tests through ctest (no Python), ruff (lint and format), mypy, the
+# pytest suite, and the native code under ASan+UBSan (scripts/sanitize.sh). Arguments go to
+# pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
