@@ -40,7 +40,7 @@ def _rows(traj: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
     return rows
 
 
-def test_raw_jar_is_the_seed_formula() -> None:
+def test_raw_jar_is_jar_as_specified() -> None:
     traj = _trajectory(0, 30)
     guard = ZetaGuard(auto_recover=False)
     for t, x in enumerate(traj):

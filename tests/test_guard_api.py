@@ -134,7 +134,7 @@ def test_dataclasses_replace_keeps_working_on_results() -> None:
         StabilityResult(status="STABLE", zeta_value=0.1)
 
 
-def test_raw_jar_is_the_seed_formula_to_the_letter() -> None:
+def test_raw_jar_is_jar_as_specified_to_the_letter() -> None:
     # mode="exact": every element every step (the default tiered mode estimates it between
     # full passes; tests/test_tiered.py holds those estimates to the same formula on the sample)
     guard = ZetaGuard(mode="exact")
