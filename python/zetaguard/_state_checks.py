@@ -15,8 +15,8 @@ guard uses one:
 * **every field is checked for type and range** (:func:`validate`), so a refusal is a clear
   message, never a ``KeyError``, ``OverflowError`` (``warmup_steps: 1e400``) or
   ``RecursionError`` (deeply nested JSON) from deep inside;
-* **the name pattern cannot hang the guard**: :func:`check_pattern` refuses regular expressions
-  that can backtrack catastrophically.
+* **the name pattern cannot hang the guard**: :func:`zetaguard._pattern_safety.check_pattern`
+  refuses regular expressions that can backtrack catastrophically.
 
 Every check raises :class:`Refusal`; :mod:`zetaguard.state` turns it into ``StateFileError``
 naming the file.
@@ -25,11 +25,9 @@ naming the file.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
-import re
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -37,10 +35,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from zetaguard._pattern_safety import UnsafePattern, check_pattern
+
 MAX_META_BYTES = 64 << 20  # the JSON header; a model with a million named tensors needs ~50 MB
 MAX_DEPTH = 6  # the header's deepest legitimate nesting is 4 (recovery.losses.logs[i])
-MAX_PATTERN = 1000  # characters
-MAX_UNBOUNDED_REPEATS = 3  # polynomial backtracking: cost grows as len(name) ** (repeats + 1)
 # Array members and the dtype each may have (uint8 meta and exact rings, float64 sketch rings,
 # float32 sketch signs).
 _DTYPES = {"|u1": np.uint8, "<f8": np.float64, "<f4": np.float32}
@@ -274,7 +272,10 @@ def validate(meta: dict[str, Any], arrays: Mapping[str, npt.NDArray[Any]]) -> No
     if pattern is not None:
         if not isinstance(pattern, str):
             raise Refusal(f"pattern must be a string or null, got {type(pattern).__name__}")
-        check_pattern(pattern)
+        try:
+            check_pattern(pattern)
+        except UnsafePattern as e:
+            raise Refusal(str(e)) from e
     _int(_need(meta, "step", "the header"), "step", 0, 2**62)
 
     detector = _dict(_need(meta, "detector", "the header"), "detector")
@@ -399,77 +400,3 @@ def _validate_engine(
             raise Refusal(f"tensor {i}'s sketch signs are missing or of the wrong size")
         expected.add(f"t{i}_tau")
     return expected
-
-
-# ---- patterns ------------------------------------------------------------------------------
-
-try:  # Python 3.11+; sre_parse before (both are the re module's own parser)
-    _sre: Any = importlib.import_module("re._parser")
-    _sre_c: Any = importlib.import_module("re._constants")
-except ImportError:  # pragma: no cover - Python 3.10
-    _sre = importlib.import_module("sre_parse")
-    _sre_c = importlib.import_module("sre_constants")
-
-_REPEATS = {_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT} | (
-    {_sre_c.POSSESSIVE_REPEAT} if hasattr(_sre_c, "POSSESSIVE_REPEAT") else set()
-)
-_REFS = {_sre_c.GROUPREF, _sre_c.GROUPREF_EXISTS} | (
-    {_sre_c.GROUPREF_IGNORE} if hasattr(_sre_c, "GROUPREF_IGNORE") else set()
-)
-
-
-def check_pattern(pattern: str) -> None:
-    """Refuse a regular expression that can backtrack catastrophically on a parameter name.
-
-    Python's ``re`` backtracks, and a search cannot be interrupted, so the pattern is judged
-    by its structure before it is used: a repeat inside a repeat (``(a+)+``, the exponential
-    case), an alternation inside a repeat (``(a|a)*``), backreferences, and more than
-    ``MAX_UNBOUNDED_REPEATS`` unbounded repeats (``.*a.*b.*c.*d``: polynomial of that degree)
-    are refused. Raises :class:`Refusal` naming what to change.
-    """
-    if len(pattern) > MAX_PATTERN:
-        raise Refusal(f"the name pattern is {len(pattern)} characters, over {MAX_PATTERN}")
-    try:
-        tree = _sre.parse(pattern)
-    except (re.error, RecursionError, OverflowError, ValueError) as e:
-        raise Refusal(f"the name pattern {pattern!r} is not a valid regular expression: {e}") from e
-    unbounded = _walk(tree, pattern, inside_repeat=False)
-    if unbounded > MAX_UNBOUNDED_REPEATS:
-        raise Refusal(
-            f"the name pattern {pattern!r} has {unbounded} unbounded repeats (* + {{n,}}); at "
-            f"most {MAX_UNBOUNDED_REPEATS} keep matching fast. Simplify it"
-        )
-
-
-def _walk(items: Any, pattern: str, inside_repeat: bool) -> int:
-    unbounded = 0
-    for op, av in items:
-        if op in _REFS:
-            raise Refusal(f"the name pattern {pattern!r} uses a backreference; remove it")
-        if op in _REPEATS:
-            _, hi, body = av
-            repeats = hi > 1
-            if repeats and inside_repeat:
-                raise Refusal(
-                    f"the name pattern {pattern!r} nests a repeat inside a repeat (like "
-                    "(a+)+), which can backtrack for ever; repeat a character class instead"
-                )
-            if hi == _sre_c.MAXREPEAT:
-                unbounded += 1
-            unbounded += _walk(body, pattern, inside_repeat or repeats)
-        elif op == _sre_c.BRANCH:
-            if inside_repeat:
-                raise Refusal(
-                    f"the name pattern {pattern!r} repeats an alternation (like (a|b)+), which "
-                    "can backtrack for ever; use a character class ([ab]+) or one alternation "
-                    "outside the repeat"
-                )
-            for branch in av[1]:
-                unbounded += _walk(branch, pattern, inside_repeat)
-        elif op == _sre_c.SUBPATTERN:
-            unbounded += _walk(av[-1], pattern, inside_repeat)
-        elif op in (_sre_c.ASSERT, _sre_c.ASSERT_NOT):
-            unbounded += _walk(av[1], pattern, inside_repeat)
-        elif hasattr(_sre_c, "ATOMIC_GROUP") and op == _sre_c.ATOMIC_GROUP:
-            unbounded += _walk(av, pattern, inside_repeat)
-    return unbounded

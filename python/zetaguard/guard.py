@@ -5,10 +5,10 @@ The parts: :mod:`zetaguard.selection` (what is monitored, and each tensor's grou
 score), :mod:`zetaguard.detector` (status from those numbers, one ``Observation`` that the
 :class:`StabilityResult` wraps), :mod:`zetaguard.stats` (run statistics),
 :mod:`zetaguard.recovery` (through the narrow ``RecoveryHost`` Protocol; the veto,
-``guarded_step`` and the clip advice in :mod:`zetaguard.recovery.gate`) and
-:mod:`zetaguard.state` (the state file). Its logic is the wiring of one step (in
-:meth:`ZetaGuard.monitor`); the rest of its length is the constructor, the state file's
-save/load, and the public methods' signatures and docstrings, which stay here where users
+``guarded_step`` and the clip advice in :mod:`zetaguard.recovery.gate`),
+:mod:`zetaguard.settings` (the checked settings, one frozen object) and :mod:`zetaguard.state`
+(the state file). Its logic is the wiring of one step (in :meth:`ZetaGuard.monitor`); the rest
+of its length is the public methods' signatures and docstrings, which stay here where users
 read them.
 """
 
@@ -19,18 +19,19 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from zetaguard import _validate, distributed, state, tiered, tiered_worker
+from zetaguard import distributed, state, tiered, tiered_worker
 from zetaguard._validate import as_float as _as_float
-from zetaguard.adapters import default_threads, snapshot
-from zetaguard.detector import Calibration, Detector
+from zetaguard.adapters import snapshot
+from zetaguard.detector import Calibration
 from zetaguard.engine.session import EngineSession, route_device
 from zetaguard.recommend import recommendations
 from zetaguard.recovery.gate import StepGate
 from zetaguard.recovery.manager import RecoveryManager
 from zetaguard.results import RecoveryReport, StabilityResult
 from zetaguard.selection import GroupBy, ParameterSelection
+from zetaguard.settings import DevicePath, EngineMode, GuardSettings, RecoveryMode, Setting
 from zetaguard.stats import RunStatistics, flat_metrics
 
 if TYPE_CHECKING:
@@ -39,9 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zetaguard")
 
-EngineMode = Literal["auto", "exact", "sketch"]
-RecoveryMode = Literal["conservative", "balanced", "aggressive"]
-DevicePath = Literal["auto", "cpu", "cuda"]
 __all__ = ["DevicePath", "EngineMode", "GroupBy", "RecoveryMode", "ZetaGuard"]
 
 
@@ -91,6 +89,25 @@ class ZetaGuard:
         snapshot_memory_budget: bytes the recovery snapshots may hold in host memory.
     """
 
+    # Each one field of ``settings`` (zetaguard.settings.GuardSettings), read and assignable.
+    drift_threshold = Setting[float]()
+    snap_threshold = Setting[float]()
+    alpha = Setting[float]()
+    warmup_steps = Setting[int]()
+    auto_recover = Setting[bool]()
+    recovery_mode = Setting[RecoveryMode]()
+    calibration = Setting[Calibration]()
+    mode = Setting[EngineMode]()
+    sample_fraction = Setting[float]()
+    full_pass_interval = Setting[int]()
+    full_pass = Setting[tiered_worker.FullPass]()
+    sketch_buckets = Setting[int]()
+    exact_memory_budget = Setting[int]()
+    group_by = Setting[GroupBy]()
+    threads = Setting[int]()
+    seed = Setting[int]()
+    device = Setting[DevicePath]()
+
     def __init__(
         self,
         drift_threshold: float = 0.707,
@@ -120,46 +137,31 @@ class ZetaGuard:
         full_pass_interval: int = tiered.DEFAULT_FULL_PASS_INTERVAL,
         full_pass: tiered_worker.FullPass = "inline",
     ) -> None:
-        tiered.check_settings(sample_fraction, full_pass_interval)
-        tiered_worker.check_full_pass(full_pass)
-        tiered_worker.check_thread_applies(full_pass, mode, device)
-        _validate.guard_arguments(
+        #: The checked settings (a frozen GuardSettings; config() is its config()).
+        self.settings = GuardSettings.checked(
             drift_threshold=drift_threshold,
             snap_threshold=snap_threshold,
             alpha=alpha,
             warmup_steps=warmup_steps,
             auto_recover=auto_recover,
+            recovery_mode=recovery_mode,
+            calibration=calibration,
+            mode=mode,
+            sample_fraction=sample_fraction,
+            full_pass_interval=full_pass_interval,
+            full_pass=full_pass,
             sketch_buckets=sketch_buckets,
             exact_memory_budget=exact_memory_budget,
+            group_by=group_by,
             threads=threads,
-            run_name=run_name,
             seed=seed,
+            device=device,
+            run_name=run_name,
             snapshot_interval=snapshot_interval,
             snapshot_memory_budget=snapshot_memory_budget,
-            device=device,
-            mode=mode,
-            group_by=group_by,
-            recovery_mode=recovery_mode,
         )
-        self.device: DevicePath = device
-        self.drift_threshold = float(drift_threshold)
-        self.snap_threshold = float(snap_threshold)
-        self.alpha = float(alpha)
-        self.warmup_steps = int(warmup_steps)
-        self.auto_recover = auto_recover
-        self.recovery_mode: RecoveryMode = recovery_mode
         self.recovery_protocol = recovery_protocol
         self.checkpoint_dir = checkpoint_dir
-        self.calibration: Calibration = calibration
-        self.mode: EngineMode = mode
-        self.sample_fraction = float(sample_fraction)
-        self.full_pass_interval = int(full_pass_interval)
-        self.full_pass: tiered_worker.FullPass = full_pass
-        self.sketch_buckets = int(sketch_buckets)
-        self.exact_memory_budget = int(exact_memory_budget)
-        self.group_by: GroupBy = group_by
-        self.threads = int(threads) if threads is not None else default_threads()
-        self.seed = int(seed)
         self.run_dir = run_dir
         self.run_name = run_name
         self.model: Any = model
@@ -169,13 +171,7 @@ class ZetaGuard:
         self._selection = ParameterSelection()
         self._engine = EngineSession(self)
         self._set_tiers()
-        self._detector = Detector(
-            drift_threshold=self.drift_threshold,
-            snap_threshold=self.snap_threshold,
-            alpha=self.alpha,
-            warmup_steps=self.warmup_steps,
-            calibration=calibration,
-        )
+        self._detector = self.settings.detector()
         self._stats = RunStatistics()
         self._recovery = RecoveryManager(  # snapshots, the ladder, the pre-step veto
             self,
@@ -225,13 +221,7 @@ class ZetaGuard:
         """mode="auto" monitors in tiers (zetaguard.tiered); "exact" and "sketch" read every
         element every step."""
         self._engine.close()  # a worker's pass in flight belongs to the pipeline replaced
-        self._engine.tiered = (
-            tiered.TieredPipeline(
-                self.sample_fraction, self.full_pass_interval, self.seed, self.full_pass
-            )
-            if self.mode == "auto"
-            else None
-        )
+        self._engine.tiered = self.settings.pipeline()
 
     def _reset_tracking(self) -> None:
         self._engine.reset()
@@ -462,23 +452,8 @@ class ZetaGuard:
         return self._selection.layers
 
     def config(self) -> dict[str, Any]:
-        return {
-            "drift_threshold": self.drift_threshold,
-            "snap_threshold": self.snap_threshold,
-            "alpha": self.alpha,
-            "warmup_steps": self.warmup_steps,
-            "auto_recover": self.auto_recover,
-            "recovery_mode": self.recovery_mode,
-            "calibration": self.calibration,
-            "mode": self.mode,
-            "sample_fraction": self.sample_fraction,
-            "full_pass_interval": self.full_pass_interval,
-            "sketch_buckets": self.sketch_buckets,
-            "exact_memory_budget": self.exact_memory_budget,
-            "group_by": self.group_by,
-            "threads": self.threads,
-            "seed": self.seed,
-        }
+        """The settings a run store and a state file record (:meth:`GuardSettings.config`)."""
+        return self.settings.config()
 
     def get_metrics(self) -> dict[str, float]:
         """The latest step as flat scalars (for loggers): global values, then
@@ -570,23 +545,9 @@ class ZetaGuard:
         saved = state.load_guard(
             path, threads=self.threads, parse_recovery=RecoveryManager.parse_counters
         )
-        cfg = saved.config
-        tiered_worker.check_thread_applies(self.full_pass, cfg.get("mode", self.mode), self.device)
+        settings = self.settings.restored(saved.config, saved.detector)
         with self._lock:
-            # Files from before tiered monitoring carry no fraction or interval: the defaults.
-            self.mode = cfg.get("mode", self.mode)
-            self.sample_fraction = float(cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION))
-            self.full_pass_interval = int(
-                cfg.get("full_pass_interval", tiered.DEFAULT_FULL_PASS_INTERVAL)
-            )
-            self.drift_threshold = saved.detector.drift_threshold
-            self.snap_threshold = saved.detector.snap_threshold
-            self.alpha = saved.detector.alpha
-            self.warmup_steps = saved.detector.warmup_steps
-            self.calibration = cfg["calibration"]
-            self.group_by = cfg["group_by"]
-            self.sketch_buckets = int(cfg["sketch_buckets"])
-            self.seed = int(cfg["seed"])
+            self.settings = settings
             self._selection.set_pattern(saved.pattern)
             self._detector = saved.detector
             self._set_tiers()

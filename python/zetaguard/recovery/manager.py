@@ -6,21 +6,24 @@ delegates ``emergency_protocol()`` here, and ``should_skip_step()``, ``guarded_s
 clip advice to :mod:`zetaguard.recovery.gate`, which works over this manager. What is written
 down goes through :mod:`zetaguard.recovery.records`, emergency checkpoints through
 :mod:`zetaguard.recovery.emergency`, the ladders' judgements (LR cut depth, damage) live in
-:mod:`zetaguard.recovery.ladder`. Everything framework-specific goes through a
-:class:`zetaguard.recovery.backend.RecoveryBackend`.
+:mod:`zetaguard.recovery.ladder`, and what recovery acts on (the bound model or parameters,
+optimizer, scheduler) in :mod:`zetaguard.recovery.target`. Everything framework-specific goes
+through a :class:`zetaguard.recovery.backend.RecoveryBackend`.
+
+The rest is one piece (about 500 lines): the ladder's state (episode, cooldown, calm steps,
+skips, the incident being answered) is read and changed by ``after_step``, ``respond``, the
+rollback and the veto together, so splitting them would pass that state back and forth.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
-from zetaguard.adapters import materialize
 from zetaguard.recovery import clip
-from zetaguard.recovery.backend import RecoveryBackend, make_backend
+from zetaguard.recovery.backend import RecoveryBackend
 from zetaguard.recovery.emergency import CheckpointHost, write_checkpoint
 from zetaguard.recovery.incidents import MAX_UNDOS, PERSISTENT, RECURRING, TRANSIENT, Incidents
 from zetaguard.recovery.ladder import (
@@ -39,6 +42,7 @@ from zetaguard.recovery.ladder import (
 from zetaguard.recovery.lr_watch import LrWatch, schedule_position
 from zetaguard.recovery.records import RecordsHost, RecoveryRecords
 from zetaguard.recovery.snapshots import SnapshotKeeper
+from zetaguard.recovery.target import RecoveryTarget
 from zetaguard.results import RecoveryReport, StabilityResult
 
 
@@ -98,12 +102,11 @@ class RecoveryManager:
         self.keeper = SnapshotKeeper(snapshot_interval, keep_snapshots, snapshot_memory_budget)
         self.keep_checkpoints = keep_checkpoints
         self.restore_rng = restore_rng
-        self.scheduler: Any = None
-        self._backend: RecoveryBackend | None = None
-        self._params: Any = None
         self._in_protocol = False
         self.lr_watch = LrWatch()
         self.lr_watch.hold = hold_lr_cut
+        # The model (or monitor()'s parameters), optimizer and scheduler, and their backend.
+        self.target = RecoveryTarget(guard, self.lr_watch)
         self.reset()
 
     def reset(self) -> None:
@@ -181,9 +184,7 @@ class RecoveryManager:
     def bind(self, model: Any = None, optimizer: Any = None, scheduler: Any = None) -> None:
         """Called by ``guard.attach``: rebuild the backend and keep the state as it is now as
         the last-resort snapshot."""
-        if scheduler is not None:
-            self.scheduler = scheduler
-        self._drop_backend()
+        self.target.rebind(scheduler)
         backend = self.backend
         if backend is not None and model is not None:
             self.keeper.reset()
@@ -192,47 +193,30 @@ class RecoveryManager:
     def bind_params(self, params: Any) -> Any:
         """Remember the parameters handed to ``monitor()`` when no model is attached, so a
         rollback can write them back in place. Returns them (a generator made a list)."""
-        if params is self._params:  # the same object as last step (the common loop)
-            return params
-        if isinstance(params, Iterator):
-            params = materialize(params)
-        if _same_items(params, self._params):  # the same tensors as last step: nothing to rebind
-            self._params = params
-            return params
-        self._params = params
-        backend = self._backend
-        if backend is not None and self.guard.model is None:
-            set_params = getattr(backend, "set_params", None)
-            if set_params is not None:
-                set_params(params)
-        return params
-
-    def _drop_backend(self) -> None:
-        close = getattr(self._backend, "close", None)
-        if close is not None:  # optimizer hooks of the LR watch
-            close()
-        self._backend = None
-        self.lr_watch.end_episode()
+        return self.target.bind_params(params)
 
     def before_optimizer_step(self) -> None:
         """For integrations whose framework has no optimizer step hooks (Keras): call just
         before the update; applies the LR watch (torch backends hook the optimizer instead)."""
-        if self.lr_watch.active and self._backend is not None:
-            self.lr_watch.before_step(self._backend, self.scheduler)
+        self.target.before_optimizer_step()
 
     def after_optimizer_step(self) -> None:
         """The counterpart of :meth:`before_optimizer_step`, just after the update."""
-        if self.lr_watch.active and self._backend is not None:
-            self.lr_watch.after_step(self._backend, self.scheduler)
+        self.target.after_optimizer_step()
 
     @property
     def backend(self) -> RecoveryBackend | None:
-        if self._backend is None:
-            target = self.guard.model if self.guard.model is not None else self._params
-            if target is None:
-                return None
-            self._backend = make_backend(target, self.guard.optimizer, self.scheduler)
-        return self._backend
+        """What acts on the model, optimizer and scheduler (built at first use), or None."""
+        return self.target.backend
+
+    @property
+    def scheduler(self) -> Any:
+        """The LR scheduler given to ``guard.attach`` (LR cuts scale its base LRs too)."""
+        return self.target.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Any) -> None:
+        self.target.scheduler = scheduler
 
     # ---- after every monitored step ------------------------------------------------------
 
@@ -515,22 +499,3 @@ def _tightest(*ratios: float | None) -> float | None:
 
 def _ratio_text(ratio: float | None) -> str:
     return "off" if ratio is None else f"{ratio:.3g}"
-
-
-def _same_items(new: Any, old: Any) -> bool:
-    """True when ``new`` holds the very objects ``old`` held (a fresh list of the same
-    parameters, as ``model.parameters()`` gives each step), compared by identity only."""
-    if new is old:
-        return True
-    if type(new) is not list or type(old) is not list or len(new) != len(old):
-        return False
-    if new and type(new[0]) is tuple:  # named pairs: the names must match, the values be the same
-        return all(
-            type(a) is tuple
-            and type(b) is tuple
-            and len(a) == len(b) == 2
-            and a[0] == b[0]
-            and a[1] is b[1]
-            for a, b in zip(new, old, strict=True)
-        )
-    return all(map(operator.is_, new, old))
