@@ -11,7 +11,10 @@ is negligible and the Python path shows), every gradient set. Each arm is timed 
 2000 tensors: per tensor is the slope between the two, fixed the intercept.
 
 Arms: the adapter alone (``snapshot``) on the module and on ``model.parameters()``, and
-``monitor()`` on both, for the tiered default and ``mode="exact"``; ``bare`` is
+``monitor()`` on both, for the tiered default and ``mode="exact"``; ``+ gradients`` also reads
+the gradients (``Snapshot.read_grads()``, where the package defers that read to the step that
+needs it); ``grad_norm=`` is a caller passing the norm it has (HF Trainer, ``clip_grad_norm_``),
+so the tiered step reads no gradient but on a full pass (every 50 steps); ``bare`` is
 ``auto_recover=False, group_by="none"``, ``defaults`` is ``ZetaGuard()`` (recovery on: every
 10th stable step copies the parameters, which the 20-call blocks include).
 
@@ -35,8 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = (20, 2000)
 ARMS = (
     "snapshot(model)",
+    "snapshot(model) + gradients",
     "snapshot(model.parameters())",
     "monitor(model) auto bare",
+    "monitor(model, grad_norm=) auto bare",
     "monitor(model) exact bare",
     "monitor(model.parameters()) auto defaults",
     "monitor(model.parameters()) exact defaults",
@@ -52,6 +57,12 @@ def best_of(fn: Callable[[], object], repeat: int, number: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - t) / number)
     return best
+
+
+def _snapshot_with_grads(snapshot: Callable[[object], object], model: object) -> object:
+    snap = snapshot(model)
+    read = getattr(snap, "read_grads", None)  # absent where the snapshot reads them at once
+    return read() if read is not None else snap
 
 
 def worker(repeat: int, package: str | None) -> None:
@@ -73,6 +84,7 @@ def worker(repeat: int, package: str | None) -> None:
             p.grad = torch.zeros_like(p)
         guards = {
             "auto bare": ZetaGuard(warmup_steps=5, auto_recover=False, group_by="none"),
+            "auto bare given": ZetaGuard(warmup_steps=5, auto_recover=False, group_by="none"),
             "exact bare": ZetaGuard(
                 warmup_steps=5, auto_recover=False, group_by="none", mode="exact"
             ),
@@ -82,7 +94,11 @@ def worker(repeat: int, package: str | None) -> None:
         calls: dict[str, Callable[[], object]] = {
             "snapshot(model)": partial(snapshot, model),
             "snapshot(model.parameters())": lambda m=model: snapshot(m.parameters()),  # type: ignore[misc]
+            "snapshot(model) + gradients": partial(_snapshot_with_grads, snapshot, model),
             "monitor(model) auto bare": partial(guards["auto bare"].monitor, model),
+            "monitor(model, grad_norm=) auto bare": partial(
+                guards["auto bare given"].monitor, model, grad_norm=1.0
+            ),
             "monitor(model) exact bare": partial(guards["exact bare"].monitor, model),
         }
         for kind in ("auto", "exact"):

@@ -288,7 +288,7 @@ class DistributedContext:
                 grad_weights.append(w)
         snap = snapshot(local)
         # Gradients are reduced here with their own weights, not by the single-process path.
-        snap.grads = None
+        snap.grads = snap.grad_reader = None
         self._grads = snapshot(grads) if grads else None
         self._grad_weights = np.asarray(grad_weights, dtype=np.float64)
         self._weights = weights

@@ -114,6 +114,7 @@ class ParameterSelection:
             raw=snap.raw,
             grads=snap.grads,
             grads_raw=snap.grads_raw,
+            grad_reader=snap.grad_reader,
             keepalive=snap.keepalive,
             framework=snap.framework,
             module_types=snap.module_types,

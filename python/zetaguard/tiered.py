@@ -3,7 +3,9 @@ of it when it matters. docs/always-on.md states what each tier sees, the bias an
 the estimates, and how late a non-finite value outside the sample can be caught.
 
 * **Cheap tier, every step**: the loss when given; the gradient norm the framework already
-  computed when passed as ``grad_norm=`` (else estimated from the gradients' sampled blocks);
+  computed when passed as ``grad_norm=`` (else estimated from the gradients' sampled blocks;
+  with it given, a step without a full pass does not read the gradients at all:
+  ``Snapshot.read_grads``);
   and the sampled block sketch (``_core.Sampler``): a fixed, seeded set of contiguous,
   cache-line-aligned blocks per tensor, ``sample_fraction`` of the blocks (at least one per
   tensor), whose finite differences give Horvitz-Thompson estimates of ``||x||^2``, ``||v||^2``,
@@ -216,10 +218,19 @@ class TieredPipeline:
         grad_norm: float | None,
     ) -> TieredStep:
         t = self._count
-        self._count += 1  # tiered steps seen
         # The worker's pass of an earlier step first: its error surfaces here, and what it
         # found is part of this step's decision.
         late = self._worker.take() if self._worker is not None else None
+        scheduled = (t + 1) % self.full_pass_interval == 0
+        threaded = scheduled and self.full_pass == "thread"
+        found_late = late is not None and late.found
+        # The gradients are read only in a step that uses them: for the estimate when the
+        # caller gave no grad_norm, and by a full pass. Those known now are read before the
+        # sample moves, so a gradient the adapter refuses leaves the ring and the schedule as
+        # they were (as does an error from the worker, raised by take()).
+        if grad_norm is None or scheduled or self._escalated or found_late:
+            snap.read_grads()
+        self._count += 1  # tiered steps seen
         sampler = self.sampler
         history = sampler.history
         rows = sampler.update_raw(snap.tensors) if snap.raw else sampler.update(snap.tensors)
@@ -231,9 +242,6 @@ class TieredPipeline:
                 else sampler.total_norm(snap.grads)
             )
             grad_est = math.sqrt(g2) if bad == 0 else math.inf
-        scheduled = (t + 1) % self.full_pass_interval == 0
-        threaded = scheduled and self.full_pass == "thread"
-        found_late = late is not None and late.found
         if (threaded or not scheduled) and not self._escalated and not found_late:
             group_rows = aggregate(rows)
             detector.checkpoint()
@@ -245,8 +253,11 @@ class TieredPipeline:
                     self._worker.submit(t, tracker, snap)
                     self.late_passes += 1
                 return TieredStep(obs, group_rows, history, grad_est, False, mark_late(obs, late))
-            # A cheap channel reached DRIFT: score this step again on full data.
+            # A cheap channel reached DRIFT: score this step again on full data (its
+            # gradients too, read now if grad_norm= spared them so far; a gradient refused
+            # here raises with the detector put back and the sample one step on).
             detector.rollback()
+            snap.read_grads()
         if not self._escalated and (found_late or not scheduled):
             # DRIFT on a cheap channel, or the worker found a non-finite value one step ago.
             self._escalated = True

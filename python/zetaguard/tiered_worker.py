@@ -7,8 +7,10 @@ one step late. The engine releases the GIL around the pass, so the thread runs b
 training thread's Python and the framework's kernels. docs/always-on.md states the trade.
 
 What the worker reads: the tensors of the step it scores, through the snapshot it keeps (the
-snapshot holds the tensor objects, so the memory stays valid). It reads them in place, not a
-copy: a copy would read everything on the training thread, which is the cost being moved. The
+snapshot holds the tensor objects, so the memory stays valid). The gradients' addresses, and
+the facts their raw read depends on, are read and checked by :meth:`FullPassWorker.submit`
+on the training thread in that step's ``monitor()`` call, never on the worker. The worker
+reads the elements in place, not a copy: a copy would read everything on the training thread, which is the cost being moved. The
 reads may overlap the next optimizer update, and that cannot hide a finding: the pass only
 counts non-finite values, non-finite weights stay non-finite under every optimizer update
 (``w - lr * u``, weight decay), and gradients replaced by ``zero_grad()`` (torch's default
@@ -111,10 +113,9 @@ def scan(step: int, tracker: _core.Tracker, snap: Snapshot) -> LatePass:
     """Every parameter and gradient element read once: the non-finite counts."""
     full = tracker.norms_raw(snap.tensors) if snap.raw else tracker.norms(snap.tensors)
     bad = 0
-    if snap.grads:
-        _, bad = (
-            tracker.total_norm_raw(snap.grads) if snap.grads_raw else tracker.total_norm(snap.grads)
-        )
+    grads = snap.read_grads()  # on the worker: read already, by submit()
+    if grads:
+        _, bad = tracker.total_norm_raw(grads) if snap.grads_raw else tracker.total_norm(grads)
     return LatePass(step, full[:, 4].copy(), int(bad))
 
 
@@ -134,6 +135,9 @@ class FullPassWorker:
 
     def submit(self, step: int, tracker: _core.Tracker, snap: Snapshot) -> None:
         assert self._pending is None, "a full pass is still in flight: take() it first"
+        # The gradients of the step the pass scores, read here on the training thread: the
+        # next step replaces them, and the torch adapter's reads are no worker's business.
+        snap.read_grads()
         self.submitted += 1
         self._pending = self._pool.submit(scan, step, tracker, snap)
 

@@ -23,7 +23,9 @@ class Snapshot:
 
     ``tensors`` are what the engine reads: DLPack/buffer objects, or, when ``raw`` is set,
     ``(address, numel, dtype)`` tuples an adapter already validated. ``keepalive`` holds
-    whatever must outlive the engine call (the tensors the addresses point into).
+    whatever must outlive the engine call (the tensors the addresses point into). ``grads``
+    are the gradients' engine inputs in the same forms (``grads_raw``); consumers read them
+    through :meth:`read_grads`, since an adapter may defer that read (``grad_reader``).
     """
 
     names: list[str]
@@ -36,6 +38,19 @@ class Snapshot:
     # Module path -> what the module is ("Linear 128->10"), where the adapter knows it: the
     # run store and dashboard label layers with it.
     module_types: Mapping[str, str] | None = None
+    # A gradient read the adapter deferred (torch on the host), run by read_grads() the first
+    # time the step needs the gradients: a tiered step given grad_norm= with no full pass
+    # reads none. It returns what ``grads`` holds and keeps the tensors alive in ``keepalive``.
+    grad_reader: Callable[[], list[Any] | None] | None = None
+
+    def read_grads(self) -> list[Any] | None:
+        """``grads``, read now if the adapter deferred the read (call it on the thread and in
+        the ``monitor()`` call the gradients belong to: they change with the next step)."""
+        reader = self.grad_reader
+        if reader is not None:
+            self.grads = reader()  # raises on a gradient it refuses; the reader then stays
+            self.grad_reader = None
+        return self.grads
 
 
 Adapter = Callable[[Any], Snapshot]

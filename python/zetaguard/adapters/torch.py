@@ -3,7 +3,8 @@
 One step's :class:`~zetaguard.adapters.Snapshot` from the cached, validated layout of what the
 user handed us (:mod:`zetaguard.adapters.torch_layout`, which also says why every fact a raw
 read depends on is read again each call), and the gradients: their raw addresses for the
-engine, the global gradient norm, and dropping them to veto an update.
+engine (read, and their facts checked, only in a step that needs them: ``Snapshot.read_grads``),
+the global gradient norm, and dropping them to veto an update.
 
 Tensors on another device (CUDA) are handed to the device path (:mod:`zetaguard.engine.device`) as
 tensors, since their memory is not host-readable.
@@ -108,14 +109,13 @@ def snapshot(obj: Any) -> Snapshot:
         fresh = False
     if not fresh:
         layout.revalidate(tensors)
-    all_grads = list(map(_grad_of, tensors))
     if not layout.host:
         if "cpu" in layout.devices:
             raise ValueError(
                 f"parameters are split across devices {sorted(layout.devices)}; monitor each "
                 "device's parameters with its own guard"
             )
-        grads = [g for g in all_grads if g is not None]
+        grads = [g for g in map(_grad_of, tensors) if g is not None]
         return Snapshot(
             names=layout.names,
             tensors=[t.detach() for t in tensors],
@@ -124,14 +124,23 @@ def snapshot(obj: Any) -> Snapshot:
             framework=DEVICE_FRAMEWORK,
             module_types=layout.module_types,
         )
-    grads, grad_raw = _raw_grads(layout, all_grads)
+    # The gradients are read when the step needs them (Snapshot.read_grads), with every fact
+    # their raw read depends on checked then: a tiered step given grad_norm= whose full pass
+    # is not due reads none (about 40% of this path per tensor).
+    held: list[torch.Tensor] = []
+
+    def read_grads() -> list[tuple[int, int, str]] | None:
+        grads, grad_raw = _raw_grads(layout, list(map(_grad_of, tensors)))
+        held[:] = grads  # the tensors the addresses point into, alive with the snapshot
+        return grad_raw or None
+
     return Snapshot(
         names=layout.names,
         tensors=layout.raw,
         raw=True,
-        grads=grad_raw or None,
         grads_raw=True,
-        keepalive=[tensors, grads],
+        grad_reader=read_grads,
+        keepalive=[tensors, held],
         framework="torch",
         module_types=layout.module_types,
     )

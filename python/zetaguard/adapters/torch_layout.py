@@ -3,13 +3,14 @@
 CPU tensors reach the engine as raw addresses: float16 and bfloat16 included (the engine reads
 them natively), no copy, no DLPack capsule per tensor per step. A raw read of ``numel`` elements
 from ``data_ptr()`` is in bounds only while the tensor is contiguous and its storage still
-covers it, so every call re-reads, for every tensor and every gradient, what that depends on:
-address, numel, dtype, contiguity, storage offset and the storage's size in bytes (C-level
-maps: with the gradients, about 0.5 us a tensor). A full check (dtype, layout, device,
-storage bound) runs for the tensors where any of them changed since it last passed: ``p.data = ...`` swaps storage behind
-an unchanged Parameter, ``untyped_storage().resize_()`` shrinks it beneath the tensor,
-``as_strided_`` re-strides it in place, ``set_()`` points it elsewhere. Nothing an earlier
-call saw is trusted: a freed buffer's address comes back for the next allocation.
+covers it, so every call re-reads, for every tensor and every gradient it reads, what that
+depends on: address, numel, dtype, contiguity, storage offset and the storage's size in bytes
+(C-level maps: with the gradients, about 0.5 us a tensor). A full check (dtype, layout,
+device, storage bound) runs for the tensors where any of them changed since it last passed:
+``p.data = ...`` swaps storage behind an unchanged Parameter, ``untyped_storage().resize_()``
+shrinks it beneath the tensor, ``as_strided_`` re-strides it in place, ``set_()`` points it
+elsewhere. Nothing an earlier call saw is trusted: a freed buffer's address comes back for the
+next allocation.
 
 The caches hold no strong reference to the user's tensors: a list's layout keeps only the
 facts above, and a module's layout is dropped when the module is garbage collected.

@@ -77,6 +77,7 @@ def device_snapshot(snap: Snapshot) -> Snapshot:
             f"the torch device path reads torch tensors, got {snap.framework} arrays; use "
             "ZetaGuard(device='auto') for them"
         )
+    snap.read_grads()  # the host adapter's checks, and its gradients into keepalive
     tensors, grads = snap.keepalive
     return Snapshot(
         names=list(snap.names),

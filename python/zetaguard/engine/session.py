@@ -167,6 +167,9 @@ class EngineSession:
         ``grad_norm`` given wins over the snapshot's gradients; ``group_of`` names the group of
         a tensor (used when the tracker is created); ``dist`` reduces over the process group."""
         tracker = self._checked_tracker(snap, group_of)
+        # Every element every step: the gradients are read and checked here whether or not
+        # grad_norm was given, as in every release before tiered monitoring.
+        snap.read_grads()
         history = tracker.history
         grad_rows = None
         if snap.framework == DEVICE_FRAMEWORK:  # parameters and gradients: one transfer
