@@ -92,7 +92,8 @@ def test_ray_train_agrees_stops_together_and_is_not_restarted(tmp_path: Path) ->
 @pytest.mark.parametrize("fault", ["hang", "exit"])
 def test_ray_train_failed_rank_raises_within_the_deadline(tmp_path: Path, fault: str) -> None:
     """Worker 1 sleeps (or ends its process) before its guard call at step 10: worker 0 raises
-    RankFailureError at the 3 s deadline (at once for a dead peer) and Ray fails the run."""
+    RankFailureError at the 3 s deadline (at once for a dead peer) and Ray fails the run, naming
+    the guard's error (a hang) or the guard's or its own health check's (a dead process)."""
     summary, r0 = launch(
         tmp_path,
         "--max-failures",
@@ -114,8 +115,17 @@ def test_ray_train_failed_rank_raises_within_the_deadline(tmp_path: Path, fault:
     assert "timeout 3 s" in healthy["error"]
     low = 3.0 if fault == "hang" else 0.0
     assert low <= healthy["waited_s"] < 3.0 + 20  # the guard's deadline, not gloo's 30 min
-    assert "RankFailureError" in summary["error"]  # Ray's error names the guard's
-    assert "the per-step reduction across 2 ranks failed" in summary["error"]
+    guard_named = (
+        "RankFailureError" in summary["error"]
+        and "the per-step reduction across 2 ranks failed" in summary["error"]
+    )
+    if fault == "hang":
+        assert guard_named  # Ray cannot see a hang: the run fails with the guard's error
+    else:
+        # A dead process is seen by both: Ray's health check may report it before worker 0's
+        # RankFailureError reaches the controller (seen on a loaded machine); either way the
+        # run fails clearly, and worker 0's own error above shows the guard's deadline held.
+        assert guard_named or "worker health check failed" in summary["error"], summary["error"]
 
 
 def test_metrics_before_any_step_name_the_fix() -> None:
