@@ -267,6 +267,30 @@ class TorchBackend:
 
         return grad_norm(self.trained_params())
 
+    def grad_mark(self) -> list[tuple[weakref.ref[torch.Tensor], int] | None]:
+        """Which gradient tensors the parameters hold now, and their version counters: enough
+        for :meth:`same_grads` to tell whether a norm read from them still holds."""
+        return [
+            None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+            for p in self.trained_params()
+        ]
+
+    def same_grads(self, mark: list[tuple[weakref.ref[torch.Tensor], int] | None]) -> bool:
+        """True when every parameter still holds the gradient tensor :meth:`grad_mark` saw,
+        unmodified: not replaced (``zero_grad(set_to_none=True)`` and a new backward), not
+        changed in place (zeroed, accumulated into, clipped; torch bumps ``_version``)."""
+        params = self.trained_params()
+        if len(params) != len(mark):
+            return False
+        for p, m in zip(params, mark, strict=True):
+            g = p.grad
+            if m is None or g is None:
+                if (m is None) != (g is None):
+                    return False
+            elif m[0]() is not g or g._version != m[1]:
+                return False
+        return True
+
     def zero_grad(self) -> None:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
