@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import zetaguard.adapters.torch as torch_adapter
+import zetaguard.integrations.pytorch_lightning as lightning_cb
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
+from zetaguard.adapters import Snapshot
 from zetaguard.integrations.pytorch_lightning import ZetaCallback
 
 from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
@@ -173,3 +177,86 @@ def test_resumed_trainer_resumes_the_guard(tmp_path: Path, mode: str) -> None:
     assert b.step == a.step == 28
     assert b.raw_jar == a.raw_jar
     assert b.zeta_value == a.zeta_value
+
+
+class _NormNet(Net):
+    """Records the gradient norm in its own on_before_optimizer_step, which Lightning calls
+    after the callbacks' and before it clips: the reference the guard's value is checked on."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, optimizer: object) -> None:
+        grads = [p.grad.reshape(-1) for p in self.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.cat(grads).double())))
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts full gradient-norm reads (the callback's and the backend's) and the snapshot's
+    deferred gradient read, through the project's own functions."""
+    counts: Counter[str] = Counter()
+    real_norm, real_read = torch_adapter.grad_norm, Snapshot.read_grads
+
+    def grad_norm(parameters: object) -> float | None:
+        counts["grad_norm"] += 1
+        return real_norm(parameters)
+
+    def read_grads(self: Snapshot) -> object:
+        if self.grad_reader is not None:
+            counts["read_grads"] += 1
+        return real_read(self)
+
+    monkeypatch.setattr(torch_adapter, "grad_norm", grad_norm)
+    monkeypatch.setattr(lightning_cb, "grad_norm", grad_norm)
+    monkeypatch.setattr(Snapshot, "read_grads", read_grads)
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("kw", "trainer_kw", "full_reads", "sample_reads"),
+    [
+        ({}, {}, 1, 0),  # the veto reads the exact norm; monitor() takes it
+        ({"skip_bad_steps": False}, {}, 0, 1),  # nothing else needs it: the sample's estimate
+        ({"skip_bad_steps": False}, {"gradient_clip_val": 0.05}, 1, 0),  # before the clip
+        ({"skip_bad_steps": False, "exact_grad_norm": True}, {}, 1, 0),
+    ],
+)
+def test_the_gradients_are_read_once_a_step(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kw: dict[str, object],
+    trainer_kw: dict[str, object],
+    full_reads: int,
+    sample_reads: int,
+) -> None:
+    reads = _count_reads(monkeypatch)
+    pl.seed_everything(0)
+    # sample_fraction=1: the cheap tier's estimate is the exact norm, so every arm is checked
+    # against the same reference; no scheduled full pass in 20 steps.
+    cb = _Recorder(warmup_steps=10, sample_fraction=1.0, full_pass_interval=1000, **kw)
+    model = _NormNet()
+    trainer = _trainer(tmp_path, 20, [cb], enable_checkpointing=False, **trainer_kw)
+    trainer.fit(model, _loader())
+    assert reads["grad_norm"] == 20 * full_reads
+    # The snapshot reads the gradients in a step that estimates the norm, and in one with a
+    # full pass (a DRIFT escalates; it reads them for non-finite values), never twice.
+    full_passes = cb.guard.get_statistics()["tiered"]["full_passes"]
+    assert reads["read_grads"] == (20 if sample_reads else full_passes)
+    seen = [r.channels["grad_norm"] for r in cb.results]
+    # The norm of the gradients before Lightning's clip (here 0.05 changes every step).
+    assert seen == pytest.approx(model.norms, rel=1e-6)
+    if "gradient_clip_val" in trainer_kw:
+        assert min(model.norms) > 0.05
+
+
+def test_unstable_from_its_first_update_without_the_veto(tmp_path: Path) -> None:
+    """No veto, no clipping: the guard estimates the gradient norm from its sample (default
+    fraction), and a run unstable from its first update is still CRITICAL at once."""
+    pl.seed_everything(0)
+    cb = _Recorder(warmup_steps=15, auto_recover=False, skip_bad_steps=False)
+    trainer = _trainer(tmp_path, 20, [cb], enable_checkpointing=False)
+    trainer.fit(Net(lr=3.0), _loader())
+    statuses = [r.status for r in cb.results]
+    assert statuses[0] == "CRITICAL"
+    assert statuses.count("CRITICAL") >= 15

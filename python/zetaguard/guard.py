@@ -250,7 +250,9 @@ class ZetaGuard:
         """Take one snapshot of ``params`` (default: the attached model) and score it.
 
         ``loss`` (a float or 0-d tensor) and ``grad_norm`` add channels when given; torch
-        parameters with ``.grad`` set contribute the gradient norm automatically.
+        parameters with ``.grad`` set contribute the gradient norm automatically: the norm
+        this step's :meth:`guarded_step` / :meth:`should_skip_step` already read when they read
+        one and the gradients are unchanged since, else from the gradients.
         """
         source = self._source(params)
         dist = self._dist = distributed.current(self)
@@ -263,11 +265,15 @@ class ZetaGuard:
             )
         with self._lock:  # the step's wiring: every part gets explicit values, none the guard
             snap = self._selection.apply(snap)
+            given = _as_float(grad_norm, "grad_norm")
+            # Not given: the norm this step's veto read, if it still describes the gradients.
+            grad = self._gate.take_grad_norm() if given is None else given
+            self._gate.drop_grad_norm()
             scored = self._engine.score(
                 snap,
                 self._detector,
                 loss=_as_float(loss, "loss"),
-                grad_norm=_as_float(grad_norm, "grad_norm"),
+                grad_norm=grad,
                 group_of=self.group_of,
                 dist=self._dist,
             )
@@ -363,7 +369,8 @@ class ZetaGuard:
         """Call after ``backward()``, before ``optimizer.step()``: True when this update should
         not land (non-finite loss or gradients, or a spike far above the recent median; see
         docs/recovery.md). The gradient norm is read from the attached torch model when not
-        given. Each veto is logged as an incident (with ``batch_index`` when given) and listed in
+        given, and the same step's :meth:`monitor` uses it instead of reading the gradients
+        again (not after a veto: those gradients are dropped). Each veto is logged as an incident (with ``batch_index`` when given) and listed in
         ``get_statistics()["incidents"]["skipped"]``."""
         return self._gate.should_skip(loss, grad_norm, batch_index)
 

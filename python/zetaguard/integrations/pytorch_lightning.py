@@ -4,9 +4,14 @@
   ``trainer.optimizers`` and its LR scheduler, so recovery (rollback, LR cuts that persist
   through the scheduler, stop) acts on what the Trainer trains, and the weights before the
   first optimizer step become the guard's reference (``guard.take_reference``);
-* ``on_before_optimizer_step``: the gradient norm is read while the gradients are fresh; if the
-  guard vetoes the update (non-finite or spiking gradients, ``guard.should_skip_step``) the
-  gradients are dropped, so the optimizer leaves the weights and its moments untouched;
+* ``on_before_optimizer_step``: where something needs the exact gradient norm, it is read here,
+  once, before Lightning clips the gradients: the veto (``skip_bad_steps``; if the guard vetoes
+  the update, non-finite or spiking gradients, ``guard.should_skip_step``, the gradients are
+  dropped, so the optimizer leaves the weights and its moments untouched), gradient clipping
+  configured on the Trainer or in ``configure_gradient_clipping`` (Lightning 2.6 discards the
+  norm its clipping computes, and the clipped gradients would hide a spike), or
+  ``exact_grad_norm=True``. Otherwise nothing is read here: the guard's cheap tier estimates
+  the norm from its sample of the gradients in ``monitor()`` (docs/always-on.md);
 * ``on_train_batch_end``: one ``guard.monitor`` per optimizer step (gradient accumulation
   respected) with the loss from the step's outputs; metrics go through ``pl_module.log``
   (so to whatever logger the Trainer has); ``trainer.should_stop`` is set when the guard's
@@ -39,6 +44,9 @@ class ZetaCallback(pl.Callback):
         log_metrics: send the guard's metrics to the Trainer's logger every step.
         log_layers: include the per-layer metrics (one series per layer).
         prog_bar: show ``zeta`` in the progress bar.
+        exact_grad_norm: read the exact gradient norm every step even where nothing else needs
+            it (by default the veto and Trainer clipping read it; without them the guard
+            estimates it from its sample, in ``mode="auto"``).
         guard_kwargs: arguments of :class:`ZetaGuard` when ``guard`` is not given.
     """
 
@@ -50,6 +58,7 @@ class ZetaCallback(pl.Callback):
         log_metrics: bool = True,
         log_layers: bool = False,
         prog_bar: bool = False,
+        exact_grad_norm: bool = False,
         **guard_kwargs: Any,
     ) -> None:
         self.guard = resolve_guard(guard, guard_kwargs)
@@ -57,6 +66,7 @@ class ZetaCallback(pl.Callback):
         self.log_metrics = log_metrics
         self.log_layers = log_layers
         self.prog_bar = prog_bar
+        self.exact_grad_norm = exact_grad_norm
         self.last_result: StabilityResult | None = None
         self.skipped_steps = 0
         self._grad_norm: float | None = None
@@ -82,7 +92,9 @@ class ZetaCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         self._stepped = True
-        self._grad_norm = grad_norm(pl_module)
+        self._grad_norm = None
+        if self.skip_bad_steps or self.exact_grad_norm or _clips(trainer, pl_module):
+            self._grad_norm = grad_norm(pl_module)
         if self.skip_bad_steps and self.guard.should_skip_step(grad_norm=self._grad_norm):
             drop_grads(pl_module)
             self.skipped_steps += 1
@@ -127,3 +139,13 @@ class ZetaCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.guard.load_state_dict(state_dict["guard"])
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
+def _clips(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """True when Lightning changes the gradients after ``on_before_optimizer_step``: clipping
+    set on the Trainer, or the module's own ``configure_gradient_clipping``."""
+    custom = (
+        type(pl_module).configure_gradient_clipping
+        is not pl.LightningModule.configure_gradient_clipping
+    )
+    return bool(trainer.gradient_clip_val) or custom

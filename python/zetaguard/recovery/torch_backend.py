@@ -14,6 +14,11 @@ import torch
 
 from zetaguard.recovery.backend import StateSnapshot, capture_host_rng, restore_host_rng
 
+# A gradient mark (TorchBackend.grad_mark): each trained parameter's gradient tensor, held
+# weakly (None: no gradient), and its version counter (-1: none).
+GradMark = tuple[list["weakref.ref[torch.Tensor] | None"], list[int]]
+_GRAD = operator.attrgetter("grad")
+
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """``obj`` with ``fn`` applied to every tensor inside nested dicts, lists and tuples (a
@@ -266,6 +271,26 @@ class TorchBackend:
         from zetaguard.adapters.torch import grad_norm
 
         return grad_norm(self.trained_params())
+
+    def grad_mark(self) -> GradMark:
+        """Which gradient tensors the parameters hold now, and their version counters: enough
+        for :meth:`same_grads` to tell whether a norm read from them still holds."""
+        grads = list(map(_GRAD, self.trained_params()))
+        refs = [None if g is None else weakref.ref(g) for g in grads]
+        return refs, [-1 if g is None else g._version for g in grads]
+
+    def same_grads(self, mark: GradMark) -> bool:
+        """True when every parameter still holds the gradient tensor :meth:`grad_mark` saw,
+        unmodified: not replaced (``zero_grad(set_to_none=True)`` and a new backward), not
+        changed in place (zeroed, accumulated into, clipped; torch bumps ``_version``)."""
+        refs, versions = mark
+        grads = list(map(_GRAD, self.trained_params()))
+        if len(grads) != len(refs):
+            return False
+        held = [None if r is None else r() for r in refs]
+        return all(map(operator.is_, held, grads)) and versions == [
+            -1 if g is None else g._version for g in grads
+        ]
 
     def zero_grad(self) -> None:
         if self.optimizer is not None:
