@@ -49,7 +49,8 @@ ARMS = (
 
 
 def best_of(fn: Callable[[], object], repeat: int, number: int) -> float:
-    """Best mean seconds per call over ``repeat`` blocks of ``number`` calls."""
+    """Best mean seconds per call over ``repeat`` blocks of ``number`` calls. (bench_torch_overhead
+    has the same helper, but importing it imports zetaguard before a worker picks which copy.)"""
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()

@@ -11,32 +11,16 @@ from collections import Counter
 
 import pytest
 import torch
-import zetaguard.adapters.torch as torch_adapter
 from zetaguard import ZetaGuard
-from zetaguard.adapters import Snapshot
 
+from tests.support.grad_reads import count_grad_reads
 from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Counts gradient reads: full norms (the veto's) and the snapshot's deferred read."""
-    counts: Counter[str] = Counter()
-    real_norm = torch_adapter.grad_norm
-    real_read = Snapshot.read_grads
-
-    def grad_norm(parameters: object) -> float | None:
-        counts["grad_norm"] += 1
-        return real_norm(parameters)
-
-    def read_grads(self: Snapshot) -> object:
-        if self.grad_reader is not None:
-            counts["read_grads"] += 1
-        return real_read(self)
-
-    monkeypatch.setattr(torch_adapter, "grad_norm", grad_norm)
-    monkeypatch.setattr(Snapshot, "read_grads", read_grads)
-    return counts
+    return count_grad_reads(monkeypatch)
 
 
 def _setup(**kw: object) -> tuple[torch.nn.Module, torch.optim.Optimizer, ZetaGuard]:

@@ -9,15 +9,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import zetaguard.adapters.torch as torch_adapter
 import zetaguard.integrations.pytorch_lightning as lightning_cb
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
-from zetaguard.adapters import Snapshot
 from zetaguard.integrations.pytorch_lightning import ZetaCallback
 
+from tests.support.grad_reads import count_grad_reads
 from tests.support.torch_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
@@ -195,22 +194,7 @@ class _NormNet(Net):
 def _count_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Counts full gradient-norm reads (the callback's and the backend's) and the snapshot's
     deferred gradient read, through the project's own functions."""
-    counts: Counter[str] = Counter()
-    real_norm, real_read = torch_adapter.grad_norm, Snapshot.read_grads
-
-    def grad_norm(parameters: object) -> float | None:
-        counts["grad_norm"] += 1
-        return real_norm(parameters)
-
-    def read_grads(self: Snapshot) -> object:
-        if self.grad_reader is not None:
-            counts["read_grads"] += 1
-        return real_read(self)
-
-    monkeypatch.setattr(torch_adapter, "grad_norm", grad_norm)
-    monkeypatch.setattr(lightning_cb, "grad_norm", grad_norm)
-    monkeypatch.setattr(Snapshot, "read_grads", read_grads)
-    return counts
+    return count_grad_reads(monkeypatch, lightning_cb)
 
 
 @pytest.mark.parametrize(
