@@ -36,12 +36,18 @@ SKIP = 30
 
 def worker(steps: int, package: str | None) -> None:
     if package is not None:
+        # The editable install answers imports of zetaguard through its own finder, ahead of
+        # sys.path: leave it out so the unpacked copy is the one imported.
+        sys.meta_path[:] = [f for f in sys.meta_path if "zetaguard" not in type(f).__module__]
         sys.path.insert(0, package)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
     from zetaguard.integrations.transformers import ZetaGuardCallback
+
+    where = Path(sys.modules["zetaguard"].__file__ or "").parent
+    assert package is None or where.is_relative_to(package), f"imported {where}"
 
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 
