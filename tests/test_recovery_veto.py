@@ -78,6 +78,18 @@ def test_clip_value_is_above_the_median_and_scale_equivariant(
     assert scaled == pytest.approx(scale * value, rel=1e-9)
 
 
+@settings(max_examples=100, deadline=None)
+@given(norms=st.lists(st.floats(1e-6, 1e6), min_size=20, max_size=260))
+def test_clip_value_matches_a_numpy_reference_exactly(norms: list[float]) -> None:
+    # The rule of zetaguard.recovery.clip written with np.median over the last 200 logs: the
+    # package's sorted-list medians must give the same bits (even and odd counts).
+    logs = np.array([math.log(v) for v in norms[-200:]], dtype=np.float64)
+    median = float(np.median(logs))
+    spread = 1.4826 * float(np.median(np.abs(logs - median)))
+    expected = math.exp(median + 3.0 * max(spread, 0.1))
+    assert recommended_clip_value(norms) == expected
+
+
 def test_clip_value_ignores_spikes_that_would_drag_an_ema() -> None:
     rng = np.random.default_rng(0)
     norms = list(np.exp(rng.normal(0.0, 0.2, size=180)))

@@ -135,12 +135,14 @@ class ZetaGuardCallback(TrainerCallback):
         return hook
 
     def _step_loss(self) -> float | None:
-        if not self._losses:
+        losses = self._losses
+        if len(losses) == 1:  # no accumulation: the one value, without stacking (same number)
+            return float(losses[0])
+        if not losses:
             return None
         import torch
 
-        value = float(torch.stack(self._losses).float().mean())
-        return value
+        return float(torch.stack(losses).float().mean())
 
     def _hooked_grad_norm(self) -> float | None:
         if not self._grad_sq:

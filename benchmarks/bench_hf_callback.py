@@ -1,0 +1,197 @@
+"""The Hugging Face callback's per-step cost, before and after a change, in the same run.
+
+"Before" is the package as committed at ``--base`` (default ``main``), unpacked with
+``git archive`` beside this checkout's built engine (``_core``), so only the Python differs;
+"after" is this checkout. Each round runs one process of each, alternating.
+
+Workload: the tiny GPT-2 of ``bench_always_on.py`` (2 layers, 32 wide, ~30k parameters,
+batch 16) in the ``Trainer``, with ``ZetaGuardCallback(warmup_steps=10)`` (recovery on) added
+two ways: ``install()`` (the Trainer's pre-clip norm) and ``add_callback`` (the callback's own
+gradient hooks). Timed: the callback's ``on_pre_optimizer_step`` and ``on_step_end`` after the
+first 30 steps (warm-up and first-call paths left out); the hooks arm's gradient hooks run
+inside ``backward()`` and show in its step time only. Printed per arm: the median over rounds
+of the callback's microseconds per step and of its in-run share (callback time / rest of the
+step).
+
+Usage: python benchmarks/bench_hf_callback.py [--quick] [--base REF] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = ("install", "hooks")
+SKIP = 30
+
+
+def worker(steps: int, package: str | None) -> None:
+    if package is not None:
+        # The editable install answers imports of zetaguard through its own finder, ahead of
+        # sys.path: leave it out so the unpacked copy is the one imported.
+        sys.meta_path[:] = [f for f in sys.meta_path if "zetaguard" not in type(f).__module__]
+        sys.path.insert(0, package)
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as hf_logging
+    from zetaguard.integrations.transformers import ZetaGuardCallback
+
+    where = Path(sys.modules["zetaguard"].__file__ or "").parent
+    assert package is None or where.is_relative_to(package), f"imported {where}"
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+
+    class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            gen = torch.Generator().manual_seed(0)
+            start = torch.randint(0, 96, (4096, 1), generator=gen)
+            self.ids = (start + torch.arange(32) * 3) % 96
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    class Timed(ZetaGuardCallback):
+        spent = 0.0
+        begun = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == SKIP:
+                self.begun = time.perf_counter()
+
+        def on_pre_optimizer_step(self, *a: Any, **kw: Any) -> None:
+            t = time.perf_counter()
+            super().on_pre_optimizer_step(*a, **kw)
+            if a[1].global_step >= SKIP:  # (args, state, control)
+                self.spent += time.perf_counter() - t
+
+        def on_step_end(self, *a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            out = super().on_step_end(*a, **kw)
+            if a[1].global_step >= SKIP + 1:  # global_step is already incremented here
+                self.spent += time.perf_counter() - t
+            return out
+
+    out: dict[str, float] = {}
+    for arm in ARMS:
+        torch.manual_seed(0)
+        config = GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=96,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        args = TrainingArguments(
+            output_dir=tempfile.gettempdir() + "/zg_bench_hf_callback",
+            max_steps=steps,
+            per_device_train_batch_size=16,
+            learning_rate=1e-3,
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens())
+        trainer.remove_callback(PrinterCallback)
+        cb = Timed(warmup_steps=10)
+        if arm == "install":
+            cb.install(trainer)
+        else:
+            trainer.add_callback(cb)
+        trainer.train()
+        total = time.perf_counter() - cb.begun
+        timed = steps - SKIP
+        out[f"{arm} us"] = cb.spent / timed * 1e6
+        out[f"{arm} step ms"] = total / timed * 1e3
+        out[f"{arm} share"] = cb.spent / (total - cb.spent)
+        cb.guard.close()
+    print(json.dumps(out))
+
+
+def unpack_base(ref: str, into: Path) -> Path:
+    """``python/zetaguard`` at ``ref`` under ``into``, with this checkout's built engine."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "python/zetaguard"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    import zetaguard._core as core
+
+    shutil.copy(core.__file__, into / "python" / "zetaguard" / Path(core.__file__).name)
+    return into / "python"
+
+
+def run_worker(pythonpath: Path | None, steps: int) -> dict[str, float]:
+    extra = [] if pythonpath is None else ["--package", str(pythonpath)]
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", "--steps", str(steps), *extra],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 150 steps")
+    ap.add_argument("--base", default="main", help="git ref of the 'before' package")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--package", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.steps, args.package)
+        return
+    rounds, steps = (3, 150) if args.quick else (args.rounds, args.steps)
+    dirty = git("status", "--porcelain", "python")
+    runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = unpack_base(args.base, Path(tmp))
+        for _ in range(rounds):
+            for label, path in (("before", base), ("after", None)):
+                runs[label].append(run_worker(path, steps))
+    print(
+        f"before: {args.base} ({git('rev-parse', '--short', args.base)}); after: this checkout "
+        f"({git('rev-parse', '--short', 'HEAD')}{', uncommitted changes' if dirty else ''}); "
+        f"median of {rounds} alternating rounds, {steps - SKIP} timed steps each"
+    )
+    print(f"{'arm':18}{'step ms':>9}{'us/step':>10}{'in-run share':>13}")
+    for arm in ARMS:
+        for label in ("before", "after"):
+            rows = runs[label]
+            step = statistics.median(r[f"{arm} step ms"] for r in rows)
+            us = statistics.median(r[f"{arm} us"] for r in rows)
+            share = statistics.median(r[f"{arm} share"] for r in rows)
+            print(f"{arm + ' ' + label:18}{step:9.2f}{us:10.1f}{share * 100:13.2f}%")
+
+
+if __name__ == "__main__":
+    main()
