@@ -52,36 +52,15 @@ def print_table(times: dict[str, list[float]], shares: dict[str, list[float]]) -
 
 
 def gpt2(steps: int, rounds: int) -> None:
-    import torch
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.utils import logging as hf_logging
+    from bench_support import tiny_gpt2_trainer
+    from transformers import TrainerCallback
     from zclip import ZClip
     from zetaguard.integrations.transformers import ZetaGuardCallback
 
-    hf_logging.set_verbosity_error()
     print(
         f"\n== Hugging Face Trainer, tiny GPT-2 (2 layers, 32 wide), batch 16, {steps} steps "
         f"a train(), {rounds} rounds =="
     )
-
-    class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
-        def __init__(self) -> None:
-            gen = torch.Generator().manual_seed(0)
-            start = torch.randint(0, 96, (4096, 1), generator=gen)
-            self.ids = (start + torch.arange(32) * 3) % 96
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, i: int) -> dict[str, Any]:
-            return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
     class TimedGuard(ZetaGuardCallback):
         spent = 0.0
@@ -109,29 +88,7 @@ def gpt2(steps: int, rounds: int) -> None:
             self.spent += time.perf_counter() - t
 
     def run(arm: str) -> tuple[float, float]:
-        torch.manual_seed(0)
-        config = GPT2Config(
-            n_layer=2,
-            n_embd=32,
-            n_head=2,
-            vocab_size=96,
-            n_positions=32,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        args = TrainingArguments(
-            output_dir="/tmp/zg_bench_always_on_hf",
-            max_steps=steps,
-            per_device_train_batch_size=16,
-            learning_rate=1e-3,
-            logging_steps=10**6,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens())
-        trainer.remove_callback(PrinterCallback)
+        trainer = tiny_gpt2_trainer(steps, "/tmp/zg_bench_always_on_hf")
         cb: Any = None
         if arm == "zclip":
             cb = TimedZClip()

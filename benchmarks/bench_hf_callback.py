@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,39 +28,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_support import git, tiny_gpt2_trainer, unpack_base, use_package
+
 ARMS = ("install", "hooks")
 SKIP = 30
 
 
 def worker(steps: int, package: str | None) -> None:
-    if package is not None:
-        # The editable install answers imports of zetaguard through its own finder, ahead of
-        # sys.path: leave it out so the unpacked copy is the one imported.
-        sys.meta_path[:] = [f for f in sys.meta_path if "zetaguard" not in type(f).__module__]
-        sys.path.insert(0, package)
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.utils import logging as hf_logging
+    use_package(package)
     from zetaguard.integrations.transformers import ZetaGuardCallback
 
     where = Path(sys.modules["zetaguard"].__file__ or "").parent
     assert package is None or where.is_relative_to(package), f"imported {where}"
-
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-
-    class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
-        def __init__(self) -> None:
-            gen = torch.Generator().manual_seed(0)
-            start = torch.randint(0, 96, (4096, 1), generator=gen)
-            self.ids = (start + torch.arange(32) * 3) % 96
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, i: int) -> dict[str, Any]:
-            return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
     class Timed(ZetaGuardCallback):
         spent = 0.0
@@ -86,29 +64,7 @@ def worker(steps: int, package: str | None) -> None:
 
     out: dict[str, float] = {}
     for arm in ARMS:
-        torch.manual_seed(0)
-        config = GPT2Config(
-            n_layer=2,
-            n_embd=32,
-            n_head=2,
-            vocab_size=96,
-            n_positions=32,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        args = TrainingArguments(
-            output_dir=tempfile.gettempdir() + "/zg_bench_hf_callback",
-            max_steps=steps,
-            per_device_train_batch_size=16,
-            learning_rate=1e-3,
-            logging_steps=10**6,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens())
-        trainer.remove_callback(PrinterCallback)
+        trainer = tiny_gpt2_trainer(steps, tempfile.gettempdir() + "/zg_bench_hf_callback")
         cb = Timed(warmup_steps=10)
         if arm == "install":
             cb.install(trainer)
@@ -124,20 +80,6 @@ def worker(steps: int, package: str | None) -> None:
     print(json.dumps(out))
 
 
-def unpack_base(ref: str, into: Path) -> Path:
-    """``python/zetaguard`` at ``ref`` under ``into``, with this checkout's built engine."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "python/zetaguard"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    import zetaguard._core as core
-
-    shutil.copy(core.__file__, into / "python" / "zetaguard" / Path(core.__file__).name)
-    return into / "python"
-
-
 def run_worker(pythonpath: Path | None, steps: int) -> dict[str, float]:
     extra = [] if pythonpath is None else ["--package", str(pythonpath)]
     done = subprocess.run(
@@ -148,12 +90,6 @@ def run_worker(pythonpath: Path | None, steps: int) -> dict[str, float]:
         cwd=tempfile.gettempdir(),
     )
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def git(*args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
 
 
 def main() -> None:

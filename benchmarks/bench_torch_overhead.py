@@ -168,52 +168,14 @@ def plain_loop(params: int, steps: int, blocks: int, batch: int = 32) -> None:
 
 def hf_trainer(steps: int, repeats: int) -> None:
     print(f"\n== 3. Hugging Face Trainer, tiny GPT-2 (2 layers, 32 wide), {steps} steps ==")
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.utils import logging as hf_logging
+    from bench_support import tiny_gpt2_trainer
     from zetaguard.integrations.transformers import ZetaGuardCallback
 
-    hf_logging.set_verbosity_error()
-
-    class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
-        def __init__(self) -> None:
-            gen = torch.Generator().manual_seed(0)
-            start = torch.randint(0, 96, (4096, 1), generator=gen)
-            self.ids = (start + torch.arange(32) * 3) % 96
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
     def run(mode: str | None) -> float:
-        torch.manual_seed(0)
-        config = GPT2Config(
-            n_layer=2,
-            n_embd=32,
-            n_head=2,
-            vocab_size=96,
-            n_positions=32,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        args = TrainingArguments(
-            output_dir="/tmp/zg_bench_hf",
-            max_steps=steps,
-            per_device_train_batch_size=16,
-            learning_rate=1e-3,
-            logging_steps=10**6,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-        )
         callbacks = [] if mode is None else [_Timed(warmup_steps=10, **ARMS[mode])]
-        trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens())
+        trainer = tiny_gpt2_trainer(steps, "/tmp/zg_bench_hf")
         for cb in callbacks:
             cb.install(trainer)  # the documented way: first in line, pre-clip gradient norm
-        trainer.remove_callback(PrinterCallback)  # keep the table readable
         t = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - t

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_support import git, unpack_base, use_package
+
 SIZES = (20, 2000)
 ARMS = (
     "snapshot(model)",
@@ -68,11 +68,7 @@ def _snapshot_with_grads(snapshot: Callable[[object], object], model: object) ->
 
 def worker(repeat: int, package: str | None) -> None:
     """Time every arm with the zetaguard under ``package`` (else the installed one); print JSON."""
-    if package is not None:
-        # The editable install answers imports of zetaguard through its own finder, ahead of
-        # sys.path: leave it out so the unpacked copy is the one imported.
-        sys.meta_path[:] = [f for f in sys.meta_path if "zetaguard" not in type(f).__module__]
-        sys.path.insert(0, package)
+    use_package(package)
     import torch
     import zetaguard
     from zetaguard import ZetaGuard
@@ -114,20 +110,6 @@ def worker(repeat: int, package: str | None) -> None:
     print(json.dumps(out))
 
 
-def unpack_base(ref: str, into: Path) -> Path:
-    """``python/zetaguard`` at ``ref`` under ``into``, with this checkout's built engine."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "python/zetaguard"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    import zetaguard._core as core
-
-    shutil.copy(core.__file__, into / "python" / "zetaguard" / Path(core.__file__).name)
-    return into / "python"
-
-
 def run_worker(pythonpath: Path | None, repeat: int) -> dict[str, float]:
     extra = [] if pythonpath is None else ["--package", str(pythonpath)]
     done = subprocess.run(
@@ -155,24 +137,9 @@ def main() -> None:
         worker(args.repeat, args.package)
         return
     rounds, repeat = (3, 6) if args.quick else (args.rounds, 10)
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", args.base],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    head = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "python"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    commit = git("rev-parse", "--short", args.base)
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "python")
     best: dict[str, dict[str, float]] = {"before": {}, "after": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base = unpack_base(args.base, Path(tmp))
