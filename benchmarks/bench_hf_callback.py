@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_support import git, tiny_gpt2_trainer, unpack_base, use_package
+from bench_support import alternate, before_after, run_worker, tiny_gpt2_trainer, use_package
 
 ARMS = ("install", "hooks")
 SKIP = 30
@@ -80,18 +79,6 @@ def worker(steps: int, package: str | None) -> None:
     print(json.dumps(out))
 
 
-def run_worker(pythonpath: Path | None, steps: int) -> dict[str, float]:
-    extra = [] if pythonpath is None else ["--package", str(pythonpath)]
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", "--steps", str(steps), *extra],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tempfile.gettempdir(),
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,17 +94,12 @@ def main() -> None:
         worker(args.steps, args.package)
         return
     rounds, steps = (3, 150) if args.quick else (args.rounds, args.steps)
-    dirty = git("status", "--porcelain", "python")
-    runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        base = unpack_base(args.base, Path(tmp))
-        for _ in range(rounds):
-            for label, path in (("before", base), ("after", None)):
-                runs[label].append(run_worker(path, steps))
+    runs = alternate(
+        args.base, rounds, lambda package: run_worker(__file__, ["--steps", str(steps)], package)
+    )
     print(
-        f"before: {args.base} ({git('rev-parse', '--short', args.base)}); after: this checkout "
-        f"({git('rev-parse', '--short', 'HEAD')}{', uncommitted changes' if dirty else ''}); "
-        f"median of {rounds} alternating rounds, {steps - SKIP} timed steps each"
+        f"{before_after(args.base)}; median of {rounds} alternating rounds, {steps - SKIP} "
+        "timed steps each"
     )
     print(f"{'arm':18}{'step ms':>9}{'us/step':>10}{'in-run share':>13}")
     for arm in ARMS:

@@ -3,15 +3,19 @@ benchmarks must choose which copy of the package a worker imports before anythin
 
 * :func:`tiny_gpt2_trainer`: the tiny GPT-2 in the Hugging Face ``Trainer`` (built from a config,
   no download), on a fixed synthetic token set.
-* :func:`unpack_base`, :func:`use_package`, :func:`git`: time this checkout against the package
-  as it was at a git revision, in alternating worker processes of the same run.
+* :func:`alternate`, :func:`run_worker`, :func:`use_package`, :func:`before_after`: time this
+  checkout against the package as it was at a git revision, in alternating worker processes of
+  the same run.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +100,40 @@ def use_package(package: str | None) -> None:
     # sys.path: leave it out so the unpacked copy is the one imported.
     sys.meta_path[:] = [f for f in sys.meta_path if "zetaguard" not in type(f).__module__]
     sys.path.insert(0, package)
+
+
+def run_worker(script: str, args: list[str], package: Path | None) -> dict[str, Any]:
+    """``script --worker *args`` in a fresh process (importing the package under ``package``,
+    else this checkout's); returns the JSON object it printed last."""
+    extra = [] if package is None else ["--package", str(package)]
+    done = subprocess.run(
+        [sys.executable, script, "--worker", *args, *extra],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def alternate(
+    base: str, rounds: int, run: Callable[[Path | None], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``run`` with the package as committed at ``base`` ("before") and with this checkout
+    ("after"), alternating for ``rounds`` rounds so that both see the same machine load."""
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        unpacked = unpack_base(base, Path(tmp))
+        for _ in range(rounds):
+            for label, path in (("before", unpacked), ("after", None)):
+                runs[label].append(run(path))
+    return runs
+
+
+def before_after(base: str) -> str:
+    """What "before" and "after" are, for the header of a before/after table."""
+    dirty = git("status", "--porcelain", "python")
+    return (
+        f"before: {base} ({git('rev-parse', '--short', base)}); after: this checkout "
+        f"({git('rev-parse', '--short', 'HEAD')}{', uncommitted changes' if dirty else ''})"
+    )

@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from bench_support import git, unpack_base, use_package
+from bench_support import alternate, before_after, run_worker, use_package
 
 SIZES = (20, 2000)
 ARMS = (
@@ -110,18 +107,6 @@ def worker(repeat: int, package: str | None) -> None:
     print(json.dumps(out))
 
 
-def run_worker(pythonpath: Path | None, repeat: int) -> dict[str, float]:
-    extra = [] if pythonpath is None else ["--package", str(pythonpath)]
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", "--repeat", str(repeat), *extra],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tempfile.gettempdir(),
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,22 +122,17 @@ def main() -> None:
         worker(args.repeat, args.package)
         return
     rounds, repeat = (3, 6) if args.quick else (args.rounds, 10)
-    commit = git("rev-parse", "--short", args.base)
-    head = git("rev-parse", "--short", "HEAD")
-    dirty = git("status", "--porcelain", "python")
-    best: dict[str, dict[str, float]] = {"before": {}, "after": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        base = unpack_base(args.base, Path(tmp))
-        for _ in range(rounds):
-            for label, path in (("before", base), ("after", None)):
-                for key, t in run_worker(path, repeat).items():
-                    if isinstance(t, float):
-                        best[label][key] = min(best[label].get(key, t), t)
-    (n0, n1) = SIZES
-    print(
-        f"before: {args.base} ({commit}); after: this checkout ({head}"
-        f"{', uncommitted changes' if dirty else ''}); best of {rounds} alternating rounds"
+    runs = alternate(
+        args.base, rounds, lambda package: run_worker(__file__, ["--repeat", str(repeat)], package)
     )
+    best: dict[str, dict[str, float]] = {
+        label: {
+            key: min(r[key] for r in rows) for key in rows[0] if isinstance(rows[0][key], float)
+        }
+        for label, rows in runs.items()
+    }
+    (n0, n1) = SIZES
+    print(f"{before_after(args.base)}; best of {rounds} alternating rounds")
     print(
         f"{'arm':44}{'ns/tensor before':>17}{'after':>8}{'change':>8}"
         f"{'fixed us before':>16}{'after':>8}"
