@@ -110,7 +110,8 @@ def workload(params: float, batch: int, steps: int, blocks: int, interval: int) 
     if stats is not None:
         print(
             f"tiered: {stats['sampled_elements']:,} of {n:,} elements sampled "
-            f"({stats['sample_fraction']:.4f} of the blocks), full passes "
+            f"({stats['effective_fraction']:.4f} of the blocks; sample_fraction "
+            f"{stats['sample_fraction']:.4f}, max_sampled {stats['max_sampled']}), full passes "
             f"{stats['full_passes']} (every {stats['full_pass_interval']} steps, escalations "
             f"{stats['escalations']}) over {g.step} steps"
         )

@@ -14,7 +14,7 @@ namespace zetaguard::bindings {
 namespace {
 
 SamplerConfig make_config(double fraction, std::size_t block_bytes, std::uint64_t seed,
-                          std::size_t min_elements) {
+                          std::size_t min_elements, std::size_t max_elements) {
     if (!(fraction > 0.0 && fraction <= 1.0))
         throw py::value_error("sample_fraction must be in (0, 1] (for example 1/64), got " +
                               std::to_string(fraction));
@@ -24,6 +24,7 @@ SamplerConfig make_config(double fraction, std::size_t block_bytes, std::uint64_
     c.block_bytes = block_bytes;
     c.seed = seed;
     c.min_elements = min_elements;
+    c.max_elements = max_elements;
     return c;
 }
 
@@ -31,8 +32,8 @@ SamplerConfig make_config(double fraction, std::size_t block_bytes, std::uint64_
 class PySampler {
 public:
     PySampler(double fraction, std::size_t block_bytes, std::uint64_t seed,
-              std::size_t min_elements)
-        : sampler_(make_config(fraction, block_bytes, seed, min_elements)) {}
+              std::size_t min_elements, std::size_t max_elements)
+        : sampler_(make_config(fraction, block_bytes, seed, min_elements, max_elements)) {}
 
     py::array_t<double> update(const py::sequence& tensors) {
         ParsedInputs in = parse_inputs(tensors, "parameter");
@@ -69,6 +70,7 @@ public:
     std::size_t state_bytes() const { return sampler_.state_bytes(); }
     std::size_t sampled_elements() const { return sampler_.sampled_elements(); }
     double fraction() const { return sampler_.config().fraction; }
+    double effective_fraction() const { return sampler_.effective_fraction(); }
     void reset() {
         std::lock_guard<std::mutex> lock(mutex_);
         sampler_.reset();
@@ -149,9 +151,10 @@ private:
 
 void register_sampler(py::module_& m) {
     py::class_<PySampler>(m, "Sampler")
-        .def(py::init<double, std::size_t, std::uint64_t, std::size_t>(),
+        .def(py::init<double, std::size_t, std::uint64_t, std::size_t, std::size_t>(),
              py::arg("fraction") = 1.0 / 64.0, py::arg("block_bytes") = 1024,
-             py::arg("seed") = 0x5eed, py::arg("min_elements") = 4096)
+             py::arg("seed") = 0x5eed, py::arg("min_elements") = 4096,
+             py::arg("max_elements") = 0)
         .def("update", &PySampler::update, py::arg("tensors"))
         .def("update_raw", &PySampler::update_raw, py::arg("pointers"))
         .def("total_norm", &PySampler::total_norm, py::arg("tensors"))
@@ -164,7 +167,8 @@ void register_sampler(py::module_& m) {
         .def_property_readonly("tensor_count", &PySampler::tensor_count)
         .def_property_readonly("state_bytes", &PySampler::state_bytes)
         .def_property_readonly("sampled_elements", &PySampler::sampled_elements)
-        .def_property_readonly("fraction", &PySampler::fraction);
+        .def_property_readonly("fraction", &PySampler::fraction)
+        .def_property_readonly("effective_fraction", &PySampler::effective_fraction);
 }
 
 }  // namespace zetaguard::bindings

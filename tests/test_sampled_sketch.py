@@ -54,15 +54,26 @@ sizes = st.lists(st.integers(min_value=1, max_value=3000), min_size=1, max_size=
     dtype=st.sampled_from([np.float32, np.float64, np.float16]),
     seed=st.integers(min_value=0, max_value=2**32),
     steps=st.integers(min_value=1, max_value=6),
+    poison=st.sampled_from([None, np.nan, np.inf, -np.inf]),
+    cap=st.sampled_from([0, 100, 1000]),
 )
 def test_matches_numpy_reference(
-    sizes: list[int], fraction: float, dtype: type, seed: int, steps: int
+    sizes: list[int],
+    fraction: float,
+    dtype: type,
+    seed: int,
+    steps: int,
+    poison: float | None,
+    cap: int,
 ) -> None:
     rng = np.random.default_rng(seed)
     xs = [[rng.normal(size=n).astype(dtype) for n in sizes]]
     for _ in range(steps - 1):
         xs.append([x + rng.normal(scale=0.1, size=x.size).astype(dtype) for x in xs[-1]])
-    s = _core.Sampler(fraction, 256, seed, 0)
+    if poison is not None:  # a non-finite value somewhere in the last step (sampled or not)
+        last = xs[-1][0]
+        last[rng.integers(last.size)] = poison
+    s = _core.Sampler(fraction, 256, seed, 0, max_elements=cap)
     got = [s.update(step) for step in xs]
     plans = [s.plan(i) for i in range(len(sizes))]
     want = reference_rows(xs, plans)
@@ -74,7 +85,10 @@ def test_matches_numpy_reference(
         assert plan["block"] == 256 // item  # a block is 256 bytes: whole cache lines
         assert blocks == math.ceil(n / plan["block"])
         k = len(plan["starts"])
-        assert k == min(blocks, max(1, math.ceil(fraction * blocks - 1e-9)))
+        # The fraction, shrunk when the cap is below fraction x all elements.
+        effective = min(fraction, cap / sum(sizes)) if cap else fraction
+        assert s.effective_fraction == pytest.approx(effective, rel=1e-12)
+        assert k == min(blocks, max(1, math.ceil(s.effective_fraction * blocks - 1e-9)))
         assert len(set(plan["starts"])) == k
         assert plan["starts"] == sorted(plan["starts"])
         assert all(st_ % plan["block"] == 0 and st_ < n for st_ in plan["starts"])
@@ -89,6 +103,23 @@ def test_state_is_the_sample_not_the_model() -> None:
     assert s.sampled_elements == 256 * 64
     assert s.state_bytes == 3 * 4 * 256 * 64 + 8 * 256
     assert s.state_bytes < big[0].nbytes // 10
+
+
+def test_max_sampled_keeps_the_state_whatever_the_model_size() -> None:
+    cap = 1 << 16
+    sampled = []
+    for n in (1 << 20, 1 << 22, 1 << 24):
+        s = _core.Sampler(1 / 64, 1024, 1, 0, max_elements=cap)
+        s.update([np.zeros(n // 2, dtype=np.float32), np.zeros(n // 2, dtype=np.float32)])
+        assert s.fraction == 1 / 64
+        assert s.effective_fraction == min(1 / 64, cap / n)
+        sampled.append(s.sampled_elements)
+    # 1M: 1/64 of it (under the cap); 4M and 16M: the cap, give or take a block per tensor.
+    assert sampled[0] == (1 << 20) // 64
+    assert all(cap <= k <= cap + 2 * 256 for k in sampled[1:]), sampled
+    uncapped = _core.Sampler(1 / 64, 1024, 1, 0)
+    uncapped.update([np.zeros(1 << 24, dtype=np.float32)])
+    assert uncapped.sampled_elements == (1 << 24) // 64
 
 
 def test_bad_settings_are_refused() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +29,12 @@ def _walk(rng: np.random.Generator, n: int, size: int = 64 * 1024) -> list[dict[
 def test_bad_sample_fraction_is_refused(bad: float) -> None:
     with pytest.raises(ValueError, match=r"sample_fraction must be in \(0, 1\]"):
         ZetaGuard(sample_fraction=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "64k"])
+def test_bad_max_sampled_is_refused(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"max_sampled must be an integer >= 1 .* or None"):
+        ZetaGuard(max_sampled=bad)
 
 
 @pytest.mark.parametrize("bad", [0, -3])

@@ -112,3 +112,54 @@ def test_a_damaged_sampled_ring_is_refused_and_changes_nothing(
         g.load_state(tmp_path / "bad.npz")
     assert g.step == 0
     assert g.get_statistics()["tiered"]["sampled_elements"] == 0
+
+
+def test_the_sample_cap_travels_with_the_state(tmp_path: Path) -> None:
+    """A guard whose sample is capped (``max_sampled``) resumes with the same cap and the same
+    results; a file from before the cap (no ``max_sampled`` in its config) was sampled
+    uncapped and loads uncapped; a bad cap in a file is refused."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(1 << 20).astype(np.float32)
+    steps = []
+    for _ in range(10):
+        w = w - np.float32(1e-2) * rng.standard_normal(w.size, dtype=np.float32)
+        steps.append({"w": w})
+    kw: dict[str, Any] = {"auto_recover": False, "warmup_steps": 4, "max_sampled": 8192}
+    whole, first = ZetaGuard(**kw), ZetaGuard(**kw)
+    expected = [whole.monitor(p, loss=1.0) for p in steps]
+    stats = whole.get_statistics()["tiered"]
+    # 1M elements at 1/64 is 16K, over the cap: the fraction shrinks to 1/128.
+    assert stats["max_sampled"] == 8192
+    assert stats["effective_fraction"] == 1 / 128
+    assert stats["sampled_elements"] == 8192
+    for p in steps[:5]:
+        first.monitor(p, loss=1.0)
+    first.save_state(tmp_path / "capped.npz")
+    resumed = ZetaGuard(auto_recover=False)  # the default cap; the file's wins
+    resumed.load_state(tmp_path / "capped.npz")
+    assert resumed.max_sampled == 8192
+    got = [resumed.monitor(p, loss=1.0) for p in steps[5:]]
+    assert [(r.status, r.raw_jar) for r in got] == [(r.status, r.raw_jar) for r in expected[5:]]
+
+    uncapped = ZetaGuard(auto_recover=False, max_sampled=None)
+    for p in steps[:5]:
+        uncapped.monitor(p)
+    uncapped.save_state(tmp_path / "u.npz")
+    meta, arrays = state.load(tmp_path / "u.npz")
+    meta = {k: v for k, v in meta.items() if k not in ("format", "version", "sha256")}
+    old_config = {k: v for k, v in meta["config"].items() if k != "max_sampled"}
+    state.save(tmp_path / "old.npz", {**meta, "config": old_config}, arrays)
+    old = ZetaGuard(auto_recover=False)
+    old.load_state(tmp_path / "old.npz")
+    assert old.max_sampled is None
+    assert old.monitor(steps[5]).raw_jar is not None  # the uncapped ring fit its plan
+
+    state.save(
+        tmp_path / "bad.npz", {**meta, "config": {**meta["config"], "max_sampled": 0}}, arrays
+    )
+    with pytest.raises(StateFileError, match=r"config\.max_sampled"):
+        ZetaGuard(auto_recover=False).load_state(tmp_path / "bad.npz")
+    capped_meta = {**meta, "config": {**meta["config"], "max_sampled": 8192}}
+    state.save(tmp_path / "other.npz", capped_meta, arrays)
+    with pytest.raises(StateFileError, match="max_sampled"):
+        ZetaGuard(auto_recover=False).load_state(tmp_path / "other.npz")

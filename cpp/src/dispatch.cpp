@@ -12,6 +12,9 @@ namespace isa_scalar {
 void fused(int, DType, const void*, const void*, const void*, const void*, void*, std::size_t,
            LaneSums&) noexcept;
 void norm(int, DType, const void*, std::size_t, LaneSums&) noexcept;
+void sampled_fused(int, DType, const void*, const BlockPlan&, const void*, const void*,
+                   const void*, void*, LaneSums&) noexcept;
+void sampled_norm(int, DType, const void*, const BlockPlan&, LaneSums&) noexcept;
 void sketch(int, DType, const void*, std::size_t, std::size_t, std::size_t, const float*,
             std::uint64_t, double*, LaneSums&) noexcept;
 }  // namespace isa_scalar
@@ -22,6 +25,9 @@ void sketch(int, DType, const void*, std::size_t, std::size_t, std::size_t, cons
     void fused(DType, const void*, const void*, const void*, const void*, void*, std::size_t, \
                LaneSums&) noexcept;                                                           \
     void norm(DType, const void*, std::size_t, LaneSums&) noexcept;                           \
+    void sampled_fused(DType, const void*, const BlockPlan&, const void*, const void*,        \
+                       const void*, void*, LaneSums&) noexcept;                               \
+    void sampled_norm(DType, const void*, const BlockPlan&, LaneSums&) noexcept;              \
     void sketch(DType, const void*, std::size_t, std::size_t, std::size_t, const float*,      \
                 std::uint64_t, double*, LaneSums&) noexcept;                                  \
     }
@@ -96,6 +102,27 @@ void norm_pass(Isa isa, int lanes, DType dt, const void* x, std::size_t n,
 #endif
     (void)isa;
     isa_scalar::norm(lanes, dt, x, n, acc);
+}
+
+void sampled_fused_pass(Isa isa, int lanes, DType dt, const void* base, const BlockPlan& plan,
+                        const void* s1, const void* s2, const void* s3, void* out,
+                        LaneSums& acc) noexcept {
+#if defined(ZETAGUARD_HAVE_X86_SIMD)
+    if (isa == Isa::avx512) return isa_avx512::sampled_fused(dt, base, plan, s1, s2, s3, out, acc);
+    if (isa == Isa::avx2) return isa_avx2::sampled_fused(dt, base, plan, s1, s2, s3, out, acc);
+#endif
+    (void)isa;
+    isa_scalar::sampled_fused(lanes, dt, base, plan, s1, s2, s3, out, acc);
+}
+
+void sampled_norm_pass(Isa isa, int lanes, DType dt, const void* base, const BlockPlan& plan,
+                       LaneSums& acc) noexcept {
+#if defined(ZETAGUARD_HAVE_X86_SIMD)
+    if (isa == Isa::avx512) return isa_avx512::sampled_norm(dt, base, plan, acc);
+    if (isa == Isa::avx2) return isa_avx2::sampled_norm(dt, base, plan, acc);
+#endif
+    (void)isa;
+    isa_scalar::sampled_norm(lanes, dt, base, plan, acc);
 }
 
 void sketch_pass(Isa isa, int lanes, DType dt, const void* x, std::size_t begin, std::size_t end,

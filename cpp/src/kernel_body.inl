@@ -243,6 +243,175 @@ void sketch_body(const T* x, std::size_t begin, std::size_t end, std::size_t k, 
     flush<Ops>(lx2, zero, zero, zero, count_if_nonfinite(x + begin, end - begin, lx2, L), acc);
 }
 
+// ---- the sampled block sketch (sampler.hpp) -------------------------------------------
+// The same arithmetic as fused_body and norm_body over a plan's scattered blocks. Blocks are
+// too short for the streams' prefetch distance, so the block kBlocksAhead places on is asked
+// for line by line instead (the ring slots are contiguous and keep the per-stream prefetch),
+// and the lanes run on across blocks: one flush per tensor.
+inline constexpr std::size_t kBlocksAhead = 4;
+
+template <class T>
+inline void prefetch_block(const T* base, const BlockPlan& plan, std::size_t b) noexcept {
+    const std::size_t start = plan.starts[b];
+    const std::size_t n = plan.numel - start < plan.block ? plan.numel - start : plan.block;
+    const char* p = reinterpret_cast<const char*>(base + start);
+    for (std::size_t o = 0; o < n * sizeof(T); o += 64) __builtin_prefetch(p + o, 0, 0);
+}
+
+template <class T>
+inline std::size_t block_length(const BlockPlan& plan, std::size_t b) noexcept {
+    const std::size_t start = plan.starts[b];
+    return plan.numel - start < plan.block ? plan.numel - start : plan.block;
+}
+
+// Non-finite elements of the sampled blocks, counted only when a lane's sum of squares says
+// there are any (as count_if_nonfinite).
+template <class T>
+std::uint64_t sampled_nonfinite(const T* base, const BlockPlan& plan, const double* lane_x2,
+                                int lanes) noexcept {
+    bool finite = true;
+    for (int l = 0; l < lanes; ++l) finite = finite && std::isfinite(lane_x2[l]);
+    if (finite) return 0;
+    std::uint64_t nf = 0;
+    for (std::size_t b = 0; b < plan.count; ++b) {
+        const T* x = base + plan.starts[b];
+        const std::size_t n = block_length<T>(plan, b);
+        for (std::size_t i = 0; i < n; ++i) nf += scalar_nonfinite(to_double(x[i]));
+    }
+    return nf;
+}
+
+template <class Ops, class T>
+void sampled_fused_body(const T* base, const BlockPlan& plan, const T* s1, const T* s2,
+                        const T* s3, T* out, LaneSums& acc) noexcept {
+    using V = typename Ops::V;
+    constexpr int L = Ops::L;
+    V x2 = Ops::zero(), v2 = Ops::zero(), a2 = Ops::zero(), j2 = Ops::zero();
+    double tx2[L] = {}, tv2[L] = {}, ta2[L] = {}, tj2[L] = {};  // the blocks' short tails
+    std::size_t q = 0;  // position in the ring slots
+    for (std::size_t b = 0; b < plan.count; ++b) {
+        if (b + kBlocksAhead < plan.count) prefetch_block(base, plan, b + kBlocksAhead);
+        const T* cur = base + plan.starts[b];
+        const std::size_t n = block_length<T>(plan, b);
+        std::size_t i = 0;
+        for (; i + L <= n; i += L, q += L) {
+            prefetch_ahead(s1 + q, 0);
+            prefetch_ahead(s2 + q, 0);
+            prefetch_ahead(s3 + q, 1);
+            const V x0 = Ops::load(cur + i);
+            const V x1 = Ops::load(s1 + q);
+            const V y2 = Ops::load(s2 + q);
+            const V x3 = Ops::load(s3 + q);
+            __builtin_memcpy(out + q, cur + i, sizeof(T) * L);  // out may be s3: already loaded
+            const V d1 = Ops::sub(x0, x1);
+            const V d2 = Ops::sub(x1, y2);
+            const V d3 = Ops::sub(y2, x3);
+            const V a = Ops::sub(d1, d2);
+            const V j = Ops::sub(a, Ops::sub(d2, d3));
+            x2 = Ops::add(x2, Ops::mul(x0, x0));
+            v2 = Ops::add(v2, Ops::mul(d1, d1));
+            a2 = Ops::add(a2, Ops::mul(a, a));
+            j2 = Ops::add(j2, Ops::mul(j, j));
+        }
+        for (int l = 0; i < n; ++i, ++q, ++l) {
+            const double x0 = to_double(cur[i]);
+            const double x1 = to_double(s1[q]);
+            const double y2 = to_double(s2[q]);
+            const double x3 = to_double(s3[q]);
+            out[q] = cur[i];
+            const double d1 = x0 - x1;
+            const double d2 = x1 - y2;
+            const double d3 = y2 - x3;
+            const double a = d1 - d2;
+            const double j = a - (d2 - d3);
+            tx2[l] = tx2[l] + x0 * x0;
+            tv2[l] = tv2[l] + d1 * d1;
+            ta2[l] = ta2[l] + a * a;
+            tj2[l] = tj2[l] + j * j;
+        }
+    }
+    double lx2[L], lv2[L], la2[L], lj2[L];
+    store_lanes<Ops>(x2, lx2);
+    store_lanes<Ops>(v2, lv2);
+    store_lanes<Ops>(a2, la2);
+    store_lanes<Ops>(j2, lj2);
+    for (int l = 0; l < L; ++l) {
+        lx2[l] = lx2[l] + tx2[l];
+        lv2[l] = lv2[l] + tv2[l];
+        la2[l] = la2[l] + ta2[l];
+        lj2[l] = lj2[l] + tj2[l];
+    }
+    flush<Ops>(lx2, lv2, la2, lj2, sampled_nonfinite(base, plan, lx2, L), acc);
+}
+
+template <class Ops, class T>
+void sampled_norm_body(const T* base, const BlockPlan& plan, LaneSums& acc) noexcept {
+    using V = typename Ops::V;
+    constexpr int L = Ops::L;
+    V x2 = Ops::zero();
+    double tx2[L] = {};
+    for (std::size_t b = 0; b < plan.count; ++b) {
+        if (b + kBlocksAhead < plan.count) prefetch_block(base, plan, b + kBlocksAhead);
+        const T* x = base + plan.starts[b];
+        const std::size_t n = block_length<T>(plan, b);
+        std::size_t i = 0;
+        for (; i + L <= n; i += L) {
+            const V x0 = Ops::load(x + i);
+            x2 = Ops::add(x2, Ops::mul(x0, x0));
+        }
+        for (int l = 0; i < n; ++i, ++l) {
+            const double x0 = to_double(x[i]);
+            tx2[l] = tx2[l] + x0 * x0;
+        }
+    }
+    double lx2[L], zero[L] = {};
+    store_lanes<Ops>(x2, lx2);
+    for (int l = 0; l < L; ++l) lx2[l] = lx2[l] + tx2[l];
+    flush<Ops>(lx2, zero, zero, zero, sampled_nonfinite(base, plan, lx2, L), acc);
+}
+
+template <class Ops>
+void sampled_fused_dispatch(DType dt, const void* base, const BlockPlan& plan, const void* s1,
+                            const void* s2, const void* s3, void* out, LaneSums& acc) noexcept {
+    switch (dt) {
+        case DType::f32:
+            sampled_fused_body<Ops>(static_cast<const float*>(base), plan,
+                                    static_cast<const float*>(s1), static_cast<const float*>(s2),
+                                    static_cast<const float*>(s3), static_cast<float*>(out), acc);
+            break;
+        case DType::f64:
+            sampled_fused_body<Ops>(static_cast<const double*>(base), plan,
+                                    static_cast<const double*>(s1),
+                                    static_cast<const double*>(s2),
+                                    static_cast<const double*>(s3), static_cast<double*>(out), acc);
+            break;
+        case DType::f16:
+            sampled_fused_body<Ops>(static_cast<const f16_t*>(base), plan,
+                                    static_cast<const f16_t*>(s1), static_cast<const f16_t*>(s2),
+                                    static_cast<const f16_t*>(s3), static_cast<f16_t*>(out), acc);
+            break;
+        case DType::bf16:
+            sampled_fused_body<Ops>(static_cast<const bf16_t*>(base), plan,
+                                    static_cast<const bf16_t*>(s1),
+                                    static_cast<const bf16_t*>(s2),
+                                    static_cast<const bf16_t*>(s3), static_cast<bf16_t*>(out), acc);
+            break;
+    }
+}
+
+template <class Ops>
+void sampled_norm_dispatch(DType dt, const void* base, const BlockPlan& plan,
+                           LaneSums& acc) noexcept {
+    switch (dt) {
+        case DType::f32: sampled_norm_body<Ops>(static_cast<const float*>(base), plan, acc); break;
+        case DType::f64: sampled_norm_body<Ops>(static_cast<const double*>(base), plan, acc); break;
+        case DType::f16: sampled_norm_body<Ops>(static_cast<const f16_t*>(base), plan, acc); break;
+        case DType::bf16:
+            sampled_norm_body<Ops>(static_cast<const bf16_t*>(base), plan, acc);
+            break;
+    }
+}
+
 template <class Ops>
 void fused_dispatch(DType dt, const void* cur, const void* s1, const void* s2, const void* s3,
                     void* out, std::size_t n, LaneSums& acc) noexcept {

@@ -51,6 +51,13 @@ void fused(DType dt, const void* cur, const void* s1, const void* s2, const void
 void norm(DType dt, const void* x, std::size_t n, LaneSums& acc) noexcept {
     norm_dispatch<Ops>(dt, x, n, acc);
 }
+void sampled_fused(DType dt, const void* base, const BlockPlan& plan, const void* s1,
+                   const void* s2, const void* s3, void* out, LaneSums& acc) noexcept {
+    sampled_fused_dispatch<Ops>(dt, base, plan, s1, s2, s3, out, acc);
+}
+void sampled_norm(DType dt, const void* base, const BlockPlan& plan, LaneSums& acc) noexcept {
+    sampled_norm_dispatch<Ops>(dt, base, plan, acc);
+}
 void sketch(DType dt, const void* x, std::size_t begin, std::size_t end, std::size_t k,
             const float* tau, std::uint64_t seed, double* buckets, LaneSums& acc) noexcept {
     sketch_dispatch<Ops>(dt, x, begin, end, k, tau, seed, buckets, acc);

@@ -84,6 +84,16 @@ struct Norm {
     static void run(A&&... a) noexcept { norm_dispatch<O>(a...); }
 };
 template <class O>
+struct SampledFused {
+    template <class... A>
+    static void run(A&&... a) noexcept { sampled_fused_dispatch<O>(a...); }
+};
+template <class O>
+struct SampledNorm {
+    template <class... A>
+    static void run(A&&... a) noexcept { sampled_norm_dispatch<O>(a...); }
+};
+template <class O>
 struct Sketch {
     template <class... A>
     static void run(A&&... a) noexcept { sketch_dispatch<O>(a...); }
@@ -97,6 +107,14 @@ void fused(int lanes, DType dt, const void* cur, const void* s1, const void* s2,
 }
 void norm(int lanes, DType dt, const void* x, std::size_t n, LaneSums& acc) noexcept {
     with_lanes<Norm>(lanes, dt, x, n, acc);
+}
+void sampled_fused(int lanes, DType dt, const void* base, const BlockPlan& plan, const void* s1,
+                   const void* s2, const void* s3, void* out, LaneSums& acc) noexcept {
+    with_lanes<SampledFused>(lanes, dt, base, plan, s1, s2, s3, out, acc);
+}
+void sampled_norm(int lanes, DType dt, const void* base, const BlockPlan& plan,
+                  LaneSums& acc) noexcept {
+    with_lanes<SampledNorm>(lanes, dt, base, plan, acc);
 }
 void sketch(int lanes, DType dt, const void* x, std::size_t begin, std::size_t end,
             std::size_t k, const float* tau, std::uint64_t seed, double* buckets,

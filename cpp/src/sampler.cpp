@@ -100,35 +100,24 @@ void sample_update(const SampleTensor& s, const void* data, const T* p1, const T
     }
 }
 
-template <class T>
-void sample_norm(const SampleTensor& s, const void* data, Channels& out) {
-    double x2[kLanes] = {};
-    const std::size_t nb = s.starts.size();
-    for (std::size_t b = 0; b < nb; ++b) {
-        if (b + kAhead < nb) prefetch_block<T>(data, s.starts[b + kAhead], s.block);
-        const std::size_t start = s.starts[b];
-        const std::size_t end = std::min(start + s.block, s.numel);
-        std::size_t i = start;
-        for (; i + kLanes <= end; i += kLanes)
-            for (std::size_t l = 0; l < kLanes; ++l) {
-                const double x = load<T>(data, i + l);
-                x2[l] += x * x;
-            }
-        for (std::size_t l = 0; i < end; ++i, ++l) {
-            const double x = load<T>(data, i);
-            x2[l] += x * x;
-        }
+BlockPlan block_plan(const SampleTensor& s) noexcept {
+    return BlockPlan{s.starts.data(), s.starts.size(), s.block, s.numel};
+}
+
+// Column sums of a pass's lanes, scaled to the whole tensor (Horvitz-Thompson).
+void scaled(const SampleTensor& s, const LaneSums& acc, Channels& out) noexcept {
+    double sx = 0, sv = 0, sa = 0, sj = 0;
+    for (int l = 0; l < acc.lanes; ++l) {
+        sx += acc.x2[l];
+        sv += acc.v2[l];
+        sa += acc.a2[l];
+        sj += acc.j2[l];
     }
-    double sx = 0;
-    for (std::size_t l = 0; l < kLanes; ++l) sx += x2[l];
-    out = Channels{};
     out.x2 = s.scale * sx;
-    if (!std::isfinite(sx)) {
-        for (std::size_t start : s.starts) {
-            const std::size_t end = std::min(start + s.block, s.numel);
-            for (std::size_t k = start; k < end; ++k) out.nonfinite += nonfinite(load<T>(data, k));
-        }
-    }
+    out.v2 = s.scale * sv;
+    out.a2 = s.scale * sa;
+    out.j2 = s.scale * sj;
+    out.nonfinite = acc.nonfinite;
 }
 
 template <class F>
@@ -143,7 +132,8 @@ void by_dtype(DType d, F&& f) {
 
 }  // namespace
 
-Sampler::Sampler(SamplerConfig config) : config_(config) {
+Sampler::Sampler(SamplerConfig config)
+    : config_(config), plan_config_(config), isa_(best_isa()) {
     if (!(config_.fraction > 0.0 && config_.fraction <= 1.0))
         throw std::invalid_argument("sample fraction must be in (0, 1], got " +
                                     std::to_string(config_.fraction));
@@ -192,11 +182,25 @@ SampleTensor Sampler::plan(const SamplerConfig& config, std::size_t index, std::
     return s;
 }
 
+SamplerConfig Sampler::capped(const std::vector<std::size_t>& numels) const noexcept {
+    SamplerConfig c = config_;
+    if (c.max_elements == 0) return c;
+    double total = 0;
+    for (std::size_t n : numels) total += static_cast<double>(n);
+    const double cap = static_cast<double>(c.max_elements);
+    if (c.fraction * total > cap) c.fraction = cap / total;
+    return c;
+}
+
 void Sampler::initialise(const std::vector<TensorView>& tensors) {
+    std::vector<std::size_t> numels;
+    numels.reserve(tensors.size());
+    for (const TensorView& t : tensors) numels.push_back(t.numel);
+    plan_config_ = capped(numels);
     tensors_.clear();
     tensors_.reserve(tensors.size());
     for (std::size_t i = 0; i < tensors.size(); ++i) {
-        SampleTensor s = plan(config_, i, tensors[i].numel, tensors[i].dtype);
+        SampleTensor s = plan(plan_config_, i, tensors[i].numel, tensors[i].dtype);
         for (auto& r : s.ring) r.assign(s.sampled * dtype_size(s.dtype), 0);
         tensors_.push_back(std::move(s));
     }
@@ -245,7 +249,14 @@ void Sampler::update(const std::vector<TensorView>& tensors, std::vector<Channel
                 case 0: sample_update<T, 0>(s, d, p1, p2, p3, w, out[i]); break;
                 case 1: sample_update<T, 1>(s, d, p1, p2, p3, w, out[i]); break;
                 case 2: sample_update<T, 2>(s, d, p1, p2, p3, w, out[i]); break;
-                default: sample_update<T, 3>(s, d, p1, p2, p3, w, out[i]); break;
+                default: {
+                    // The steady state, every call after the first three: the SIMD kernel.
+                    LaneSums acc;
+                    sampled_fused_pass(isa_, native_lanes(isa_), s.dtype, d, block_plan(s), p1,
+                                       p2, p3, w, acc);
+                    scaled(s, acc, out[i]);
+                    break;
+                }
             }
         });
     }
@@ -261,13 +272,12 @@ void Sampler::norms(const std::vector<TensorView>& tensors, std::vector<Channels
         const bool reuse = i < tensors_.size() && tensors_[i].numel == t.numel &&
                            tensors_[i].dtype == t.dtype;
         SampleTensor fresh;
-        if (!reuse) fresh = plan(config_, i, t.numel, t.dtype);
+        if (!reuse) fresh = plan(plan_config_, i, t.numel, t.dtype);
         const SampleTensor& s = reuse ? tensors_[i] : fresh;
         if (s.sampled == 0) continue;
-        by_dtype(s.dtype, [&](auto tag) {
-            using T = decltype(tag);
-            sample_norm<T>(s, t.data, out[i]);
-        });
+        LaneSums acc;
+        sampled_norm_pass(isa_, native_lanes(isa_), s.dtype, t.data, block_plan(s), acc);
+        scaled(s, acc, out[i]);
     }
 }
 
@@ -295,10 +305,11 @@ void Sampler::restore(const std::vector<std::size_t>& numels, const std::vector<
                          " with ring head " + std::to_string(head));
     if (numels.empty() && history != 0)
         throw StateError("corrupt sampler state: a history but no tensors");
+    const SamplerConfig planned = capped(numels);
     std::vector<SampleTensor> restored;
     restored.reserve(numels.size());
     for (std::size_t i = 0; i < numels.size(); ++i) {
-        SampleTensor s = plan(config_, i, numels[i], dtypes[i]);
+        SampleTensor s = plan(planned, i, numels[i], dtypes[i]);
         const std::size_t bytes = s.sampled * dtype_size(s.dtype);
         for (int k = 0; k < 3; ++k) {
             auto& slot = slots[3 * i + static_cast<std::size_t>(k)];
@@ -307,12 +318,13 @@ void Sampler::restore(const std::vector<std::size_t>& numels, const std::vector<
                                  " ring slot " + std::to_string(k) + " holds " +
                                  std::to_string(slot.size()) + " bytes, its sample plan " +
                                  std::to_string(bytes) +
-                                 " (saved with another sample_fraction or seed?)");
+                                 " (saved with another sample_fraction, max_sampled or seed?)");
             s.ring[k] = std::move(slot);
         }
         restored.push_back(std::move(s));
     }
     tensors_ = std::move(restored);
+    plan_config_ = planned;
     history_ = history;
     head_ = head;
 }

@@ -187,7 +187,48 @@ static void test_restore() {
           "the restored ring continues exactly: j2 %g vs %g", out_a[0].j2, out_b[0].j2);
 }
 
+// max_elements: the sample of a big model stops at the cap, a small one keeps the fraction,
+// and a ring saved under a cap is refused by a sampler without it.
+static void test_cap() {
+    SamplerConfig c;
+    c.fraction = 1.0 / 8;
+    c.block_bytes = 256;
+    c.min_elements = 0;
+    c.max_elements = 1024;
+    std::vector<float> big(64 * 1024, 1.0f), small(4096, 1.0f);
+    Sampler s(c);
+    std::vector<Channels> out;
+    s.update({TensorView{big.data(), big.size(), DType::f32}}, out);
+    CHECK(s.sampled_elements() == 1024, "capped: 1024 of 65536 read, got %zu",
+          s.sampled_elements());
+    CHECK(s.effective_fraction() == 1024.0 / 65536.0, "effective fraction %g",
+          s.effective_fraction());
+    CHECK(out[0].x2 == 65536.0, "the estimate scales to the whole tensor: %g", out[0].x2);
+    Sampler t(c);
+    t.update({TensorView{small.data(), small.size(), DType::f32}}, out);
+    CHECK(t.sampled_elements() == 512 && t.effective_fraction() == 1.0 / 8,
+          "under the cap the fraction holds: %zu", t.sampled_elements());
+    const SampleTensor& st = s.tensors()[0];
+    std::vector<std::vector<std::uint8_t>> slots(st.ring, st.ring + 3);
+    SamplerConfig uncapped = c;
+    uncapped.max_elements = 0;
+    Sampler u(uncapped);
+    bool threw = false;
+    try {
+        u.restore({big.size()}, {DType::f32}, slots, s.history(), s.head());
+    } catch (const StateError&) {
+        threw = true;
+    }
+    CHECK(threw && u.tensor_count() == 0 && u.effective_fraction() == 1.0 / 8,
+          "a capped ring does not fit an uncapped plan: refused, nothing changed");
+    Sampler v(c);
+    v.restore({big.size()}, {DType::f32}, slots, s.history(), s.head());
+    CHECK(v.sampled_elements() == 1024 && v.effective_fraction() == s.effective_fraction(),
+          "restored under the same cap");
+}
+
 int main() {
+    test_cap();
     test_restore();
     test_plan();
     test_matches_direct();

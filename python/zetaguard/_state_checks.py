@@ -255,6 +255,8 @@ def validate(meta: dict[str, Any], arrays: Mapping[str, npt.NDArray[Any]]) -> No
     if not 0.0 < fraction <= 1.0:
         raise Refusal(f"config.sample_fraction must be in (0, 1], got {fraction}")
     _int(cfg.get("full_pass_interval", 1), "config.full_pass_interval", 1, 2**31 - 1)
+    if cfg.get("max_sampled") is not None:
+        _int(cfg["max_sampled"], "config.max_sampled", 1, _INT64)
     _int(c("sketch_buckets"), "config.sketch_buckets", 1, 2**31 - 1)
     _int(cfg.get("exact_memory_budget", 0), "config.exact_memory_budget", 0, _INT64)
     _choice(c("group_by"), "config.group_by", ("layer", "tensor", "none"))

@@ -72,6 +72,9 @@ class ZetaGuard:
             snapshots; ``"sketch"``: every element every step, O(sketch_buckets) state
             whatever the model size.
         sample_fraction: share of each tensor's blocks the cheap tier reads, in (0, 1].
+        max_sampled: elements the cheap tier reads a step at most (default 65,536; ``None``:
+            no cap): past ``max_sampled / sample_fraction`` parameters the fraction shrinks,
+            so the sample's state and time per step stop growing with the model.
         full_pass_interval: steps between scheduled full passes in ``mode="auto"``, >= 1.
         full_pass: ``"inline"`` (the default): a scheduled full pass runs in the
             ``monitor()`` call; ``"thread"``: on a worker thread overlapped with the next
@@ -99,6 +102,7 @@ class ZetaGuard:
     calibration = Setting[Calibration]()
     mode = Setting[EngineMode]()
     sample_fraction = Setting[float]()
+    max_sampled = Setting[int | None]()
     full_pass_interval = Setting[int]()
     full_pass = Setting[tiered_worker.FullPass]()
     sketch_buckets = Setting[int]()
@@ -134,6 +138,7 @@ class ZetaGuard:
         snapshot_memory_budget: int = 1 << 30,
         device: DevicePath = "auto",
         sample_fraction: float = tiered.DEFAULT_SAMPLE_FRACTION,
+        max_sampled: int | None = tiered.DEFAULT_MAX_SAMPLED,
         full_pass_interval: int = tiered.DEFAULT_FULL_PASS_INTERVAL,
         full_pass: tiered_worker.FullPass = "inline",
     ) -> None:
@@ -148,6 +153,7 @@ class ZetaGuard:
             calibration=calibration,
             mode=mode,
             sample_fraction=sample_fraction,
+            max_sampled=max_sampled,
             full_pass_interval=full_pass_interval,
             full_pass=full_pass,
             sketch_buckets=sketch_buckets,

@@ -39,6 +39,7 @@ class GuardSettings:
     calibration: Calibration
     mode: EngineMode
     sample_fraction: float
+    max_sampled: int | None
     full_pass_interval: int
     full_pass: tiered_worker.FullPass
     sketch_buckets: int
@@ -61,6 +62,7 @@ class GuardSettings:
         calibration: Any,
         mode: Any,
         sample_fraction: Any,
+        max_sampled: Any,
         full_pass_interval: Any,
         full_pass: Any,
         sketch_buckets: Any,
@@ -75,7 +77,7 @@ class GuardSettings:
     ) -> GuardSettings:
         """``ZetaGuard()``'s arguments checked before anything is built (``run_name`` and the
         snapshot settings are checked here too; the guard and its recovery manager hold them)."""
-        tiered.check_settings(sample_fraction, full_pass_interval)
+        tiered.check_settings(sample_fraction, full_pass_interval, max_sampled)
         tiered_worker.check_full_pass(full_pass)
         tiered_worker.check_thread_applies(full_pass, mode, device)
         _validate.guard_arguments(
@@ -106,6 +108,7 @@ class GuardSettings:
             calibration=calibration,
             mode=mode,
             sample_fraction=float(sample_fraction),
+            max_sampled=max_sampled,
             full_pass_interval=int(full_pass_interval),
             full_pass=full_pass,
             sketch_buckets=int(sketch_buckets),
@@ -128,6 +131,7 @@ class GuardSettings:
             "calibration": self.calibration,
             "mode": self.mode,
             "sample_fraction": self.sample_fraction,
+            "max_sampled": self.max_sampled,
             "full_pass_interval": self.full_pass_interval,
             "sketch_buckets": self.sketch_buckets,
             "exact_memory_budget": self.exact_memory_budget,
@@ -146,6 +150,8 @@ class GuardSettings:
             self,
             mode=cfg.get("mode", self.mode),
             sample_fraction=float(cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION)),
+            # Files from before the cap sampled every tensor uncapped: their ring needs that.
+            max_sampled=cfg.get("max_sampled"),
             full_pass_interval=int(
                 cfg.get("full_pass_interval", tiered.DEFAULT_FULL_PASS_INTERVAL)
             ),
@@ -175,7 +181,11 @@ class GuardSettings:
         if self.mode != "auto":
             return None
         return tiered.TieredPipeline(
-            self.sample_fraction, self.full_pass_interval, self.seed, self.full_pass
+            self.sample_fraction,
+            self.full_pass_interval,
+            self.seed,
+            self.full_pass,
+            self.max_sampled,
         )
 
 

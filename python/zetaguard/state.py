@@ -234,6 +234,7 @@ def load_guard(
             tiers = tiered.restore_tiers(
                 float(cfg.get("sample_fraction", tiered.DEFAULT_SAMPLE_FRACTION)),
                 int(cfg["seed"]),
+                cfg.get("max_sampled"),  # absent: a file from before the cap, sampled uncapped
                 saved,
             )
         stats = RunStatistics.from_meta(meta)

@@ -47,13 +47,26 @@ if TYPE_CHECKING:
 
 DEFAULT_SAMPLE_FRACTION = 1.0 / 64.0
 DEFAULT_FULL_PASS_INTERVAL = 50
+# The cheap tier reads at most about this many elements a step (256 KiB of float32, a ring of
+# 768 KiB): past 4M parameters the sample stops growing, so its cost per step does not either
+# (a sampled element costs ~2 ns cold, its ring three times its bytes).
+DEFAULT_MAX_SAMPLED = 1 << 16
 # STABLE steps in a row, each with a full pass, that end an escalation.
 CALM_STEPS = 4
 BLOCK_BYTES = 1024  # sixteen 64-byte cache lines: fewer scattered starts, each prefetched
 
 
-def check_settings(sample_fraction: Any, full_pass_interval: Any) -> None:
+def check_settings(
+    sample_fraction: Any, full_pass_interval: Any, max_sampled: Any = DEFAULT_MAX_SAMPLED
+) -> None:
     """Refuse bad tiered settings with a message naming the fix."""
+    if max_sampled is not None and (
+        isinstance(max_sampled, bool) or not isinstance(max_sampled, int) or max_sampled < 1
+    ):
+        raise ValueError(
+            f"max_sampled must be an integer >= 1 (elements the cheap tier reads a step at "
+            f"most) or None (no cap: sample_fraction of every tensor), got {max_sampled!r}"
+        )
     if isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float)):
         raise TypeError(
             f"sample_fraction must be a number in (0, 1], got {type(sample_fraction).__name__}"
@@ -87,10 +100,16 @@ class SavedTiers:
     counters: dict[str, Any]
 
 
-def restore_tiers(sample_fraction: float, seed: int, saved: dict[str, Any]) -> SavedTiers:
+def new_sampler(sample_fraction: float, seed: int, max_sampled: int | None) -> _core.Sampler:
+    return _core.Sampler(sample_fraction, BLOCK_BYTES, seed, max_elements=max_sampled or 0)
+
+
+def restore_tiers(
+    sample_fraction: float, seed: int, max_sampled: int | None, saved: dict[str, Any]
+) -> SavedTiers:
     """Rebuild the sampler of a saved ring (ValueError from the engine when the ring does not
     fit the sample plan of these settings)."""
-    sampler = _core.Sampler(sample_fraction, BLOCK_BYTES, seed)
+    sampler = new_sampler(sample_fraction, seed, max_sampled)
     sampler.set_state(saved)
     return SavedTiers(sampler, {k: saved[k] for k in COUNTERS})
 
@@ -125,10 +144,12 @@ class TieredPipeline:
         full_pass_interval: int,
         seed: int,
         full_pass: str = "inline",
+        max_sampled: int | None = DEFAULT_MAX_SAMPLED,
     ) -> None:
-        check_settings(sample_fraction, full_pass_interval)
+        check_settings(sample_fraction, full_pass_interval, max_sampled)
         check_full_pass(full_pass)
         self.sample_fraction = float(sample_fraction)
+        self.max_sampled = max_sampled
         self.full_pass_interval = int(full_pass_interval)
         self.seed = int(seed)
         self.full_pass = full_pass
@@ -138,7 +159,7 @@ class TieredPipeline:
     def reset(self) -> None:
         if self._worker is not None:
             self._worker.discard()
-        self.sampler = _core.Sampler(self.sample_fraction, BLOCK_BYTES, self.seed)
+        self.sampler = new_sampler(self.sample_fraction, self.seed, self.max_sampled)
         self._count = 0  # tiered steps seen
         self._escalated = False
         self._calm = 0
@@ -189,6 +210,9 @@ class TieredPipeline:
         """What the tiers did so far (``get_statistics()["tiered"]``)."""
         return {
             "sample_fraction": self.sample_fraction,
+            "max_sampled": self.max_sampled,
+            # The fraction read: sample_fraction, or less once max_sampled caps it.
+            "effective_fraction": self.sampler.effective_fraction,
             "full_pass_interval": self.full_pass_interval,
             "sampled_elements": self.sampler.sampled_elements,
             "sample_state_bytes": self.sampler.state_bytes,

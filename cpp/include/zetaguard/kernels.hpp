@@ -36,6 +36,25 @@ void fused_pass(Isa isa, int lanes, DType dt, const void* cur, const void* s1, c
 // Sum of squares and non-finite count only (gradients; snapshots without enough history).
 void norm_pass(Isa isa, int lanes, DType dt, const void* x, std::size_t n, LaneSums& acc) noexcept;
 
+// The blocks of one tensor a sampled pass reads (sampler.hpp): `count` ascending element
+// offsets `starts`, each the first of a block of `block` elements (the last one cut at numel).
+struct BlockPlan {
+    const std::size_t* starts = nullptr;
+    std::size_t count = 0;
+    std::size_t block = 0;
+    std::size_t numel = 0;
+};
+
+// fused_pass over a plan's blocks: cur is the tensor's base; s1, s2, s3 and out hold the
+// sampled elements only, block after block (out may be s3).
+void sampled_fused_pass(Isa isa, int lanes, DType dt, const void* base, const BlockPlan& plan,
+                        const void* s1, const void* s2, const void* s3, void* out,
+                        LaneSums& acc) noexcept;
+
+// norm_pass over a plan's blocks.
+void sampled_norm_pass(Isa isa, int lanes, DType dt, const void* base, const BlockPlan& plan,
+                       LaneSums& acc) noexcept;
+
 // Linear signed sketch of x[begin, end) into k buckets (see sketch.hpp for the map), added to
 // `buckets`; also sum x^2 and the non-finite count into acc. begin is a multiple of k.
 void sketch_pass(Isa isa, int lanes, DType dt, const void* x, std::size_t begin, std::size_t end,

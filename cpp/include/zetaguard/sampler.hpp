@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "zetaguard/kernels.hpp"
 #include "zetaguard/tracker.hpp"
 
 namespace zetaguard {
@@ -30,6 +31,10 @@ struct SamplerConfig {
     // At least this many elements per tensor (all of a smaller one): a block or two of a small
     // layer is too noisy an estimate, and reading a few thousand elements costs nothing.
     std::size_t min_elements = 4096;
+    // At most about this many elements read per step over all tensors (0: no cap): past
+    // max_elements / fraction parameters the fraction shrinks so that the sample, its ring and
+    // the time a step takes stay the same whatever the model size (floors may add a little).
+    std::size_t max_elements = 0;
 };
 
 struct SampleTensor {
@@ -61,6 +66,8 @@ public:
 
     int history() const noexcept { return history_; }
     const SamplerConfig& config() const noexcept { return config_; }
+    // The fraction the plans use: config().fraction, or less under max_elements.
+    double effective_fraction() const noexcept { return plan_config_.fraction; }
     const std::vector<SampleTensor>& tensors() const noexcept { return tensors_; }
     std::size_t tensor_count() const noexcept { return tensors_.size(); }
     std::size_t state_bytes() const noexcept;
@@ -84,7 +91,11 @@ private:
     void initialise(const std::vector<TensorView>& tensors);
     void check_same_set(const std::vector<TensorView>& tensors) const;
 
+    // config_ with the fraction capped for tensors of these sizes (max_elements).
+    SamplerConfig capped(const std::vector<std::size_t>& numels) const noexcept;
     SamplerConfig config_;
+    SamplerConfig plan_config_;  // what the plans use: capped by initialise() and restore()
+    Isa isa_;  // the SIMD kernels' variant this CPU runs (kernels.hpp)
     std::vector<SampleTensor> tensors_;
     int history_ = 0;
     int head_ = -1;  // ring slot holding x[t-1]
