@@ -39,13 +39,14 @@ inline void prefetch_block(const void* data, std::size_t start, std::size_t bloc
     for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 0);
 }
 
-// One tensor's step, the history fixed at compile time so the inner loop has no branch.
-// p1, p2, p3 = x[t-1], x[t-2], x[t-3] as far as H defines them; `write` receives x[t] (it may
-// be the x[t-3] slot: each element is read before it is written).
+// One tensor's step while the ring fills (history H = 0, 1, 2: three calls per trajectory; the
+// steady state runs on the SIMD kernels), the history fixed at compile time so the inner loop
+// has no branch. p1, p2 = x[t-1], x[t-2] as far as H defines them; `write` receives x[t].
 template <class T, int H>
-void sample_update(const SampleTensor& s, const void* data, const T* p1, const T* p2,
-                   const T* p3, T* write, Channels& out) {
-    double x2[kLanes] = {}, v2[kLanes] = {}, a2[kLanes] = {}, j2[kLanes] = {};
+void sample_update(const SampleTensor& s, const void* data, const T* p1, const T* p2, T* write,
+                   Channels& out) {
+    static_assert(H >= 0 && H <= 2, "the steady state (H = 3) is sampled_fused_pass");
+    double x2[kLanes] = {}, v2[kLanes] = {}, a2[kLanes] = {};
     std::size_t p = 0;
     auto one = [&](std::size_t l, std::size_t i, std::size_t q) {
         const T raw = static_cast<const T*>(data)[i];
@@ -60,11 +61,6 @@ void sample_update(const SampleTensor& s, const void* data, const T* p1, const T
                 const double v1 = y1 - y2;
                 const double a = v - v1;
                 a2[l] += a * a;
-                if constexpr (H >= 3) {
-                    const double a1 = v1 - (y2 - to_double(p3[q]));
-                    const double j = a - a1;
-                    j2[l] += j * j;
-                }
             }
         }
         write[q] = raw;
@@ -79,17 +75,16 @@ void sample_update(const SampleTensor& s, const void* data, const T* p1, const T
             for (std::size_t l = 0; l < kLanes; ++l) one(l, i + l, p + l);
         for (std::size_t l = 0; i < end; ++i, ++p, ++l) one(l, i, p);
     }
-    double sx = 0, sv = 0, sa = 0, sj = 0;
+    double sx = 0, sv = 0, sa = 0;
     for (std::size_t l = 0; l < kLanes; ++l) {
         sx += x2[l];
         sv += v2[l];
         sa += a2[l];
-        sj += j2[l];
     }
     out.x2 = s.scale * sx;
     out.v2 = s.scale * sv;
     out.a2 = s.scale * sa;
-    out.j2 = s.scale * sj;
+    out.j2 = 0;
     // A non-finite element makes the sum of squares non-finite: count them only then.
     out.nonfinite = 0;
     if (!std::isfinite(sx)) {
@@ -246,9 +241,9 @@ void Sampler::update(const std::vector<TensorView>& tensors, std::vector<Channel
             T* w = slot_of(slot);
             const void* d = tensors[i].data;
             switch (h) {
-                case 0: sample_update<T, 0>(s, d, p1, p2, p3, w, out[i]); break;
-                case 1: sample_update<T, 1>(s, d, p1, p2, p3, w, out[i]); break;
-                case 2: sample_update<T, 2>(s, d, p1, p2, p3, w, out[i]); break;
+                case 0: sample_update<T, 0>(s, d, p1, p2, w, out[i]); break;
+                case 1: sample_update<T, 1>(s, d, p1, p2, w, out[i]); break;
+                case 2: sample_update<T, 2>(s, d, p1, p2, w, out[i]); break;
                 default: {
                     // The steady state, every call after the first three: the SIMD kernel.
                     LaneSums acc;
