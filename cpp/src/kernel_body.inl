@@ -59,6 +59,52 @@ std::uint64_t count_if_nonfinite(const T* x, std::size_t n, const double* lane_x
     return nf;
 }
 
+// One vector of the fused pass: x0 = cur, x1..x3 = the ring's last three snapshots; cur goes to
+// out (which may be s3: loaded before written). Shared by fused_body and sampled_fused_body so
+// the arithmetic order, and so every result bit, is the same in both.
+template <class Ops, class T>
+__attribute__((always_inline)) inline typename Ops::V fused_vector(
+    const T* cur, const T* s1, const T* s2, const T* s3, T* out, typename Ops::V& x2,
+    typename Ops::V& v2, typename Ops::V& a2, typename Ops::V& j2) noexcept {
+    using V = typename Ops::V;
+    const V x0 = Ops::load(cur);
+    const V x1 = Ops::load(s1);
+    const V y2 = Ops::load(s2);
+    const V x3 = Ops::load(s3);
+    __builtin_memcpy(out, cur, sizeof(T) * Ops::L);
+    const V d1 = Ops::sub(x0, x1);
+    const V d2 = Ops::sub(x1, y2);
+    const V d3 = Ops::sub(y2, x3);
+    const V a = Ops::sub(d1, d2);
+    const V j = Ops::sub(a, Ops::sub(d2, d3));
+    x2 = Ops::add(x2, Ops::mul(x0, x0));
+    v2 = Ops::add(v2, Ops::mul(d1, d1));
+    a2 = Ops::add(a2, Ops::mul(a, a));
+    j2 = Ops::add(j2, Ops::mul(j, j));
+    return x0;
+}
+
+// The same for one element (a tail shorter than a vector) into lane sums; returns x0.
+template <class T>
+inline double fused_element(const T* cur, const T* s1, const T* s2, const T* s3, T* out,
+                            double& x2, double& v2, double& a2, double& j2) noexcept {
+    const double x0 = to_double(*cur);
+    const double x1 = to_double(*s1);
+    const double y2 = to_double(*s2);
+    const double x3 = to_double(*s3);
+    *out = *cur;
+    const double d1 = x0 - x1;
+    const double d2 = x1 - y2;
+    const double d3 = y2 - x3;
+    const double a = d1 - d2;
+    const double j = a - (d2 - d3);
+    x2 = x2 + x0 * x0;
+    v2 = v2 + d1 * d1;
+    a2 = a2 + a * a;
+    j2 = j2 + j * j;
+    return x0;
+}
+
 template <class Ops, class T>
 void fused_body(const T* cur, const T* s1, const T* s2, const T* s3, T* out, std::size_t n,
                 LaneSums& acc) noexcept {
@@ -74,20 +120,8 @@ void fused_body(const T* cur, const T* s1, const T* s2, const T* s3, T* out, std
         prefetch_ahead(s1 + i, 0);
         prefetch_ahead(s2 + i, 0);
         prefetch_ahead(s3 + i, 1);
-        const V x0 = Ops::load(cur + i);
-        const V x1 = Ops::load(s1 + i);
-        const V y2 = Ops::load(s2 + i);
-        const V x3 = Ops::load(s3 + i);
-        __builtin_memcpy(out + i, cur + i, sizeof(T) * L);  // out may be s3: already loaded
-        const V d1 = Ops::sub(x0, x1);
-        const V d2 = Ops::sub(x1, y2);
-        const V d3 = Ops::sub(y2, x3);
-        const V a = Ops::sub(d1, d2);
-        const V j = Ops::sub(a, Ops::sub(d2, d3));
-        x2 = Ops::add(x2, Ops::mul(x0, x0));
-        v2 = Ops::add(v2, Ops::mul(d1, d1));
-        a2 = Ops::add(a2, Ops::mul(a, a));
-        j2 = Ops::add(j2, Ops::mul(j, j));
+        const V x0 =
+            fused_vector<Ops>(cur + i, s1 + i, s2 + i, s3 + i, out + i, x2, v2, a2, j2);
         nf += Ops::count_nonfinite(x0);
     }
     double lx2[L], lv2[L], la2[L], lj2[L];
@@ -97,21 +131,8 @@ void fused_body(const T* cur, const T* s1, const T* s2, const T* s3, T* out, std
     store_lanes<Ops>(j2, lj2);
     for (; i < n; ++i) {
         const int l = static_cast<int>(i % L);
-        const double x0 = to_double(cur[i]);
-        const double x1 = to_double(s1[i]);
-        const double y2 = to_double(s2[i]);
-        const double x3 = to_double(s3[i]);
-        out[i] = cur[i];
-        const double d1 = x0 - x1;
-        const double d2 = x1 - y2;
-        const double d3 = y2 - x3;
-        const double a = d1 - d2;
-        const double j = a - (d2 - d3);
-        lx2[l] = lx2[l] + x0 * x0;
-        lv2[l] = lv2[l] + d1 * d1;
-        la2[l] = la2[l] + a * a;
-        lj2[l] = lj2[l] + j * j;
-        nf += scalar_nonfinite(x0);
+        nf += scalar_nonfinite(fused_element(cur + i, s1 + i, s2 + i, s3 + i, out + i, lx2[l],
+                                             lv2[l], la2[l], lj2[l]));
     }
     flush<Ops>(lx2, lv2, la2, lj2, nf, acc);
 }
@@ -298,37 +319,11 @@ void sampled_fused_body(const T* base, const BlockPlan& plan, const T* s1, const
             prefetch_ahead(s1 + q, 0);
             prefetch_ahead(s2 + q, 0);
             prefetch_ahead(s3 + q, 1);
-            const V x0 = Ops::load(cur + i);
-            const V x1 = Ops::load(s1 + q);
-            const V y2 = Ops::load(s2 + q);
-            const V x3 = Ops::load(s3 + q);
-            __builtin_memcpy(out + q, cur + i, sizeof(T) * L);  // out may be s3: already loaded
-            const V d1 = Ops::sub(x0, x1);
-            const V d2 = Ops::sub(x1, y2);
-            const V d3 = Ops::sub(y2, x3);
-            const V a = Ops::sub(d1, d2);
-            const V j = Ops::sub(a, Ops::sub(d2, d3));
-            x2 = Ops::add(x2, Ops::mul(x0, x0));
-            v2 = Ops::add(v2, Ops::mul(d1, d1));
-            a2 = Ops::add(a2, Ops::mul(a, a));
-            j2 = Ops::add(j2, Ops::mul(j, j));
+            fused_vector<Ops>(cur + i, s1 + q, s2 + q, s3 + q, out + q, x2, v2, a2, j2);
         }
-        for (int l = 0; i < n; ++i, ++q, ++l) {
-            const double x0 = to_double(cur[i]);
-            const double x1 = to_double(s1[q]);
-            const double y2 = to_double(s2[q]);
-            const double x3 = to_double(s3[q]);
-            out[q] = cur[i];
-            const double d1 = x0 - x1;
-            const double d2 = x1 - y2;
-            const double d3 = y2 - x3;
-            const double a = d1 - d2;
-            const double j = a - (d2 - d3);
-            tx2[l] = tx2[l] + x0 * x0;
-            tv2[l] = tv2[l] + d1 * d1;
-            ta2[l] = ta2[l] + a * a;
-            tj2[l] = tj2[l] + j * j;
-        }
+        for (int l = 0; i < n; ++i, ++q, ++l)
+            fused_element(cur + i, s1 + q, s2 + q, s3 + q, out + q, tx2[l], tv2[l], ta2[l],
+                          tj2[l]);
     }
     double lx2[L], lv2[L], la2[L], lj2[L];
     store_lanes<Ops>(x2, lx2);
