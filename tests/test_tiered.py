@@ -31,7 +31,7 @@ def test_bad_sample_fraction_is_refused(bad: float) -> None:
         ZetaGuard(sample_fraction=bad)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "64k"])
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "64k", 2**64])
 def test_bad_max_sampled_is_refused(bad: Any) -> None:
     with pytest.raises(ValueError, match=r"max_sampled must be an integer >= 1 .* or None"):
         ZetaGuard(max_sampled=bad)

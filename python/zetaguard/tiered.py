@@ -56,12 +56,12 @@ CALM_STEPS = 4
 BLOCK_BYTES = 1024  # sixteen 64-byte cache lines: fewer scattered starts, each prefetched
 
 
-def check_settings(
-    sample_fraction: Any, full_pass_interval: Any, max_sampled: Any = DEFAULT_MAX_SAMPLED
-) -> None:
+def check_settings(sample_fraction: Any, full_pass_interval: Any, max_sampled: Any) -> None:
     """Refuse bad tiered settings with a message naming the fix."""
     if max_sampled is not None and (
-        isinstance(max_sampled, bool) or not isinstance(max_sampled, int) or max_sampled < 1
+        isinstance(max_sampled, bool)
+        or not isinstance(max_sampled, int)
+        or not 1 <= max_sampled < 2**63
     ):
         raise ValueError(
             f"max_sampled must be an integer >= 1 (elements the cheap tier reads a step at "
@@ -101,6 +101,7 @@ class SavedTiers:
 
 
 def new_sampler(sample_fraction: float, seed: int, max_sampled: int | None) -> _core.Sampler:
+    """The engine's sampler for these settings (``max_sampled=None``: no cap)."""
     return _core.Sampler(sample_fraction, BLOCK_BYTES, seed, max_elements=max_sampled or 0)
 
 
