@@ -134,6 +134,28 @@ def test_dataclasses_replace_keeps_working_on_results() -> None:
         StabilityResult(status="STABLE", zeta_value=0.1)
 
 
+def test_results_of_the_same_steps_compare_equal() -> None:
+    """Two guards fed the same steps give results equal field by field, per-group arrays
+    included (compared by value, not asked for one truth value); a changed group zeta, a
+    changed number or another timestamp makes them unequal."""
+    steps = _walk(np.random.default_rng(5), SHAPES, 6)
+    a_guard, b_guard = ZetaGuard(warmup_steps=4), ZetaGuard(warmup_steps=4)
+    for p in steps:
+        a = a_guard.monitor(p)
+        b = b_guard.monitor(p)
+    assert len(a.group_names) > 1
+    assert a.observation == b.observation
+    assert a.observation is not b.observation
+    same_time = dataclasses.replace(b, timestamp=a.timestamp)
+    assert a == same_time
+    assert a != b or a.timestamp == b.timestamp
+    assert a != dataclasses.replace(same_time, zeta_value=a.zeta_value + 1.0)
+    other_groups = dataclasses.replace(a.observation, group_zeta=a.observation.group_zeta + 1.0)
+    assert a.observation != other_groups
+    assert a != dataclasses.replace(same_time, observation=other_groups)
+    assert a != "STABLE"
+
+
 def test_raw_jar_is_jar_as_specified_to_the_letter() -> None:
     # mode="exact": every element every step (the default tiered mode estimates it between
     # full passes; tests/test_tiered.py holds those estimates to the same formula on the sample)

@@ -52,7 +52,26 @@ class GroupResult:
     nonfinite: int
 
 
-@dataclass
+def _same(x: Any, y: Any) -> bool:
+    """Equality of two result fields; arrays by shape and values (NaN unequal, as floats are):
+    the generated ``__eq__`` would ask an array of comparisons for one truth value."""
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        return (
+            isinstance(x, np.ndarray)
+            and isinstance(y, np.ndarray)
+            and x.shape == y.shape
+            and bool(np.array_equal(x, y))
+        )
+    return bool(x == y)
+
+
+def _fields_equal(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and all(
+        _same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
+    )
+
+
+@dataclass(eq=False)
 class Observation:
     """One step as the detector scored it (:meth:`zetaguard.detector.Detector.observe`): the
     detector's one result object, which :class:`StabilityResult` holds as it is. ``scores`` are
@@ -69,13 +88,18 @@ class Observation:
     nonfinite: int
     in_warmup: bool
 
+    def __eq__(self, other: object) -> bool:
+        return _fields_equal(self, other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the generated __eq__ made it
+
 
 _NO_GROUPS: npt.NDArray[np.float64] = np.empty(0, dtype=np.float64)
 # "Not given" for StabilityResult(): None is a value some of its fields hold (raw_jar).
 _UNSET: Any = object()
 
 
-@dataclass(slots=True, init=False, repr=False)
+@dataclass(slots=True, init=False, repr=False, eq=False)
 class StabilityResult:
     """What one ``monitor()`` call saw: the detector's :class:`Observation` (``observation``),
     held as it is, with what the guard adds (step, time, advice, the per-group sums).
@@ -219,6 +243,11 @@ class StabilityResult:
         self._group_rows = group_rows
         self._thresholds = thresholds
         self._history = history
+
+    def __eq__(self, other: object) -> bool:
+        return _fields_equal(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         shown = (
