@@ -345,6 +345,10 @@ def test_non_finite_loss_or_grad_norm_is_critical(channel: str, value: float) ->
 
 
 def test_non_finite_gradient_is_critical() -> None:
+    # Seeded: on unseeded random data this 10-parameter model, 5 steps past a 5-step warm-up,
+    # scores the step after the NaN CRITICAL in about 1 run in 100-300 (growth channel, in
+    # exact mode too), which made the test flaky.
+    torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     g = guard()
     for t in range(8):
