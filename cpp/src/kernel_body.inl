@@ -271,18 +271,17 @@ void sketch_body(const T* x, std::size_t begin, std::size_t end, std::size_t k, 
 // and the lanes run on across blocks: one flush per tensor.
 inline constexpr std::size_t kBlocksAhead = 4;
 
-template <class T>
-inline void prefetch_block(const T* base, const BlockPlan& plan, std::size_t b) noexcept {
-    const std::size_t start = plan.starts[b];
-    const std::size_t n = plan.numel - start < plan.block ? plan.numel - start : plan.block;
-    const char* p = reinterpret_cast<const char*>(base + start);
-    for (std::size_t o = 0; o < n * sizeof(T); o += 64) __builtin_prefetch(p + o, 0, 0);
-}
-
-template <class T>
+// Elements in block b (the tensor's last block may be cut short).
 inline std::size_t block_length(const BlockPlan& plan, std::size_t b) noexcept {
     const std::size_t start = plan.starts[b];
     return plan.numel - start < plan.block ? plan.numel - start : plan.block;
+}
+
+template <class T>
+inline void prefetch_block(const T* base, const BlockPlan& plan, std::size_t b) noexcept {
+    const char* p = reinterpret_cast<const char*>(base + plan.starts[b]);
+    const std::size_t bytes = block_length(plan, b) * sizeof(T);
+    for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 0);
 }
 
 // Non-finite elements of the sampled blocks, counted only when a lane's sum of squares says
@@ -296,7 +295,7 @@ std::uint64_t sampled_nonfinite(const T* base, const BlockPlan& plan, const doub
     std::uint64_t nf = 0;
     for (std::size_t b = 0; b < plan.count; ++b) {
         const T* x = base + plan.starts[b];
-        const std::size_t n = block_length<T>(plan, b);
+        const std::size_t n = block_length(plan, b);
         for (std::size_t i = 0; i < n; ++i) nf += scalar_nonfinite(to_double(x[i]));
     }
     return nf;
@@ -313,7 +312,7 @@ void sampled_fused_body(const T* base, const BlockPlan& plan, const T* s1, const
     for (std::size_t b = 0; b < plan.count; ++b) {
         if (b + kBlocksAhead < plan.count) prefetch_block(base, plan, b + kBlocksAhead);
         const T* cur = base + plan.starts[b];
-        const std::size_t n = block_length<T>(plan, b);
+        const std::size_t n = block_length(plan, b);
         std::size_t i = 0;
         for (; i + L <= n; i += L, q += L) {
             prefetch_ahead(s1 + q, 0);
@@ -348,7 +347,7 @@ void sampled_norm_body(const T* base, const BlockPlan& plan, LaneSums& acc) noex
     for (std::size_t b = 0; b < plan.count; ++b) {
         if (b + kBlocksAhead < plan.count) prefetch_block(base, plan, b + kBlocksAhead);
         const T* x = base + plan.starts[b];
-        const std::size_t n = block_length<T>(plan, b);
+        const std::size_t n = block_length(plan, b);
         std::size_t i = 0;
         for (; i + L <= n; i += L) {
             const V x0 = Ops::load(x + i);
