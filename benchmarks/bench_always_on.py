@@ -7,6 +7,9 @@ Arms, on each workload, interleaved block by block so machine noise hits every a
   ``backward()``: the peer, which reads every gradient once per step;
 * ``tiered``  ``ZetaGuard(auto_recover=False)``, the default ``mode="auto"``:
   ``monitor(model, loss=...)`` after ``optimizer.step()``;
+* ``recover`` (the MLPs) ``ZetaGuard()`` as the quick start builds it, recovery on, attached to
+  the model and optimizer: the tiered arm plus the recovery snapshots (a copy of the weights and
+  the optimizer state every 10 STABLE steps);
 * ``thread``  the tiered default with ``full_pass="thread"``: its scheduled full pass on a
   worker thread, overlapped with the next step (the worker's time is not in the in-run share,
   only in the wall-clock overhead: on a busy machine it competes for the same cores);
@@ -46,7 +49,7 @@ from bench_torch_overhead import _mlp
 from zclip import ZClip
 from zetaguard import ZetaGuard
 
-ARMS = ("none", "zclip", "tiered", "thread", "exact", "sketch")
+ARMS = ("none", "zclip", "tiered", "recover", "thread", "exact", "sketch")
 
 
 def workload(params: float, batch: int, steps: int, blocks: int, interval: int) -> None:
@@ -63,6 +66,7 @@ def workload(params: float, batch: int, steps: int, blocks: int, interval: int) 
     )
     guards = {
         "tiered": ZetaGuard(auto_recover=False, full_pass_interval=interval),
+        "recover": ZetaGuard(full_pass_interval=interval).attach(model, opt),
         "thread": ZetaGuard(auto_recover=False, full_pass_interval=interval, full_pass="thread"),
         "exact": ZetaGuard(auto_recover=False, mode="exact"),
         "sketch": ZetaGuard(auto_recover=False, mode="sketch"),
