@@ -14,7 +14,13 @@ Arms, on each workload, interleaved block by block so machine noise hits every a
   worker thread, overlapped with the next step (the worker's time is not in the in-run share,
   only in the wall-clock overhead: on a busy machine it competes for the same cores);
 * ``exact``   the same with ``mode="exact"`` (every element every step);
-* ``sketch``  the same with ``mode="sketch"``.
+* ``sketch``  the same with ``mode="sketch"``;
+* ``floor``   (the MLPs) what the tiered default cannot skip, with none of the guard's Python
+  between the parts: the torch adapter's snapshot (the checks that make a raw read of every
+  parameter and gradient safe), the sampled read and gradient norm on the default's sampler,
+  the full pass every ``--full-pass-interval`` steps, and the C++ detector on the per-tensor
+  rows. No result object, statistics, recovery bookkeeping or grouping: the gap between
+  ``tiered`` and ``floor`` is what the guard's own layers cost.
 
 Every arm calls ``loss.item()`` (the guard arms pass it on), so the baseline does the same work.
 
@@ -36,6 +42,7 @@ Usage: python benchmarks/bench_always_on.py [--quick] [--workloads 4.2M/256,gpt2
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -47,9 +54,36 @@ import torch
 from always_on_workloads import gpt2, keras_backend, print_table
 from bench_torch_overhead import _mlp
 from zclip import ZClip
-from zetaguard import ZetaGuard
+from zetaguard import ZetaGuard, _core
+from zetaguard.adapters import snapshot
+from zetaguard.settings import GuardSettings
+from zetaguard.tiered import new_sampler
+from zetaguard.tiered_worker import scan
 
-ARMS = ("none", "zclip", "tiered", "recover", "thread", "exact", "sketch")
+ARMS = ("none", "zclip", "tiered", "floor", "recover", "thread", "exact", "sketch")
+
+
+class CheapTierFloor:
+    """The ``floor`` arm: one tiered step's unavoidable parts, called back to back."""
+
+    def __init__(self, settings: GuardSettings, interval: int) -> None:
+        self.sampler = new_sampler(settings.sample_fraction, settings.seed, settings.max_sampled)
+        self.detector = settings.detector()
+        self.tracker = _core.Tracker(mode="exact", threads=settings.threads)  # norms passes only
+        self.interval = interval
+        self.steps = 0
+
+    def __call__(self, model: torch.nn.Module, loss: float) -> None:
+        snap = snapshot(model)
+        grads = snap.read_grads()
+        history = self.sampler.history
+        rows = self.sampler.update_raw(snap.tensors)
+        squares, bad = self.sampler.total_norm_raw(grads)
+        if (self.steps + 1) % self.interval == 0:
+            scan(self.steps, self.tracker, snap)
+        self.steps += 1
+        grad = math.sqrt(squares) if bad == 0 else math.inf
+        self.detector.observe_tuple(rows, history, loss, grad)
 
 
 def workload(params: float, batch: int, steps: int, blocks: int, interval: int) -> None:
@@ -72,6 +106,7 @@ def workload(params: float, batch: int, steps: int, blocks: int, interval: int) 
         "sketch": ZetaGuard(auto_recover=False, mode="sketch"),
     }
     zclip = ZClip()
+    floor = CheapTierFloor(guards["tiered"].settings, interval)
     spent = dict.fromkeys(ARMS, 0.0)
 
     def make_step(arm: str) -> Callable[[], None]:
@@ -87,6 +122,10 @@ def workload(params: float, batch: int, steps: int, blocks: int, interval: int) 
                 spent[arm] += time.perf_counter() - t
             opt.step()
             value = loss.item()
+            if arm == "floor":
+                t = time.perf_counter()
+                floor(model, value)
+                spent[arm] += time.perf_counter() - t
             if guard is not None:
                 t = time.perf_counter()
                 guard.monitor(model, loss=value)
