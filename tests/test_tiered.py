@@ -31,9 +31,16 @@ def test_bad_sample_fraction_is_refused(bad: float) -> None:
         ZetaGuard(sample_fraction=bad)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "64k", 2**64])
-def test_bad_max_sampled_is_refused(bad: Any) -> None:
+@pytest.mark.parametrize("bad", [0, -1, 2**63, 2**64])
+def test_max_sampled_out_of_range_is_refused(bad: int) -> None:
     with pytest.raises(ValueError, match=r"max_sampled must be an integer >= 1 .* or None"):
+        ZetaGuard(max_sampled=bad)
+
+
+@pytest.mark.parametrize("bad", [2.5, 65536.0, True, "64k", np.int64(5)])
+def test_max_sampled_of_another_type_is_refused(bad: Any) -> None:
+    # A TypeError, as for sample_fraction and full_pass_interval of the wrong type.
+    with pytest.raises(TypeError, match=r"max_sampled must be an integer >= 1 .* or None"):
         ZetaGuard(max_sampled=bad)
 
 

@@ -58,15 +58,19 @@ BLOCK_BYTES = 1024  # sixteen 64-byte cache lines: fewer scattered starts, each 
 
 def check_settings(sample_fraction: Any, full_pass_interval: Any, max_sampled: Any) -> None:
     """Refuse bad tiered settings with a message naming the fix."""
-    if max_sampled is not None and (
-        isinstance(max_sampled, bool)
-        or not isinstance(max_sampled, int)
-        or not 1 <= max_sampled < 2**63
-    ):
-        raise ValueError(
-            f"max_sampled must be an integer >= 1 (elements the cheap tier reads a step at "
-            f"most) or None (no cap: sample_fraction of every tensor), got {max_sampled!r}"
-        )
+    if max_sampled is not None:
+        if isinstance(max_sampled, bool) or not isinstance(max_sampled, int):
+            raise TypeError(
+                f"max_sampled must be an integer >= 1 (elements the cheap tier reads a step at "
+                f"most) or None (no cap: sample_fraction of every tensor), got "
+                f"{type(max_sampled).__name__} {max_sampled!r}"
+            )
+        if not 1 <= max_sampled < 2**63:
+            raise ValueError(
+                f"max_sampled must be an integer >= 1 (elements the cheap tier reads a step at "
+                f"most, below 2**63) or None (no cap: sample_fraction of every tensor), got "
+                f"{max_sampled}"
+            )
     if isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float)):
         raise TypeError(
             f"sample_fraction must be a number in (0, 1], got {type(sample_fraction).__name__}"
