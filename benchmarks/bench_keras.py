@@ -97,6 +97,9 @@ def timed_callback(keras: Any, cls: Any, **kwargs: Any) -> Any:
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self._timed("on_epoch_begin", epoch, logs)
 
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            self._timed("on_train_batch_begin", batch, logs)
+
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             self._timed("on_train_batch_end", batch, logs)
 
