@@ -59,6 +59,10 @@ def test_fuzz_case(case: str) -> None:
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
+        # The same inputs every run: a damaged state file survives in ~5% of them (1-13 of
+        # 150 over 40 random runs), and a full test run here once drew none, failing the check
+        # below on luck, not on the harness. scripts/fuzz.py explores with other seeds.
+        derandomize=True,
     )
     @given(FUZZ_BYTES)
     def run(data: bytes) -> None:
